@@ -1,0 +1,146 @@
+//! Agent configuration: flags mirrored by `DROVER_*` environment variables (flags win).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use clap::Parser;
+use drover_proto::pb;
+use drover_proto::quantity::{parse_bytes, parse_cpu_millis};
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "drover-agent",
+    version,
+    about = "Drover's worker agent: registers with the coordinators and runs tasks"
+)]
+pub struct Config {
+    /// Coordinator addresses (any members; the agent finds the leader), comma-separated.
+    #[arg(
+        long,
+        env = "DROVER_COORDINATOR",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub coordinator: Vec<String>,
+
+    /// Directory holding ca.pem, NAME.pem and NAME-key.pem.
+    #[arg(long, env = "DROVER_TLS_DIR")]
+    pub tls_dir: PathBuf,
+
+    /// Certificate name inside --tls-dir.
+    #[arg(long, env = "DROVER_TLS_NAME", default_value = "agent")]
+    pub tls_name: String,
+
+    /// This agent's name, unique in the cluster [default: the host name].
+    #[arg(long, env = "DROVER_AGENT_NAME")]
+    pub name: Option<String>,
+
+    /// Labels as k=v, comma-separated.
+    #[arg(long, env = "DROVER_LABELS", value_delimiter = ',')]
+    pub labels: Vec<String>,
+
+    /// Resources offered as k=v, comma-separated: cpu (cores or millicores, e.g. 2 or 500m),
+    /// memory (e.g. 4Gi), gpus, and any named extended resource (e.g. ssd=1).
+    /// cpu and memory default to the host's.
+    #[arg(long, env = "DROVER_RESOURCES", value_delimiter = ',')]
+    pub resources: Vec<String>,
+
+    /// Resource class this agent serves.
+    #[arg(long, env = "DROVER_CLASS", default_value = "default")]
+    pub class: String,
+
+    /// Where task working directories and logs live.
+    #[arg(long, env = "DROVER_WORK_DIR", default_value = "drover-agent-work")]
+    pub work_dir: PathBuf,
+
+    /// Task logs older than this many hours are deleted.
+    #[arg(long, env = "DROVER_LOG_RETENTION_HOURS", default_value_t = 72)]
+    pub log_retention_hours: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--labels '{0}': expected k=v")]
+    BadLabel(String),
+    #[error("--resources '{entry}': {message}")]
+    BadResource { entry: String, message: String },
+}
+
+impl Config {
+    pub fn agent_name(&self) -> String {
+        self.name.clone().unwrap_or_else(host_name)
+    }
+
+    pub fn parsed_labels(&self) -> Result<BTreeMap<String, String>, ConfigError> {
+        self.labels
+            .iter()
+            .filter(|l| !l.is_empty())
+            .map(|l| match l.split_once('=') {
+                Some((k, v)) if !k.trim().is_empty() => {
+                    Ok((k.trim().to_owned(), v.trim().to_owned()))
+                }
+                _ => Err(ConfigError::BadLabel(l.clone())),
+            })
+            .collect()
+    }
+
+    pub fn parsed_resources(&self) -> Result<pb::Resources, ConfigError> {
+        let mut r = pb::Resources {
+            cpu_millis: host_cpu_millis(),
+            memory_bytes: host_memory_bytes(),
+            gpus: 0,
+            extended: Default::default(),
+        };
+        for entry in self.resources.iter().filter(|e| !e.is_empty()) {
+            let bad = |message: String| ConfigError::BadResource {
+                entry: entry.clone(),
+                message,
+            };
+            let (k, v) = entry
+                .split_once('=')
+                .ok_or_else(|| bad("expected k=v".into()))?;
+            match k.trim() {
+                "cpu" => r.cpu_millis = parse_cpu_millis(v).map_err(bad)?,
+                "memory" | "mem" => r.memory_bytes = parse_bytes(v).map_err(bad)?,
+                "gpus" | "gpu" => {
+                    r.gpus = v
+                        .trim()
+                        .parse()
+                        .map_err(|_| bad(format!("'{v}' is not a count")))?
+                }
+                other => {
+                    let n = v
+                        .trim()
+                        .parse()
+                        .map_err(|_| bad(format!("'{v}' is not a count")))?;
+                    r.extended.insert(other.to_owned(), n);
+                }
+            }
+        }
+        Ok(r)
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "agent".into())
+}
+
+fn host_cpu_millis() -> u64 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u64 * 1000)
+        .unwrap_or(1000)
+}
+
+fn host_memory_bytes() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or(1 << 30)
+}

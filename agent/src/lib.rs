@@ -1,0 +1,97 @@
+//! drover-agent: runs on worker hosts, holds one session with the coordinator leader and runs the
+//! tasks it is given as child processes. See docs/ARCHITECTURE.md.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_proto::tls::TlsFiles;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub mod config;
+pub mod executor;
+pub mod limits;
+pub mod session;
+pub mod tasks;
+
+pub use config::Config;
+use session::{Identity, SessionConfig};
+use tasks::TaskTable;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Tls(#[from] drover_proto::tls::TlsError),
+    #[error("creating the work dir {path}: {source}")]
+    WorkDir {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// A running agent.
+pub struct AgentHandle {
+    pub name: String,
+    pub table: Arc<TaskTable>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl AgentHandle {
+    /// Stops the session, stops running tasks (their process groups), and waits a bounded time.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        self.table.stop_all("agent shutting down");
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+}
+
+pub async fn start(config: Config) -> Result<AgentHandle, StartError> {
+    let tls = TlsFiles::in_dir(&config.tls_dir, &config.tls_name).load()?;
+    let identity = Identity {
+        name: config.agent_name(),
+        labels: config.parsed_labels()?.into_iter().collect(),
+        resources: config.parsed_resources()?,
+        class: config.class.clone(),
+    };
+    std::fs::create_dir_all(&config.work_dir).map_err(|source| StartError::WorkDir {
+        path: config.work_dir.display().to_string(),
+        source,
+    })?;
+    let work_dir =
+        std::fs::canonicalize(&config.work_dir).unwrap_or_else(|_| config.work_dir.clone());
+    let name = identity.name.clone();
+    let table = Arc::new(TaskTable::default());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let cfg = Arc::new(SessionConfig {
+        addrs: config.coordinator.clone(),
+        tls,
+        identity,
+        work_dir: work_dir.clone(),
+    });
+    tracing::info!(agent = %name, work_dir = %work_dir.display(), "agent starting");
+    let session = tokio::spawn(session::run(cfg, table.clone(), shutdown_rx.clone()));
+    let retention = Duration::from_secs(config.log_retention_hours * 3600);
+    let mut prune_shutdown = shutdown_rx;
+    let pruner = tokio::spawn(async move {
+        loop {
+            let dir = work_dir.clone();
+            let _ =
+                tokio::task::spawn_blocking(move || executor::prune_logs(&dir, retention)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+                _ = prune_shutdown.changed() => return,
+            }
+        }
+    });
+    Ok(AgentHandle {
+        name,
+        table,
+        shutdown: shutdown_tx,
+        tasks: vec![session, pruner],
+    })
+}

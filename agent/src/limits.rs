@@ -1,0 +1,17 @@
+//! The agent's bounds, each with the reason for its value.
+
+/// Bytes of stdout and of stderr kept in memory per task for the replicated result tail.
+pub const OUTPUT_TAIL_BYTES_MAX: usize = 4 * 1024;
+
+/// Tasks held at once (running, or finished and not yet acknowledged). An agent asked for more
+/// refuses the assignment with a failed result rather than exhausting the host.
+pub const HELD_TASKS_MAX: usize = 10_000;
+
+/// Messages queued towards the coordinator on one session.
+pub const SESSION_OUTBOX_MAX: usize = 4_096;
+
+/// Bytes returned by one log read.
+pub const LOG_READ_BYTES_MAX: u64 = 4 * 1024 * 1024;
+
+/// Grace between SIGTERM and SIGKILL when a task is stopped.
+pub const KILL_GRACE_MS: u64 = 2_000;

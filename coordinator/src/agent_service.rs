@@ -1,0 +1,243 @@
+//! Agent sessions: one bidirectional stream per agent, to the leader. Registration is committed;
+//! heartbeats only refresh the lease in memory; task reports are proposed in batches with
+//! everyone else's and acknowledged once committed, so the agent can forget them.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_proto::identity::{Role, require_role};
+use drover_proto::pb::agent_message::Msg as In;
+use drover_proto::pb::agent_service_server::AgentService;
+use drover_proto::pb::coordinator_message::Msg as Out;
+use drover_proto::pb::{self, AgentMessage, CoordinatorMessage};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::command::{Command, CommandResult};
+use crate::convert;
+use crate::limits;
+use crate::model::HeldTask;
+use crate::node::Ctx;
+
+/// How long a new stream may take to send its `register`.
+const REGISTER_WAIT: Duration = Duration::from_secs(10);
+/// Reports from one agent being committed at once; more wait, which slows the agent's stream.
+const REPORTS_IN_FLIGHT_PER_SESSION: usize = 1_024;
+
+pub struct AgentRpc {
+    pub ctx: Arc<Ctx>,
+}
+
+fn valid_agent_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<CoordinatorMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for AgentRpc {
+    type SessionStream = SessionStream;
+
+    #[tracing::instrument(skip_all, fields(agent))]
+    async fn session(
+        &self,
+        req: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<SessionStream>, Status> {
+        let result = self.open_session(req).await;
+        self.ctx.metrics.count_rpc(
+            "AgentService/Session",
+            result
+                .as_ref()
+                .map_or_else(|s| s.code(), |_| tonic::Code::Ok),
+        );
+        result
+    }
+}
+
+impl AgentRpc {
+    async fn open_session(
+        &self,
+        req: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<SessionStream>, Status> {
+        require_role(&req, "an agent session", &[Role::Agent])?;
+        self.ctx.require_leader()?;
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(REGISTER_WAIT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no register message within 10 s"))??;
+        let Some(AgentMessage {
+            msg: Some(In::Register(reg)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument(
+                "the first message of a session must be register",
+            ));
+        };
+        if !valid_agent_name(&reg.name) {
+            return Err(Status::invalid_argument(format!(
+                "register.name: '{}' must be 1-253 characters of A-Z, a-z, 0-9, '-', '_', '.'",
+                reg.name
+            )));
+        }
+        let name = reg.name.clone();
+        tracing::Span::current().record("agent", name.as_str());
+        let held: Vec<HeldTask> = reg
+            .running
+            .iter()
+            .map(|r| HeldTask {
+                task_id: r.task_id.clone(),
+                attempt: r.attempt,
+            })
+            .collect();
+        let result = self
+            .ctx
+            .proposer
+            .propose(Command::RegisterAgent {
+                name: name.clone(),
+                labels: reg.labels.into_iter().collect(),
+                total: convert::resources_from_proto(reg.resources.as_ref()),
+                class: if reg.class.is_empty() {
+                    crate::scheduler::DEFAULT_CLASS.into()
+                } else {
+                    reg.class
+                },
+                version: reg.version,
+                held,
+            })
+            .await?;
+        let CommandResult::Registered {
+            stale,
+            resend,
+            requeued,
+        } = result
+        else {
+            return Err(Status::internal(format!(
+                "unexpected register result: {result:?}"
+            )));
+        };
+        let (tx, rx) = mpsc::channel(limits::SESSION_OUTBOX_MAX);
+        let session_id = self.ctx.sessions.open(&name, tx.clone())?;
+        tracing::info!(agent = %name, stale = stale.len(), resend = resend.len(), requeued = requeued.len(), "agent registered");
+        let registered = CoordinatorMessage {
+            msg: Some(Out::Registered(pb::Registered {
+                heartbeat_interval_ms: self.ctx.timing.heartbeat_interval.as_millis() as u64,
+                lease_ttl_ms: self.ctx.timing.lease_ttl.as_millis() as u64,
+                stale: stale
+                    .into_iter()
+                    .map(|h| pb::RunningTask {
+                        task_id: h.task_id,
+                        attempt: h.attempt,
+                    })
+                    .collect(),
+            })),
+        };
+        let _ = tx.try_send(Ok(registered));
+        let resend: Vec<crate::model::Assignment> = self.ctx.shared.read(|a| {
+            resend
+                .iter()
+                .filter_map(|t| a.state.tasks.get(t))
+                .map(|t| crate::model::Assignment {
+                    task_id: t.id.clone(),
+                    attempt: t.attempt,
+                    agent: name.clone(),
+                })
+                .collect()
+        });
+        crate::leader::dispatch(&self.ctx, &resend);
+
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            read_session(ctx.clone(), name.clone(), inbound, tx).await;
+            ctx.sessions.close(&name, session_id);
+            tracing::info!(agent = %name, "agent session ended");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+async fn read_session(
+    ctx: Arc<Ctx>,
+    name: String,
+    mut inbound: Streaming<AgentMessage>,
+    tx: mpsc::Sender<Result<CoordinatorMessage, Status>>,
+) {
+    let reports = Arc::new(Semaphore::new(REPORTS_IN_FLIGHT_PER_SESSION));
+    loop {
+        let msg = match inbound.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(agent = %name, error = %e, "session stream error");
+                return;
+            }
+        };
+        ctx.sessions.touch(&name);
+        let cmd = match msg.msg {
+            Some(In::Heartbeat(_)) | None => continue,
+            Some(In::Register(_)) => {
+                let _ = tx.try_send(Err(Status::invalid_argument(
+                    "register may only be sent once per session",
+                )));
+                return;
+            }
+            Some(In::LogData(data)) => {
+                ctx.log_requests.complete(data);
+                continue;
+            }
+            Some(In::Started(s)) => Command::TaskStarted {
+                agent: name.clone(),
+                task_id: s.task_id,
+                attempt: s.attempt,
+            },
+            Some(In::Finished(f)) => Command::TaskFinished {
+                agent: name.clone(),
+                task_id: f.task_id,
+                attempt: f.attempt,
+                outcome: convert::outcome_from_proto(f.outcome),
+            },
+        };
+        let Ok(permit) = reports.clone().acquire_owned().await else {
+            return;
+        };
+        let ctx = ctx.clone();
+        let tx = tx.clone();
+        let span = tracing::debug_span!("agent_report", kind = cmd.kind());
+        tokio::spawn(
+            async move {
+                let ack = match &cmd {
+                    Command::TaskFinished {
+                        task_id, attempt, ..
+                    } => Some((task_id.clone(), *attempt)),
+                    _ => None,
+                };
+                match ctx.proposer.propose(cmd).await {
+                    Ok(CommandResult::Reported) => {}
+                    Ok(CommandResult::StaleReport { current_attempt }) => {
+                        tracing::info!(?ack, current_attempt, "stale report rejected");
+                    }
+                    Ok(other) => tracing::warn!(?other, "unexpected result for a task report"),
+                    Err(e) => {
+                        // Not committed (or unknown): no ack, so the agent keeps it and re-sends.
+                        tracing::debug!(error = %e, "task report not committed");
+                        drop(permit);
+                        return;
+                    }
+                }
+                if let Some((task_id, attempt)) = ack {
+                    let _ = tx.try_send(Ok(CoordinatorMessage {
+                        msg: Some(Out::Ack(pb::Ack { task_id, attempt })),
+                    }));
+                }
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}

@@ -1,0 +1,344 @@
+//! The API for droverctl and SDKs. Reads are served by any node from its applied state; writes
+//! must reach the leader, and a follower answers them with the leader's address.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_proto::identity::{Role, require_role};
+use drover_proto::pb::client_service_server::ClientService;
+use drover_proto::pb::coordinator_message::Msg as Out;
+use drover_proto::pb::{self, CoordinatorMessage};
+use openraft::ServerState;
+use tonic::{Request, Response, Status};
+
+use crate::command::{Command, CommandResult};
+use crate::convert;
+use crate::error::CoordinatorError;
+use crate::limits;
+use crate::model::{AgentState, Task};
+use crate::node::Ctx;
+use crate::state::run_seq;
+
+const READERS: &[Role] = &[Role::Admin, Role::Operator, Role::Submitter, Role::Viewer];
+const SUBMITTERS: &[Role] = &[Role::Admin, Role::Operator, Role::Submitter];
+/// How long a log read waits for the agent to answer.
+const LOG_READ_WAIT: Duration = Duration::from_secs(5);
+const IDEMPOTENCY_KEY_BYTES_MAX: usize = 128;
+
+pub struct ClientRpc {
+    pub ctx: Arc<Ctx>,
+}
+
+impl ClientRpc {
+    fn observe<T>(&self, method: &str, r: Result<T, Status>) -> Result<Response<T>, Status> {
+        self.ctx.metrics.count_rpc(
+            method,
+            r.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok),
+        );
+        if let Err(s) = &r {
+            tracing::debug!(method, code = ?s.code(), message = s.message(), "rpc failed");
+        }
+        r.map(Response::new)
+    }
+
+    async fn submit(
+        &self,
+        req: Request<pb::SubmitRunRequest>,
+    ) -> Result<pb::SubmitRunResponse, Status> {
+        let who = require_role(&req, "submitting a run", SUBMITTERS)?;
+        let req = req.into_inner();
+        let spec = convert::run_spec_from_proto(req.spec.as_ref())?;
+        if req.idempotency_key.len() > IDEMPOTENCY_KEY_BYTES_MAX {
+            return Err(CoordinatorError::invalid(
+                "idempotency_key",
+                format!("at most {IDEMPOTENCY_KEY_BYTES_MAX} bytes"),
+            )
+            .into());
+        }
+        self.ctx.require_leader()?;
+        let result = self
+            .ctx
+            .proposer
+            .propose(Command::SubmitRun {
+                idempotency_key: req.idempotency_key,
+                spec,
+                submitted_by: who.name,
+            })
+            .await?;
+        match result {
+            CommandResult::Submitted {
+                run_id,
+                deduplicated,
+            } => Ok(pb::SubmitRunResponse {
+                run_id,
+                deduplicated,
+            }),
+            CommandResult::Rejected {
+                limit: Some(limit),
+                message,
+            } => Err(CoordinatorError::LimitReached { limit, message }.into()),
+            other => Err(Status::internal(format!(
+                "unexpected submit result: {other:?}"
+            ))),
+        }
+    }
+
+    fn find_task(&self, run_id: &str, task: &str) -> Result<Task, Status> {
+        self.ctx.shared.read(|a| {
+            let run = a
+                .state
+                .run_by_id(run_id)
+                .ok_or_else(|| Status::not_found(format!("run {run_id} not found")))?;
+            let tid = if task.is_empty() {
+                if run.task_ids.len() != 1 {
+                    let names: Vec<&str> = run
+                        .task_ids
+                        .iter()
+                        .filter_map(|t| t.split('/').nth(1))
+                        .collect();
+                    return Err(Status::invalid_argument(format!(
+                        "task: run {run_id} has {} tasks ({}); name one",
+                        run.task_ids.len(),
+                        names.join(", ")
+                    )));
+                }
+                run.task_ids[0].clone()
+            } else {
+                crate::state::task_id(run_id, task)
+            };
+            a.state
+                .tasks
+                .get(&tid)
+                .cloned()
+                .ok_or_else(|| Status::not_found(format!("task {task} not found in run {run_id}")))
+        })
+    }
+
+    async fn logs(
+        &self,
+        req: Request<pb::GetTaskLogsRequest>,
+    ) -> Result<pb::GetTaskLogsResponse, Status> {
+        require_role(&req, "reading logs", READERS)?;
+        let req = req.into_inner();
+        let task = self.find_task(&req.run_id, &req.task)?;
+        let stream = pb::LogStream::try_from(req.stream).unwrap_or(pb::LogStream::Stdout);
+        let stream = if stream == pb::LogStream::Unspecified {
+            pb::LogStream::Stdout
+        } else {
+            stream
+        };
+        let tail = |note: String| {
+            let data = task
+                .outcome
+                .as_ref()
+                .map(|o| {
+                    if stream == pb::LogStream::Stderr {
+                        o.stderr_tail.clone()
+                    } else {
+                        o.stdout_tail.clone()
+                    }
+                })
+                .unwrap_or_default();
+            pb::GetTaskLogsResponse {
+                next_offset: 0,
+                data,
+                source: "tail".into(),
+                eof: true,
+                note,
+            }
+        };
+        let Some(agent) = task.agent.clone() else {
+            return Ok(tail("the task has not been placed on an agent".into()));
+        };
+        if !self.ctx.sessions.is_connected(&agent) {
+            if let Err(e) = self.ctx.require_leader() {
+                // Sessions live on the leader; send the caller there for the full log.
+                if matches!(
+                    e,
+                    CoordinatorError::NotLeader {
+                        leader_addr: Some(_)
+                    }
+                ) {
+                    return Err(e.into());
+                }
+            }
+            return Ok(tail(format!(
+                "agent {agent} is not connected; showing the replicated tail"
+            )));
+        }
+        let (request_id, rx) = self.ctx.log_requests.begin()?;
+        let max_bytes = if req.max_bytes == 0 {
+            limits::LOG_READ_BYTES_MAX
+        } else {
+            req.max_bytes.min(limits::LOG_READ_BYTES_MAX)
+        };
+        let sent = self.ctx.sessions.send(
+            &agent,
+            CoordinatorMessage {
+                msg: Some(Out::LogRequest(pb::LogRequest {
+                    request_id,
+                    task_id: task.id.clone(),
+                    attempt: task.attempt,
+                    stream: stream as i32,
+                    offset: req.offset,
+                    max_bytes,
+                })),
+            },
+        );
+        if sent.is_err() {
+            self.ctx.log_requests.cancel(request_id);
+            return Ok(tail(format!(
+                "agent {agent} is not connected; showing the replicated tail"
+            )));
+        }
+        match tokio::time::timeout(LOG_READ_WAIT, rx).await {
+            Ok(Ok(data)) if data.error.is_empty() => Ok(pb::GetTaskLogsResponse {
+                next_offset: data.next_offset,
+                data: data.data,
+                source: "agent".into(),
+                eof: data.eof,
+                note: String::new(),
+            }),
+            Ok(Ok(data)) => Ok(tail(format!(
+                "agent {agent} could not read the log: {}",
+                data.error
+            ))),
+            _ => {
+                self.ctx.log_requests.cancel(request_id);
+                Ok(tail(format!(
+                    "agent {agent} did not answer within 5 s; showing the replicated tail"
+                )))
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl ClientService for ClientRpc {
+    #[tracing::instrument(skip_all)]
+    async fn submit_run(
+        &self,
+        req: Request<pb::SubmitRunRequest>,
+    ) -> Result<Response<pb::SubmitRunResponse>, Status> {
+        let r = self.submit(req).await;
+        self.observe("ClientService/SubmitRun", r)
+    }
+
+    #[tracing::instrument(skip_all, fields(run_id = %req.get_ref().run_id))]
+    async fn get_run(&self, req: Request<pb::GetRunRequest>) -> Result<Response<pb::Run>, Status> {
+        let r = (|| {
+            require_role(&req, "reading runs", READERS)?;
+            let id = &req.get_ref().run_id;
+            self.ctx.shared.read(|a| {
+                a.state
+                    .run_by_id(id)
+                    .map(|run| convert::run_to_proto(&a.state, run))
+                    .ok_or_else(|| Status::not_found(format!("run {id} not found")))
+            })
+        })();
+        self.observe("ClientService/GetRun", r)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_runs(
+        &self,
+        req: Request<pb::ListRunsRequest>,
+    ) -> Result<Response<pb::ListRunsResponse>, Status> {
+        let r = (|| {
+            require_role(&req, "listing runs", READERS)?;
+            let req = req.get_ref();
+            let limit = if req.limit == 0 {
+                50
+            } else {
+                req.limit.min(limits::LIST_RUNS_MAX)
+            } as usize;
+            let before = if req.before.is_empty() {
+                u64::MAX
+            } else {
+                run_seq(&req.before).ok_or_else(|| {
+                    Status::invalid_argument(format!("before: '{}' is not a run id", req.before))
+                })?
+            };
+            Ok(self.ctx.shared.read(|a| pb::ListRunsResponse {
+                runs: a
+                    .state
+                    .runs
+                    .range(..before)
+                    .rev()
+                    .take(limit)
+                    .map(|(_, run)| convert::run_to_proto(&a.state, run))
+                    .collect(),
+            }))
+        })();
+        self.observe("ClientService/ListRuns", r)
+    }
+
+    #[tracing::instrument(skip_all, fields(run_id = %req.get_ref().run_id))]
+    async fn get_task_logs(
+        &self,
+        req: Request<pb::GetTaskLogsRequest>,
+    ) -> Result<Response<pb::GetTaskLogsResponse>, Status> {
+        let r = self.logs(req).await;
+        self.observe("ClientService/GetTaskLogs", r)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_agents(
+        &self,
+        req: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        let r = (|| {
+            require_role(&req, "listing agents", READERS)?;
+            Ok(self.ctx.shared.read(|a| pb::ListAgentsResponse {
+                agents: a
+                    .state
+                    .agents
+                    .values()
+                    .map(|ag| {
+                        let age = if ag.state == AgentState::Lost {
+                            None
+                        } else {
+                            self.ctx.sessions.heard_ago_ms(&ag.name)
+                        };
+                        convert::agent_to_proto(ag, age, self.ctx.sessions.is_connected(&ag.name))
+                    })
+                    .collect(),
+            }))
+        })();
+        self.observe("ClientService/ListAgents", r)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn cluster_status(
+        &self,
+        req: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let r = (|| {
+            require_role(&req, "reading cluster status", READERS)?;
+            Ok(self.ctx.cluster_status())
+        })();
+        self.observe("ClientService/ClusterStatus", r)
+    }
+}
+
+/// Member health as the leader sees it from replication progress.
+pub fn member_health(
+    node_id: u64,
+    me: u64,
+    state: ServerState,
+    leader: Option<u64>,
+    matched: Option<Option<u64>>,
+    last_log: u64,
+) -> &'static str {
+    if Some(node_id) == leader {
+        return "leader";
+    }
+    if state != ServerState::Leader {
+        return if node_id == me { "follower" } else { "unknown" };
+    }
+    match matched {
+        Some(Some(i)) if last_log.saturating_sub(i) <= 100 => "follower",
+        Some(Some(_)) => "lagging",
+        _ => "unreachable",
+    }
+}

@@ -1,0 +1,134 @@
+//! Coordinator configuration: flags, mirrored by `DROVER_*` environment variables (flags win),
+//! with defaults that work for a local dev cluster.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::model::NodeId;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "drover-coordinator",
+    version,
+    about = "Drover's Raft-replicated coordinator"
+)]
+pub struct Config {
+    /// This node's id; must appear in --peer.
+    #[arg(long, env = "DROVER_NODE_ID")]
+    pub node_id: NodeId,
+
+    /// gRPC (mTLS) listen address for clients, agents and peers. Port 0 picks a free port.
+    #[arg(long, env = "DROVER_LISTEN", default_value = "127.0.0.1:7101")]
+    pub listen: SocketAddr,
+
+    /// HTTP listen address for /healthz, /readyz and /metrics. Port 0 picks a free port.
+    #[arg(long, env = "DROVER_HTTP_LISTEN", default_value = "127.0.0.1:7201")]
+    pub http_listen: SocketAddr,
+
+    /// Where the Raft log, vote and snapshots live.
+    #[arg(long, env = "DROVER_DATA_DIR")]
+    pub data_dir: PathBuf,
+
+    /// Cluster members as ID=HOST:PORT, repeated or comma-separated (DROVER_PEERS). Includes this node.
+    #[arg(
+        long = "peer",
+        env = "DROVER_PEERS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub peers: Vec<String>,
+
+    /// Directory holding ca.pem, NAME.pem and NAME-key.pem (from `droverctl certs init`).
+    #[arg(long, env = "DROVER_TLS_DIR")]
+    pub tls_dir: PathBuf,
+
+    /// Certificate name inside --tls-dir [default: coordinator-NODE_ID].
+    #[arg(long, env = "DROVER_TLS_NAME")]
+    pub tls_name: Option<String>,
+
+    /// Agent heartbeat interval told to agents at registration.
+    #[arg(long, env = "DROVER_HEARTBEAT_INTERVAL_MS", default_value_t = 1000)]
+    pub heartbeat_interval_ms: u64,
+
+    /// An agent not heard from for this long is declared lost and its tasks re-queued.
+    #[arg(long, env = "DROVER_LEASE_TTL_MS", default_value_t = 5000)]
+    pub lease_ttl_ms: u64,
+
+    /// Raft leader heartbeat interval.
+    #[arg(long, env = "DROVER_RAFT_HEARTBEAT_MS", default_value_t = 100)]
+    pub raft_heartbeat_ms: u64,
+
+    /// Minimum Raft election timeout; the maximum is twice this.
+    #[arg(long, env = "DROVER_ELECTION_TIMEOUT_MS", default_value_t = 600)]
+    pub election_timeout_ms: u64,
+
+    /// Build a snapshot (and compact the log) after this many entries since the last one.
+    #[arg(long, env = "DROVER_SNAPSHOT_LOGS", default_value_t = 5000)]
+    pub snapshot_logs: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--peer '{0}': expected ID=HOST:PORT, e.g. 1=127.0.0.1:7101")]
+    BadPeer(String),
+    #[error("--node-id {0} does not appear in --peer")]
+    SelfNotInPeers(NodeId),
+    #[error("--peer lists node {0} twice")]
+    DuplicatePeer(NodeId),
+    #[error(
+        "--lease-ttl-ms ({lease}) must be at least twice --heartbeat-interval-ms ({heartbeat})"
+    )]
+    LeaseTooShort { lease: u64, heartbeat: u64 },
+}
+
+impl Config {
+    /// Parses --peer entries into (id, address), sorted by id.
+    pub fn parsed_peers(&self) -> Result<Vec<(NodeId, String)>, ConfigError> {
+        let mut out: Vec<(NodeId, String)> = Vec::new();
+        for p in &self.peers {
+            let (id, addr) = p
+                .split_once('=')
+                .ok_or_else(|| ConfigError::BadPeer(p.clone()))?;
+            let id: NodeId = id
+                .trim()
+                .parse()
+                .map_err(|_| ConfigError::BadPeer(p.clone()))?;
+            let addr = addr.trim();
+            if addr.is_empty() || !addr.contains(':') {
+                return Err(ConfigError::BadPeer(p.clone()));
+            }
+            if out.iter().any(|(i, _)| *i == id) {
+                return Err(ConfigError::DuplicatePeer(id));
+            }
+            out.push((id, addr.to_owned()));
+        }
+        out.sort();
+        if !out.iter().any(|(i, _)| *i == self.node_id) {
+            return Err(ConfigError::SelfNotInPeers(self.node_id));
+        }
+        if self.lease_ttl_ms < 2 * self.heartbeat_interval_ms {
+            return Err(ConfigError::LeaseTooShort {
+                lease: self.lease_ttl_ms,
+                heartbeat: self.heartbeat_interval_ms,
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn tls_name(&self) -> String {
+        self.tls_name
+            .clone()
+            .unwrap_or_else(|| format!("coordinator-{}", self.node_id))
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_millis(self.lease_ttl_ms)
+    }
+}

@@ -1,0 +1,349 @@
+//! proto <-> domain, in one place. Incoming specs are validated here; errors name the field path.
+
+use std::collections::BTreeMap;
+
+use drover_proto::pb;
+
+use crate::error::CoordinatorError;
+use crate::limits;
+use crate::model::{
+    Agent, AgentState, Outcome, Program, Resources, Run, RunSpec, RunState, Task, TaskSpec,
+    TaskState,
+};
+use crate::state::State;
+
+pub fn resources_from_proto(r: Option<&pb::Resources>) -> Resources {
+    match r {
+        None => Resources::default(),
+        Some(r) => Resources {
+            cpu_millis: r.cpu_millis,
+            memory_bytes: r.memory_bytes,
+            gpus: r.gpus,
+            extended: r.extended.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        },
+    }
+}
+
+pub fn resources_to_proto(r: &Resources) -> pb::Resources {
+    pb::Resources {
+        cpu_millis: r.cpu_millis,
+        memory_bytes: r.memory_bytes,
+        gpus: r.gpus,
+        extended: r.extended.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= limits::NAME_BYTES_MAX
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+fn check_map(
+    field: &str,
+    m: &std::collections::HashMap<String, String>,
+    max: usize,
+) -> Result<(), CoordinatorError> {
+    if m.len() > max {
+        return Err(CoordinatorError::invalid(
+            field,
+            format!("{} entries; at most {max} allowed", m.len()),
+        ));
+    }
+    for (k, v) in m {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(CoordinatorError::invalid(
+                format!("{field}.{k}"),
+                "keys must be non-empty, without '=' or NUL",
+            ));
+        }
+        if v.len() > limits::ARG_BYTES_MAX || v.contains('\0') {
+            return Err(CoordinatorError::invalid(
+                format!("{field}.{k}"),
+                format!(
+                    "value must be under {} bytes, without NUL",
+                    limits::ARG_BYTES_MAX
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Validates a submitted spec and turns it into the domain type.
+pub fn run_spec_from_proto(spec: Option<&pb::RunSpec>) -> Result<RunSpec, CoordinatorError> {
+    let spec = spec.ok_or_else(|| CoordinatorError::invalid("spec", "missing"))?;
+    let name = if spec.name.is_empty() {
+        "run".to_owned()
+    } else {
+        spec.name.clone()
+    };
+    if !valid_name(&name) {
+        return Err(CoordinatorError::invalid(
+            "spec.name",
+            format!(
+                "'{name}' must be 1-{} characters of a-z, 0-9, '-', '_'",
+                limits::NAME_BYTES_MAX
+            ),
+        ));
+    }
+    check_map("spec.labels", &spec.labels, limits::LABELS_MAX)?;
+    if spec.tasks.is_empty() {
+        return Err(CoordinatorError::invalid(
+            "spec.tasks",
+            "a run needs at least one task",
+        ));
+    }
+    if spec.tasks.len() > limits::TASKS_PER_RUN_MAX {
+        return Err(CoordinatorError::invalid(
+            "spec.tasks",
+            format!(
+                "{} tasks; tasks_per_run_max is {}",
+                spec.tasks.len(),
+                limits::TASKS_PER_RUN_MAX
+            ),
+        ));
+    }
+    let mut tasks = Vec::with_capacity(spec.tasks.len());
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, t) in spec.tasks.iter().enumerate() {
+        let field = format!("spec.tasks[{i}]");
+        let tname = if t.name.is_empty() && spec.tasks.len() == 1 {
+            "main".to_owned()
+        } else {
+            t.name.clone()
+        };
+        if !valid_name(&tname) {
+            return Err(CoordinatorError::invalid(
+                format!("{field}.name"),
+                format!(
+                    "'{tname}' must be 1-{} characters of a-z, 0-9, '-', '_'",
+                    limits::NAME_BYTES_MAX
+                ),
+            ));
+        }
+        if !seen.insert(tname.clone()) {
+            return Err(CoordinatorError::invalid(
+                format!("{field}.name"),
+                format!("'{tname}' is used by two tasks"),
+            ));
+        }
+        let program = match (t.argv.is_empty(), t.shell.is_empty()) {
+            (false, true) => {
+                if t.argv.len() > limits::ARGS_MAX {
+                    return Err(CoordinatorError::invalid(
+                        format!("{field}.argv"),
+                        format!("at most {} arguments", limits::ARGS_MAX),
+                    ));
+                }
+                if t.argv[0].is_empty() {
+                    return Err(CoordinatorError::invalid(
+                        format!("{field}.argv[0]"),
+                        "the program name is empty",
+                    ));
+                }
+                for (j, a) in t.argv.iter().enumerate() {
+                    if a.len() > limits::ARG_BYTES_MAX || a.contains('\0') {
+                        return Err(CoordinatorError::invalid(
+                            format!("{field}.argv[{j}]"),
+                            format!("must be under {} bytes, without NUL", limits::ARG_BYTES_MAX),
+                        ));
+                    }
+                }
+                Program::Argv(t.argv.clone())
+            }
+            (true, false) => {
+                if t.shell.len() > limits::ARG_BYTES_MAX || t.shell.contains('\0') {
+                    return Err(CoordinatorError::invalid(
+                        format!("{field}.shell"),
+                        format!("must be under {} bytes, without NUL", limits::ARG_BYTES_MAX),
+                    ));
+                }
+                Program::Shell(t.shell.clone())
+            }
+            (true, true) => {
+                return Err(CoordinatorError::invalid(
+                    format!("{field}.command"),
+                    "set either a command (argv list) or shell (a string for sh -c)",
+                ));
+            }
+            (false, false) => {
+                return Err(CoordinatorError::invalid(
+                    format!("{field}.command"),
+                    "set only one of command (argv list) and shell, not both",
+                ));
+            }
+        };
+        check_map(&format!("{field}.env"), &t.env, limits::ENV_VARS_MAX)?;
+        if !t.class.is_empty() && !valid_name(&t.class) {
+            return Err(CoordinatorError::invalid(
+                format!("{field}.class"),
+                format!("'{}' is not a valid class name", t.class),
+            ));
+        }
+        tasks.push(TaskSpec {
+            name: tname,
+            program,
+            env: t.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            workdir: t.workdir.clone(),
+            timeout_ms: t.timeout_ms,
+            class: if t.class.is_empty() {
+                crate::scheduler::DEFAULT_CLASS.to_owned()
+            } else {
+                t.class.clone()
+            },
+            resources: resources_from_proto(t.resources.as_ref()),
+        });
+    }
+    Ok(RunSpec {
+        name,
+        tasks,
+        labels: spec
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<BTreeMap<_, _>>(),
+    })
+}
+
+pub fn task_spec_to_proto(t: &TaskSpec) -> pb::TaskSpec {
+    let (argv, shell) = match &t.program {
+        Program::Argv(a) => (a.clone(), String::new()),
+        Program::Shell(s) => (Vec::new(), s.clone()),
+    };
+    pb::TaskSpec {
+        name: t.name.clone(),
+        argv,
+        shell,
+        env: t.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        workdir: t.workdir.clone(),
+        timeout_ms: t.timeout_ms,
+        class: t.class.clone(),
+        resources: Some(resources_to_proto(&t.resources)),
+    }
+}
+
+pub fn outcome_from_proto(o: Option<pb::TaskOutcome>) -> Outcome {
+    let Some(o) = o else {
+        return Outcome {
+            reason: "agent sent no outcome".into(),
+            ..Default::default()
+        };
+    };
+    let clip = |mut v: Vec<u8>| {
+        if v.len() > limits::OUTPUT_TAIL_BYTES_MAX {
+            v.drain(..v.len() - limits::OUTPUT_TAIL_BYTES_MAX);
+        }
+        v
+    };
+    Outcome {
+        exit_code: o.exit_code,
+        signal: o.signal,
+        reason: o.reason,
+        duration_ms: o.duration_ms,
+        stdout_tail: clip(o.stdout_tail),
+        stderr_tail: clip(o.stderr_tail),
+        succeeded: o.succeeded,
+    }
+}
+
+fn outcome_to_proto(o: &Outcome) -> pb::TaskOutcome {
+    pb::TaskOutcome {
+        exit_code: o.exit_code,
+        signal: o.signal,
+        reason: o.reason.clone(),
+        duration_ms: o.duration_ms,
+        stdout_tail: o.stdout_tail.clone(),
+        stderr_tail: o.stderr_tail.clone(),
+        succeeded: o.succeeded,
+    }
+}
+
+fn task_state_to_proto(s: TaskState) -> pb::TaskState {
+    match s {
+        TaskState::Pending => pb::TaskState::Pending,
+        TaskState::Assigned => pb::TaskState::Assigned,
+        TaskState::Running => pb::TaskState::Running,
+        TaskState::Succeeded => pb::TaskState::Succeeded,
+        TaskState::Failed => pb::TaskState::Failed,
+        TaskState::Cancelled => pb::TaskState::Cancelled,
+    }
+}
+
+fn run_state_to_proto(s: RunState) -> pb::RunState {
+    match s {
+        RunState::Pending => pb::RunState::Pending,
+        RunState::Running => pb::RunState::Running,
+        RunState::Succeeded => pb::RunState::Succeeded,
+        RunState::Failed => pb::RunState::Failed,
+        RunState::Cancelled => pb::RunState::Cancelled,
+    }
+}
+
+pub fn task_to_proto(t: &Task) -> pb::Task {
+    pb::Task {
+        id: t.id.clone(),
+        run_id: t.run_id.clone(),
+        spec: Some(task_spec_to_proto(&t.spec)),
+        state: task_state_to_proto(t.state) as i32,
+        attempt: t.attempt,
+        agent: t.agent.clone().unwrap_or_default(),
+        pending_reason: if t.state == TaskState::Pending {
+            t.pending_reason.clone()
+        } else {
+            String::new()
+        },
+        created_at_ms: t.created_at_ms,
+        assigned_at_ms: t.assigned_at_ms,
+        started_at_ms: t.started_at_ms,
+        finished_at_ms: t.finished_at_ms,
+        outcome: t.outcome.as_ref().map(outcome_to_proto),
+    }
+}
+
+pub fn run_to_proto(state: &State, run: &Run) -> pb::Run {
+    pb::Run {
+        id: run.id.clone(),
+        name: run.name.clone(),
+        state: run_state_to_proto(state.run_state(run)) as i32,
+        tasks: run
+            .task_ids
+            .iter()
+            .filter_map(|t| state.tasks.get(t))
+            .map(task_to_proto)
+            .collect(),
+        created_at_ms: run.created_at_ms,
+        finished_at_ms: run.finished_at_ms,
+        labels: run
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        submitted_by: run.submitted_by.clone(),
+    }
+}
+
+pub fn agent_to_proto(a: &Agent, heartbeat_age_ms: Option<u64>, connected: bool) -> pb::Agent {
+    pb::Agent {
+        name: a.name.clone(),
+        labels: a
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        total: Some(resources_to_proto(&a.total)),
+        free: Some(resources_to_proto(&a.free())),
+        class: a.class.clone(),
+        state: match a.state {
+            AgentState::Active => pb::AgentState::Active,
+            AgentState::Draining => pb::AgentState::Draining,
+            AgentState::Lost => pb::AgentState::Lost,
+        } as i32,
+        running_tasks: a.tasks.len() as u32,
+        last_heartbeat_age_ms: heartbeat_age_ms,
+        registered_at_ms: a.registered_at_ms,
+        version: a.version.clone(),
+        connected,
+    }
+}

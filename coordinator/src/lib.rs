@@ -1,0 +1,22 @@
+//! drover-coordinator: the Raft-replicated brain of Drover. See docs/ARCHITECTURE.md for the map.
+
+pub mod agent_service;
+pub mod client_service;
+pub mod command;
+pub mod config;
+pub mod convert;
+pub mod error;
+pub mod http;
+pub mod leader;
+pub mod limits;
+pub mod metrics;
+pub mod model;
+pub mod node;
+pub mod proposer;
+pub mod raft;
+pub mod scheduler;
+pub mod sessions;
+pub mod state;
+
+pub use config::Config;
+pub use node::{NodeHandle, start};

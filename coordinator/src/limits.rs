@@ -1,0 +1,54 @@
+//! Every bound the coordinator enforces, in one place. Hitting one is an error the caller sees,
+//! naming the limit (RESOURCE_EXHAUSTED), never a silent drop or block.
+
+/// Tasks waiting for placement across all runs. One million pending tasks fit in well under
+/// 1.5 GiB of state; past that a cluster is better served by back-pressure on submitters.
+pub const PENDING_TASKS_MAX: usize = 1_000_000;
+
+/// Tasks in one run. Large fan-outs belong in several runs; this keeps one submission (and one
+/// Raft entry) well under the gRPC message limit.
+pub const TASKS_PER_RUN_MAX: usize = 1_000;
+
+/// Runs kept in state. Beyond this the oldest finished runs are forgotten (their results were
+/// readable for the whole time they were among the newest 100,000).
+pub const RUNS_RETAINED_MAX: usize = 100_000;
+
+/// Commands waiting to be proposed to Raft. Bounded so a flood of submissions meets
+/// RESOURCE_EXHAUSTED instead of growing the leader's memory.
+pub const PROPOSAL_QUEUE_MAX: usize = 65_536;
+
+/// Commands coalesced into one Raft entry. One entry (and one fsync) serves them all; the cap
+/// keeps an entry under a few MiB.
+pub const PROPOSAL_BATCH_MAX: usize = 2_048;
+
+/// Raft entries in flight at once from the proposer. A few overlap the fsync of one batch with
+/// the collection of the next.
+pub const PROPOSALS_IN_FLIGHT_MAX: usize = 4;
+
+/// Tasks the scheduler places in one round (one Raft entry).
+pub const SCHEDULE_ROUND_TASKS_MAX: usize = 4_096;
+
+/// Messages buffered towards one agent session before the session is considered stuck.
+pub const SESSION_OUTBOX_MAX: usize = 4_096;
+
+/// Agent sessions one leader holds.
+pub const AGENT_SESSIONS_MAX: usize = 20_000;
+
+/// Concurrent log reads forwarded to agents.
+pub const LOG_REQUESTS_IN_FLIGHT_MAX: usize = 256;
+
+/// Bytes of log returned in one GetTaskLogs answer.
+pub const LOG_READ_BYTES_MAX: u64 = 4 * 1024 * 1024;
+
+/// Runs returned by one ListRuns call.
+pub const LIST_RUNS_MAX: u32 = 1_000;
+
+/// Lengths of names and strings in a run spec.
+pub const NAME_BYTES_MAX: usize = 63;
+pub const ARG_BYTES_MAX: usize = 64 * 1024;
+pub const ARGS_MAX: usize = 4_096;
+pub const ENV_VARS_MAX: usize = 1_024;
+pub const LABELS_MAX: usize = 64;
+
+/// Bytes of stdout/stderr tail kept in a replicated result (per stream).
+pub const OUTPUT_TAIL_BYTES_MAX: usize = 4 * 1024;

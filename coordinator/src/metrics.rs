@@ -1,0 +1,193 @@
+//! Metrics an operator graphs, exported in Prometheus text format on the HTTP port.
+//! Gauges derived from state are refreshed when scraped; counters count events as they happen.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    pub method: String,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: String,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub rpc_total: Family<RpcLabels, Counter>,
+    pub proposal_batch_size: Histogram,
+    pub proposal_seconds: Histogram,
+    pub raft_term: Gauge,
+    pub raft_is_leader: Gauge,
+    pub raft_commit_index: Gauge,
+    pub raft_applied_index: Gauge,
+    pub raft_last_log_index: Gauge,
+    pub tasks: Family<StateLabels, Gauge>,
+    pub agents: Family<StateLabels, Gauge>,
+    pub agent_sessions: Gauge,
+    pub runs_submitted: Gauge<u64, AtomicU64>,
+    pub tasks_succeeded: Gauge<u64, AtomicU64>,
+    pub tasks_failed: Gauge<u64, AtomicU64>,
+    pub stale_reports: Gauge<u64, AtomicU64>,
+    pub agents_lost: Gauge<u64, AtomicU64>,
+    pub schedule_rounds: Counter,
+    pub tasks_placed: Counter,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("drover");
+        let rpc_total = Family::<RpcLabels, Counter>::default();
+        registry.register(
+            "rpc",
+            "gRPC requests served, by method and status code",
+            rpc_total.clone(),
+        );
+        let proposal_batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 12));
+        registry.register(
+            "raft_proposal_batch_commands",
+            "Commands coalesced into one Raft entry",
+            proposal_batch_size.clone(),
+        );
+        let proposal_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        registry.register(
+            "raft_proposal_seconds",
+            "Time from proposing an entry to its apply",
+            proposal_seconds.clone(),
+        );
+        let raft_term = Gauge::default();
+        registry.register("raft_term", "Current Raft term", raft_term.clone());
+        let raft_is_leader = Gauge::default();
+        registry.register(
+            "raft_is_leader",
+            "1 when this node is the leader",
+            raft_is_leader.clone(),
+        );
+        let raft_commit_index = Gauge::default();
+        registry.register(
+            "raft_commit_index",
+            "Highest committed log index known",
+            raft_commit_index.clone(),
+        );
+        let raft_applied_index = Gauge::default();
+        registry.register(
+            "raft_applied_index",
+            "Highest applied log index",
+            raft_applied_index.clone(),
+        );
+        let raft_last_log_index = Gauge::default();
+        registry.register(
+            "raft_last_log_index",
+            "Last log index on this node",
+            raft_last_log_index.clone(),
+        );
+        let tasks = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "tasks",
+            "Tasks in state, by state (pending, running)",
+            tasks.clone(),
+        );
+        let agents = Family::<StateLabels, Gauge>::default();
+        registry.register("agents", "Registered agents, by state", agents.clone());
+        let agent_sessions = Gauge::default();
+        registry.register(
+            "agent_sessions",
+            "Agent sessions held by this node",
+            agent_sessions.clone(),
+        );
+        let runs_submitted = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "runs_submitted",
+            "Runs submitted since the cluster began (replicated)",
+            runs_submitted.clone(),
+        );
+        let tasks_succeeded = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "tasks_succeeded",
+            "Tasks that succeeded (replicated count)",
+            tasks_succeeded.clone(),
+        );
+        let tasks_failed = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "tasks_failed",
+            "Tasks that failed (replicated count)",
+            tasks_failed.clone(),
+        );
+        let stale_reports = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "stale_reports",
+            "Agent reports rejected because their attempt was no longer current (replicated count)",
+            stale_reports.clone(),
+        );
+        let agents_lost = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "agents_lost",
+            "Agents declared lost (replicated count)",
+            agents_lost.clone(),
+        );
+        let schedule_rounds = Counter::default();
+        registry.register(
+            "schedule_rounds",
+            "Scheduling rounds run by this node as leader",
+            schedule_rounds.clone(),
+        );
+        let tasks_placed = Counter::default();
+        registry.register(
+            "tasks_placed",
+            "Assignments committed by this node as leader",
+            tasks_placed.clone(),
+        );
+        Self {
+            registry,
+            rpc_total,
+            proposal_batch_size,
+            proposal_seconds,
+            raft_term,
+            raft_is_leader,
+            raft_commit_index,
+            raft_applied_index,
+            raft_last_log_index,
+            tasks,
+            agents,
+            agent_sessions,
+            runs_submitted,
+            tasks_succeeded,
+            tasks_failed,
+            stale_reports,
+            agents_lost,
+            schedule_rounds,
+            tasks_placed,
+        }
+    }
+
+    pub fn count_rpc(&self, method: &str, code: tonic::Code) {
+        self.rpc_total
+            .get_or_create(&RpcLabels {
+                method: method.to_owned(),
+                code: format!("{code:?}"),
+            })
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,211 @@
+//! Domain types of the coordinator: what the state machine stores and the scheduler reads.
+//! Wire types never appear here; `convert` translates at the edge.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+pub type NodeId = u64;
+/// `RUN_ID/TASK_NAME`, unique across the cluster.
+pub type TaskId = String;
+pub type AgentName = String;
+
+/// Capacity asked for or offered. cpu in millicores, memory in bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    pub gpus: u64,
+    pub extended: BTreeMap<String, u64>,
+}
+
+impl Resources {
+    /// Whether `self` (a request) fits into `free`.
+    pub fn fits_in(&self, free: &Resources) -> bool {
+        self.cpu_millis <= free.cpu_millis
+            && self.memory_bytes <= free.memory_bytes
+            && self.gpus <= free.gpus
+            && self
+                .extended
+                .iter()
+                .all(|(k, v)| *v == 0 || free.extended.get(k).is_some_and(|f| f >= v))
+    }
+
+    /// `self - other`; callers check `other.fits_in(self)` first.
+    pub fn minus(&self, other: &Resources) -> Resources {
+        let mut extended = self.extended.clone();
+        for (k, v) in &other.extended {
+            if let Some(f) = extended.get_mut(k) {
+                *f = f.saturating_sub(*v);
+            }
+        }
+        Resources {
+            cpu_millis: self.cpu_millis.saturating_sub(other.cpu_millis),
+            memory_bytes: self.memory_bytes.saturating_sub(other.memory_bytes),
+            gpus: self.gpus.saturating_sub(other.gpus),
+            extended,
+        }
+    }
+
+    pub fn plus(&self, other: &Resources) -> Resources {
+        let mut extended = self.extended.clone();
+        for (k, v) in &other.extended {
+            *extended.entry(k.clone()).or_default() += v;
+        }
+        Resources {
+            cpu_millis: self.cpu_millis + other.cpu_millis,
+            memory_bytes: self.memory_bytes + other.memory_bytes,
+            gpus: self.gpus + other.gpus,
+            extended,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Program {
+    /// Executed directly.
+    Argv(Vec<String>),
+    /// Executed as `sh -c`.
+    Shell(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub name: String,
+    pub program: Program,
+    pub env: BTreeMap<String, String>,
+    pub workdir: String,
+    /// 0 = no timeout.
+    pub timeout_ms: u64,
+    pub class: String,
+    pub resources: Resources,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunSpec {
+    pub name: String,
+    pub tasks: Vec<TaskSpec>,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskState {
+    Pending,
+    Assigned,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl TaskState {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunState {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+/// How a process ended. Owner: the agent that ran the attempt.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcome {
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub reason: String,
+    pub duration_ms: u64,
+    pub stdout_tail: Vec<u8>,
+    pub stderr_tail: Vec<u8>,
+    pub succeeded: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: TaskId,
+    pub run_id: String,
+    /// Owner: the submitter (immutable after submission).
+    pub spec: TaskSpec,
+    /// Owner: the state machine, driven by plans (coordinator) and reports (agent).
+    pub state: TaskState,
+    /// Fencing token: bumped every time the task is handed out anew.
+    pub attempt: u64,
+    /// Owner: the leader's plan.
+    pub agent: Option<AgentName>,
+    /// Owner: the leader's scheduler; why the task is not placed yet.
+    pub pending_reason: String,
+    pub created_at_ms: u64,
+    pub assigned_at_ms: u64,
+    pub started_at_ms: u64,
+    pub finished_at_ms: u64,
+    /// Owner: the agent that ran the current attempt.
+    pub outcome: Option<Outcome>,
+    /// Submission order, used to keep the queue first-in first-out.
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Run {
+    pub id: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub task_ids: Vec<TaskId>,
+    pub created_at_ms: u64,
+    pub finished_at_ms: u64,
+    pub submitted_by: String,
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentState {
+    Active,
+    Draining,
+    Lost,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Agent {
+    pub name: AgentName,
+    /// Owner: the agent (reported at registration).
+    pub labels: BTreeMap<String, String>,
+    pub total: Resources,
+    pub class: String,
+    pub version: String,
+    /// Owner: the state machine (registration, loss).
+    pub state: AgentState,
+    pub registered_at_ms: u64,
+    /// Sum of the requests of the tasks placed on this agent and not yet terminal.
+    pub used: Resources,
+    /// Tasks placed on this agent and not yet terminal.
+    pub tasks: BTreeSet<TaskId>,
+}
+
+impl Agent {
+    pub fn free(&self) -> Resources {
+        self.total.minus(&self.used)
+    }
+}
+
+/// One placement decided by the scheduler.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub task_id: TaskId,
+    /// The attempt the task had when planned; apply refuses the assignment if it moved on.
+    pub attempt: u64,
+    pub agent: AgentName,
+}
+
+/// A task (id, attempt) an agent holds: running, or finished with a result not yet acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct HeldTask {
+    pub task_id: TaskId,
+    pub attempt: u64,
+}

@@ -1,0 +1,404 @@
+//! Starting and stopping one coordinator node: storage, Raft, the gRPC and HTTP servers, the
+//! proposer and the leader loop. Every long-lived task is spawned here, listens for the one
+//! shutdown signal, and is awaited on stop.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use drover_proto::pb;
+use drover_proto::pb::agent_service_server::AgentServiceServer;
+use drover_proto::pb::client_service_server::ClientServiceServer;
+use drover_proto::pb::raft_service_server::RaftServiceServer;
+use drover_proto::tls::{TlsFiles, TlsMaterial};
+use openraft::metrics::RaftMetrics;
+use openraft::{BasicNode, ServerState, SnapshotPolicy};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::agent_service::AgentRpc;
+use crate::client_service::{ClientRpc, member_health};
+use crate::config::Config;
+use crate::error::CoordinatorError;
+use crate::metrics::{Metrics, StateLabels};
+use crate::model::{AgentState, NodeId, TaskState};
+use crate::proposer::Proposer;
+use crate::raft::Raft;
+use crate::raft::log_store::LogStore;
+use crate::raft::network::NetworkFactory;
+use crate::raft::service::RaftRpc;
+use crate::raft::state_machine::{Shared, StateMachineStore};
+use crate::sessions::{LogRequests, Sessions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Tls(#[from] drover_proto::tls::TlsError),
+    #[error("opening the data dir {path}: {message}")]
+    Storage { path: String, message: String },
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("tls config: {0}")]
+    TlsConfig(String),
+}
+
+pub struct Timing {
+    pub heartbeat_interval: Duration,
+    pub lease_ttl: Duration,
+}
+
+/// Everything the services and loops of one node share.
+pub struct Ctx {
+    pub node_id: NodeId,
+    pub raft: Raft,
+    pub shared: Arc<Shared>,
+    pub proposer: Proposer,
+    pub peers: Arc<Vec<(NodeId, String)>>,
+    pub sessions: Sessions,
+    pub log_requests: LogRequests,
+    pub metrics: Arc<Metrics>,
+    pub timing: Timing,
+    pub committed_index: Arc<AtomicU64>,
+}
+
+impl Ctx {
+    pub fn addr_of(&self, id: NodeId) -> Option<String> {
+        self.peers
+            .iter()
+            .find(|(p, _)| *p == id)
+            .map(|(_, a)| a.clone())
+    }
+
+    pub fn not_leader_error(&self) -> CoordinatorError {
+        match self.raft.metrics().borrow().current_leader {
+            Some(id) if id != self.node_id => CoordinatorError::NotLeader {
+                leader_addr: self.addr_of(id),
+            },
+            _ => CoordinatorError::NoLeader,
+        }
+    }
+
+    pub fn require_leader(&self) -> Result<(), CoordinatorError> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        if m.state == ServerState::Leader && m.current_leader == Some(self.node_id) {
+            return Ok(());
+        }
+        drop(m);
+        Err(self.not_leader_error())
+    }
+
+    /// Ready = this node knows a leader and has applied everything it knows to be committed.
+    pub fn readiness(&self) -> (bool, String) {
+        let m = self.raft.metrics().borrow().clone();
+        let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+        let committed = self.committed_index.load(Ordering::Relaxed);
+        match m.current_leader {
+            None => (false, "not ready: no leader known".into()),
+            Some(_) if applied < committed => (
+                false,
+                format!("not ready: applied {applied} of {committed} committed entries"),
+            ),
+            Some(l) => (true, format!("ready: leader {l}, applied {applied}")),
+        }
+    }
+
+    pub fn refresh_gauges(&self, m: &RaftMetrics<NodeId, BasicNode>) {
+        let mt = &self.metrics;
+        mt.raft_term.set(m.current_term as i64);
+        mt.raft_is_leader
+            .set(i64::from(m.state == ServerState::Leader));
+        mt.raft_applied_index
+            .set(m.last_applied.map(|l| l.index).unwrap_or(0) as i64);
+        mt.raft_last_log_index
+            .set(m.last_log_index.unwrap_or(0) as i64);
+        mt.raft_commit_index
+            .set(self.committed_index.load(Ordering::Relaxed) as i64);
+        mt.agent_sessions
+            .set(self.sessions.connected_count() as i64);
+        self.shared.read(|a| {
+            let s = &a.state;
+            let running = s.tasks_in(TaskState::Running);
+            mt.tasks
+                .get_or_create(&StateLabels {
+                    state: "pending".into(),
+                })
+                .set(s.pending.len() as i64);
+            mt.tasks
+                .get_or_create(&StateLabels {
+                    state: "placed".into(),
+                })
+                .set(s.running_tasks() as i64);
+            mt.tasks
+                .get_or_create(&StateLabels {
+                    state: "running".into(),
+                })
+                .set(running as i64);
+            for (label, st) in [
+                ("active", AgentState::Active),
+                ("draining", AgentState::Draining),
+                ("lost", AgentState::Lost),
+            ] {
+                let n = s.agents.values().filter(|a| a.state == st).count();
+                mt.agents
+                    .get_or_create(&StateLabels {
+                        state: label.into(),
+                    })
+                    .set(n as i64);
+            }
+            mt.runs_submitted.set(s.counters.runs_submitted);
+            mt.tasks_succeeded.set(s.counters.tasks_succeeded);
+            mt.tasks_failed.set(s.counters.tasks_failed);
+            mt.stale_reports.set(s.counters.stale_reports);
+            mt.agents_lost.set(s.counters.agents_lost);
+        });
+    }
+
+    pub fn cluster_status(&self) -> pb::ClusterStatusResponse {
+        let m = self.raft.metrics().borrow().clone();
+        let last_log = m.last_log_index.unwrap_or(0);
+        let members = self
+            .peers
+            .iter()
+            .map(|(id, addr)| {
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .map(|r| r.get(id).copied().flatten().map(|l| l.index));
+                pb::Member {
+                    node_id: *id,
+                    addr: addr.clone(),
+                    health: member_health(
+                        *id,
+                        self.node_id,
+                        m.state,
+                        m.current_leader,
+                        matched,
+                        last_log,
+                    )
+                    .into(),
+                    matched_index: matched.flatten(),
+                }
+            })
+            .collect();
+        pb::ClusterStatusResponse {
+            node_id: self.node_id,
+            leader_id: m.current_leader,
+            leader_addr: m
+                .current_leader
+                .and_then(|l| self.addr_of(l))
+                .unwrap_or_default(),
+            term: m.current_term,
+            commit_index: self.committed_index.load(Ordering::Relaxed),
+            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            last_log_index: last_log,
+            members,
+            state: format!("{:?}", m.state).to_lowercase(),
+            snapshot_index: m.snapshot.map(|s| s.index),
+        }
+    }
+}
+
+/// A running node. Drop does not stop it; call [`NodeHandle::shutdown`].
+pub struct NodeHandle {
+    pub ctx: Arc<Ctx>,
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl NodeHandle {
+    /// Resolves when a shutdown has been requested.
+    pub fn shutdown_requested(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        if let Err(e) = self.ctx.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+}
+
+pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
+    let peers = Arc::new(config.parsed_peers()?);
+    let tls: TlsMaterial = TlsFiles::in_dir(&config.tls_dir, &config.tls_name()).load()?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| StartError::Storage {
+        path: config.data_dir.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let storage_err = |e: String| StartError::Storage {
+        path: config.data_dir.display().to_string(),
+        message: e,
+    };
+    let db = sled::Config::new()
+        .path(config.data_dir.join("sled"))
+        .flush_every_ms(None)
+        .open()
+        .map_err(|e| storage_err(e.to_string()))?;
+    let log_store = LogStore::open(&db).map_err(|e| storage_err(e.to_string()))?;
+    let committed_index = log_store.committed_index.clone();
+    let fresh = log_store
+        .is_fresh()
+        .map_err(|e| storage_err(e.to_string()))?;
+    let sm = StateMachineStore::open(&db).map_err(storage_err)?;
+    let shared = sm.shared.clone();
+
+    let raft_config = openraft::Config {
+        cluster_name: "drover".into(),
+        heartbeat_interval: config.raft_heartbeat_ms,
+        election_timeout_min: config.election_timeout_ms,
+        election_timeout_max: config.election_timeout_ms * 2,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_logs),
+        max_in_snapshot_log_to_keep: config.snapshot_logs / 2,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| StartError::Raft(e.to_string()))?;
+    let raft = Raft::new(
+        config.node_id,
+        Arc::new(raft_config),
+        NetworkFactory { tls: tls.clone() },
+        log_store,
+        sm,
+    )
+    .await
+    .map_err(|e| StartError::Raft(e.to_string()))?;
+
+    let grpc_listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let http_listener = tokio::net::TcpListener::bind(config.http_listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.http_listen,
+            source,
+        })?;
+    let http_addr = http_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: config.http_listen,
+            source,
+        })?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let metrics = Arc::new(Metrics::new());
+    let mut tasks = Vec::new();
+    let (proposer, proposer_task) = Proposer::start(
+        raft.clone(),
+        peers.clone(),
+        metrics.clone(),
+        shutdown_rx.clone(),
+    );
+    tasks.push(proposer_task);
+    let ctx = Arc::new(Ctx {
+        node_id: config.node_id,
+        raft: raft.clone(),
+        shared,
+        proposer,
+        peers: peers.clone(),
+        sessions: Sessions::default(),
+        log_requests: LogRequests::default(),
+        metrics,
+        timing: Timing {
+            heartbeat_interval: config.heartbeat_interval(),
+            lease_ttl: config.lease_ttl(),
+        },
+        committed_index,
+    });
+
+    let max = drover_proto::GRPC_MESSAGE_BYTES_MAX;
+    let router = tonic::transport::Server::builder()
+        .tls_config(tls.server_config())
+        .map_err(|e| StartError::TlsConfig(e.to_string()))?
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .add_service(
+            ClientServiceServer::new(ClientRpc { ctx: ctx.clone() })
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            AgentServiceServer::new(AgentRpc { ctx: ctx.clone() })
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            RaftServiceServer::new(RaftRpc { raft: raft.clone() })
+                .max_decoding_message_size(max * 8)
+                .max_encoding_message_size(max * 8),
+        );
+    let mut grpc_shutdown = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let incoming = TcpListenerStream::new(grpc_listener);
+        let stop = async move {
+            let _ = grpc_shutdown.changed().await;
+        };
+        if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    }));
+    let mut http_shutdown = shutdown_rx.clone();
+    let app = crate::http::router(ctx.clone());
+    tasks.push(tokio::spawn(async move {
+        let stop = async move {
+            let _ = http_shutdown.changed().await;
+        };
+        if let Err(e) = axum::serve(http_listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+        {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    }));
+    tasks.push(tokio::spawn(crate::leader::run(
+        ctx.clone(),
+        shutdown_rx.clone(),
+    )));
+
+    if fresh {
+        let members: BTreeMap<NodeId, BasicNode> = peers
+            .iter()
+            .map(|(id, addr)| (*id, BasicNode::new(addr)))
+            .collect();
+        // Every fresh member initialises with the same membership; that is safe in openraft and
+        // means the cluster forms whichever members start first. Restarts never get here.
+        match raft.initialize(members).await {
+            Ok(()) => tracing::info!("initialised a new cluster"),
+            Err(e) => tracing::info!(error = %e, "cluster already initialised elsewhere"),
+        }
+    }
+    tracing::info!(node_id = config.node_id, %grpc_addr, %http_addr, "coordinator started");
+    Ok(NodeHandle {
+        ctx,
+        grpc_addr,
+        http_addr,
+        shutdown: shutdown_tx,
+        tasks,
+    })
+}

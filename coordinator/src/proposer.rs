@@ -1,0 +1,163 @@
+//! Coalesces commands from every caller into few Raft entries: one entry, one fsync, many
+//! submissions and status reports. Callers wait for their own command's result.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use openraft::error::{ClientWriteError, RaftError};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tracing::Instrument;
+
+use crate::command::{Command, CommandResult, Request};
+use crate::error::CoordinatorError;
+use crate::limits;
+use crate::metrics::Metrics;
+use crate::model::NodeId;
+use crate::raft::Raft;
+
+type Reply = oneshot::Sender<Result<CommandResult, CoordinatorError>>;
+
+/// Handle for proposing commands; cheap to clone.
+#[derive(Clone)]
+pub struct Proposer {
+    tx: mpsc::Sender<(Command, Reply)>,
+}
+
+/// How long a caller waits for its command to commit before the outcome is "unknown".
+const COMMIT_WAIT: Duration = Duration::from_secs(10);
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Proposer {
+    pub fn start(
+        raft: Raft,
+        peers: Arc<Vec<(NodeId, String)>>,
+        metrics: Arc<Metrics>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(limits::PROPOSAL_QUEUE_MAX);
+        let handle = tokio::spawn(run(raft, peers, metrics, rx, shutdown));
+        (Self { tx }, handle)
+    }
+
+    /// Proposes one command and waits for its applied result.
+    pub async fn propose(&self, cmd: Command) -> Result<CommandResult, CoordinatorError> {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        self.tx.try_send((cmd, reply_tx)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => CoordinatorError::LimitReached {
+                limit: "proposal_queue_max".into(),
+                message: format!(
+                    "the leader's proposal queue is full (proposal_queue_max = {}); retry with backoff",
+                    limits::PROPOSAL_QUEUE_MAX
+                ),
+            },
+            mpsc::error::TrySendError::Closed(_) => CoordinatorError::ShuttingDown,
+        })?;
+        match tokio::time::timeout(COMMIT_WAIT, reply_rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(CoordinatorError::Unknown("proposer stopped".into())),
+            Err(_) => Err(CoordinatorError::Unknown(
+                "commit not confirmed in time".into(),
+            )),
+        }
+    }
+}
+
+async fn run(
+    raft: Raft,
+    peers: Arc<Vec<(NodeId, String)>>,
+    metrics: Arc<Metrics>,
+    mut rx: mpsc::Receiver<(Command, Reply)>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let in_flight = Arc::new(Semaphore::new(limits::PROPOSALS_IN_FLIGHT_MAX));
+    loop {
+        let first = tokio::select! {
+            m = rx.recv() => match m { Some(m) => m, None => return },
+            _ = shutdown.changed() => return,
+        };
+        // Wait for a slot first: while all slots are busy, more commands pile up into this batch.
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < limits::PROPOSAL_BATCH_MAX {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        let peers = peers.clone();
+        let metrics = metrics.clone();
+        let span = tracing::debug_span!("raft_propose", commands = batch.len());
+        tokio::spawn(
+            async move {
+                write_batch(&raft, &peers, &metrics, batch).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn write_batch(
+    raft: &Raft,
+    peers: &[(NodeId, String)],
+    metrics: &Metrics,
+    batch: Vec<(Command, Reply)>,
+) {
+    let (commands, replies): (Vec<Command>, Vec<Reply>) = batch.into_iter().unzip();
+    let n = commands.len();
+    metrics.proposal_batch_size.observe(n as f64);
+    let started = std::time::Instant::now();
+    let result = raft
+        .client_write(Request {
+            now_ms: now_ms(),
+            commands,
+        })
+        .await;
+    metrics
+        .proposal_seconds
+        .observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(resp) => {
+            for (reply, r) in replies.into_iter().zip(resp.data.results) {
+                let _ = reply.send(Ok(r));
+            }
+        }
+        Err(e) => {
+            let err = match e {
+                RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                    CoordinatorError::NotLeader {
+                        leader_addr: f.leader_id.and_then(|id| {
+                            peers.iter().find(|(p, _)| *p == id).map(|(_, a)| a.clone())
+                        }),
+                    }
+                }
+                RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+                    CoordinatorError::Internal(e.to_string())
+                }
+                RaftError::Fatal(f) => CoordinatorError::Unknown(format!("raft stopped: {f}")),
+            };
+            for reply in replies {
+                let _ = reply.send(Err(clone_err(&err)));
+            }
+        }
+    }
+}
+
+fn clone_err(e: &CoordinatorError) -> CoordinatorError {
+    match e {
+        CoordinatorError::NotLeader { leader_addr } => CoordinatorError::NotLeader {
+            leader_addr: leader_addr.clone(),
+        },
+        CoordinatorError::Unknown(m) => CoordinatorError::Unknown(m.clone()),
+        other => CoordinatorError::Internal(other.to_string()),
+    }
+}

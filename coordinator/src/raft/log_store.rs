@@ -1,0 +1,205 @@
+//! The Raft log and vote in sled. sled only syncs in the background, so every append and vote is
+//! flushed before it is reported durable: one flush per appended batch, never one per entry.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{Entry, OptionalSend, RaftLogReader, StorageIOError, Vote};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{LogId, StorageError, TypeConfig};
+use crate::model::NodeId;
+
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_LAST_PURGED: &[u8] = b"last_purged";
+
+#[derive(Clone)]
+pub struct LogStore {
+    db: sled::Db,
+    log: sled::Tree,
+    meta: sled::Tree,
+    /// Highest index openraft has told us is committed; read by readiness and cluster status.
+    pub committed_index: Arc<AtomicU64>,
+}
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn read_err(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::read_logs(&e).into()
+}
+
+fn write_err(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::write_logs(&e).into()
+}
+
+impl LogStore {
+    pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
+        Ok(Self {
+            db: db.clone(),
+            log: db.open_tree("raft_log")?,
+            meta: db.open_tree("raft_meta")?,
+            committed_index: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    fn get_meta<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
+        match self.meta.get(key).map_err(read_err)? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v).map(Some).map_err(read_err),
+        }
+    }
+
+    fn put_meta<T: Serialize>(&self, key: &[u8], value: &T) -> Result<(), StorageError> {
+        let bytes = serde_json::to_vec(value).map_err(write_err)?;
+        self.meta.insert(key, bytes).map_err(write_err)?;
+        Ok(())
+    }
+
+    /// Whether this store has never been part of a cluster (no vote, no log).
+    pub fn is_fresh(&self) -> Result<bool, StorageError> {
+        Ok(self.get_meta::<Vote<NodeId>>(KEY_VOTE)?.is_none() && self.log.is_empty())
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i + 1,
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(i) => Bound::Included(index_key(*i)),
+            Bound::Excluded(i) => Bound::Excluded(index_key(*i)),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for item in self.log.range((Bound::Included(index_key(start)), end)) {
+            let (_, v) = item.map_err(read_err)?;
+            let entry: Entry<TypeConfig> = serde_json::from_slice(&v).map_err(read_err)?;
+            out.push(entry);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged: Option<LogId> = self.get_meta(KEY_LAST_PURGED)?;
+        let last = match self.log.last().map_err(read_err)? {
+            Some((_, v)) => {
+                let entry: Entry<TypeConfig> = serde_json::from_slice(&v).map_err(read_err)?;
+                Some(entry.log_id)
+            }
+            None => last_purged,
+        };
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
+        self.put_meta(KEY_VOTE, vote)?;
+        self.db
+            .flush_async()
+            .await
+            .map_err(|e| StorageError::from(StorageIOError::write_vote(&e)))?;
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
+        self.get_meta(KEY_VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        // Not flushed: losing it only means re-learning the commit index from the leader.
+        if let Some(c) = committed {
+            self.committed_index.fetch_max(c.index, Ordering::Relaxed);
+        }
+        self.put_meta(KEY_COMMITTED, &committed)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        let committed = self.get_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten();
+        if let Some(c) = committed {
+            self.committed_index.fetch_max(c.index, Ordering::Relaxed);
+        }
+        Ok(committed)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            let bytes = serde_json::to_vec(&entry).map_err(write_err)?;
+            batch.insert(&index_key(entry.log_id.index), bytes);
+        }
+        self.log.apply_batch(batch).map_err(write_err)?;
+        let flushed = self
+            .db
+            .flush_async()
+            .await
+            .map(|_| ())
+            .map_err(std::io::Error::other);
+        callback.log_io_completed(flushed);
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let keys: Vec<_> = self
+            .log
+            .range(index_key(log_id.index)..)
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(write_err)?;
+        let mut batch = sled::Batch::default();
+        for k in keys {
+            batch.remove(k);
+        }
+        self.log.apply_batch(batch).map_err(write_err)?;
+        self.db.flush_async().await.map_err(write_err)?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // Record the purge point first, so a crash mid-purge never leaves a hole before it.
+        self.put_meta(KEY_LAST_PURGED, &Some(log_id))?;
+        self.db.flush_async().await.map_err(write_err)?;
+        let keys: Vec<_> = self
+            .log
+            .range(..=index_key(log_id.index))
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(write_err)?;
+        let mut batch = sled::Batch::default();
+        for k in keys {
+            batch.remove(k);
+        }
+        self.log.apply_batch(batch).map_err(write_err)?;
+        Ok(())
+    }
+}

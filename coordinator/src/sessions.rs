@@ -1,0 +1,171 @@
+//! Agent sessions held by the leader, and the leases that decide liveness. Both live in the
+//! leader's memory only: a heartbeat is not a Raft write. Only a lease expiry is committed.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use drover_proto::pb::CoordinatorMessage;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tonic::Status;
+
+use crate::limits;
+use crate::model::AgentName;
+
+pub type Outbox = mpsc::Sender<Result<CoordinatorMessage, Status>>;
+
+struct Session {
+    id: u64,
+    tx: Outbox,
+}
+
+#[derive(Default)]
+struct Inner {
+    sessions: HashMap<AgentName, Session>,
+    /// When the leader last heard from each agent (or granted it a fresh lease).
+    last_seen: HashMap<AgentName, Instant>,
+}
+
+#[derive(Default)]
+pub struct Sessions {
+    inner: Mutex<Inner>,
+    next_id: AtomicU64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum SendError {
+    NotConnected,
+    /// The session's outbox is full: the agent is not reading. The session is closed.
+    Stuck,
+}
+
+impl Sessions {
+    /// Adds a session, replacing (and so closing) an older one for the same agent.
+    pub fn open(&self, name: &str, tx: Outbox) -> Result<u64, Status> {
+        let mut inner = self.inner.lock().unwrap();
+        if !inner.sessions.contains_key(name) && inner.sessions.len() >= limits::AGENT_SESSIONS_MAX
+        {
+            return Err(Status::resource_exhausted(format!(
+                "agent_sessions_max ({}) reached on this leader",
+                limits::AGENT_SESSIONS_MAX
+            )));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        inner.sessions.insert(name.to_owned(), Session { id, tx });
+        inner.last_seen.insert(name.to_owned(), Instant::now());
+        Ok(id)
+    }
+
+    /// Removes the session if it is still the one identified by `id`.
+    pub fn close(&self, name: &str, id: u64) {
+        let mut inner = self.inner.lock().unwrap();
+        if inner.sessions.get(name).is_some_and(|s| s.id == id) {
+            inner.sessions.remove(name);
+        }
+    }
+
+    /// Ends every session with `status` (used when this node stops being the leader).
+    pub fn close_all(&self, status: &Status) {
+        let mut inner = self.inner.lock().unwrap();
+        for (_, s) in inner.sessions.drain() {
+            let _ = s.tx.try_send(Err(status.clone()));
+        }
+        inner.last_seen.clear();
+    }
+
+    pub fn touch(&self, name: &str) {
+        self.inner
+            .lock()
+            .unwrap()
+            .last_seen
+            .insert(name.to_owned(), Instant::now());
+    }
+
+    /// A new leader gives every known agent one full lease before judging anyone.
+    pub fn grant_leases<'a>(&self, names: impl Iterator<Item = &'a str>) {
+        let now = Instant::now();
+        let mut inner = self.inner.lock().unwrap();
+        for n in names {
+            inner.last_seen.insert(n.to_owned(), now);
+        }
+    }
+
+    pub fn forget_lease(&self, name: &str) {
+        self.inner.lock().unwrap().last_seen.remove(name);
+    }
+
+    pub fn heard_ago_ms(&self, name: &str) -> Option<u64> {
+        self.inner
+            .lock()
+            .unwrap()
+            .last_seen
+            .get(name)
+            .map(|t| t.elapsed().as_millis() as u64)
+    }
+
+    pub fn is_connected(&self, name: &str) -> bool {
+        self.inner.lock().unwrap().sessions.contains_key(name)
+    }
+
+    pub fn connected_count(&self) -> usize {
+        self.inner.lock().unwrap().sessions.len()
+    }
+
+    pub fn send(&self, name: &str, msg: CoordinatorMessage) -> Result<(), SendError> {
+        let mut inner = self.inner.lock().unwrap();
+        let Some(s) = inner.sessions.get(name) else {
+            return Err(SendError::NotConnected);
+        };
+        match s.tx.try_send(Ok(msg)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                inner.sessions.remove(name);
+                Err(SendError::NotConnected)
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                // Dropping the sender ends the stream; the agent reconnects and re-syncs.
+                tracing::warn!(
+                    agent = name,
+                    limit = limits::SESSION_OUTBOX_MAX,
+                    "session outbox full; closing session"
+                );
+                inner.sessions.remove(name);
+                Err(SendError::Stuck)
+            }
+        }
+    }
+}
+
+/// Log reads in flight to agents, matched to their answers by request id.
+#[derive(Default)]
+pub struct LogRequests {
+    next_id: AtomicU64,
+    pending: Mutex<HashMap<u64, oneshot::Sender<drover_proto::pb::LogData>>>,
+}
+
+impl LogRequests {
+    pub fn begin(&self) -> Result<(u64, oneshot::Receiver<drover_proto::pb::LogData>), Status> {
+        let mut pending = self.pending.lock().unwrap();
+        if pending.len() >= limits::LOG_REQUESTS_IN_FLIGHT_MAX {
+            return Err(Status::resource_exhausted(format!(
+                "log_requests_in_flight_max ({}) reached; retry shortly",
+                limits::LOG_REQUESTS_IN_FLIGHT_MAX
+            )));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, rx) = oneshot::channel();
+        pending.insert(id, tx);
+        Ok((id, rx))
+    }
+
+    pub fn cancel(&self, id: u64) {
+        self.pending.lock().unwrap().remove(&id);
+    }
+
+    pub fn complete(&self, data: drover_proto::pb::LogData) {
+        if let Some(tx) = self.pending.lock().unwrap().remove(&data.request_id) {
+            let _ = tx.send(data);
+        }
+    }
+}

@@ -1,0 +1,486 @@
+//! The replicated state and its deterministic `apply`. No I/O, no clock, no randomness: time
+//! arrives in the command, stamped by the leader. Ordered maps keep snapshots byte-identical
+//! across replicas.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::command::{Command, CommandResult, Request, Response};
+use crate::limits;
+use crate::model::{
+    Agent, AgentName, AgentState, Assignment, HeldTask, Outcome, Resources, Run, RunSpec, RunState,
+    Task, TaskId, TaskState,
+};
+
+/// Counters an operator graphs; part of replicated state so every node reports the same totals.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub runs_submitted: u64,
+    pub tasks_succeeded: u64,
+    pub tasks_failed: u64,
+    pub stale_reports: u64,
+    pub agents_lost: u64,
+    pub assignments_dropped: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    /// Keyed by the run's sequence number, so iteration is submission order.
+    pub runs: BTreeMap<u64, Run>,
+    pub tasks: BTreeMap<TaskId, Task>,
+    pub agents: BTreeMap<AgentName, Agent>,
+    /// Pending tasks in queue order: (task sequence number, task id).
+    pub pending: BTreeSet<(u64, TaskId)>,
+    /// Idempotency key -> run sequence number.
+    pub idempotency: BTreeMap<String, u64>,
+    pub next_run_seq: u64,
+    pub next_task_seq: u64,
+    pub counters: Counters,
+}
+
+pub fn run_id(seq: u64) -> String {
+    format!("run-{seq}")
+}
+
+/// Parses `run-N`; anything else is not a run id.
+pub fn run_seq(id: &str) -> Option<u64> {
+    id.strip_prefix("run-")?.parse().ok()
+}
+
+pub fn task_id(run_id: &str, task_name: &str) -> TaskId {
+    format!("{run_id}/{task_name}")
+}
+
+impl State {
+    /// Applies one entry. `term` is the term of the entry's log id.
+    pub fn apply(&mut self, term: u64, req: &Request) -> Response {
+        let results = req
+            .commands
+            .iter()
+            .map(|c| self.apply_one(term, req.now_ms, c))
+            .collect();
+        Response { results }
+    }
+
+    fn apply_one(&mut self, term: u64, now_ms: u64, cmd: &Command) -> CommandResult {
+        match cmd {
+            Command::SubmitRun {
+                idempotency_key,
+                spec,
+                submitted_by,
+            } => self.submit_run(now_ms, idempotency_key, spec, submitted_by),
+            Command::RegisterAgent {
+                name,
+                labels,
+                total,
+                class,
+                version,
+                held,
+            } => self.register_agent(now_ms, name, labels, total, class, version, held),
+            Command::ApplyPlan {
+                term: plan_term,
+                assignments,
+                unplaced,
+            } => {
+                if *plan_term != term {
+                    return CommandResult::Rejected {
+                        limit: None,
+                        message: format!("plan from term {plan_term} refused in term {term}"),
+                    };
+                }
+                self.apply_plan(now_ms, assignments, unplaced)
+            }
+            Command::TaskStarted {
+                agent,
+                task_id,
+                attempt,
+            } => self.task_started(now_ms, agent, task_id, *attempt),
+            Command::TaskFinished {
+                agent,
+                task_id,
+                attempt,
+                outcome,
+            } => self.task_finished(now_ms, agent, task_id, *attempt, outcome),
+            Command::AgentLost { name, reason } => self.agent_lost(name, reason),
+        }
+    }
+
+    fn submit_run(
+        &mut self,
+        now_ms: u64,
+        key: &str,
+        spec: &RunSpec,
+        submitted_by: &str,
+    ) -> CommandResult {
+        if !key.is_empty()
+            && let Some(seq) = self.idempotency.get(key)
+        {
+            return CommandResult::Submitted {
+                run_id: run_id(*seq),
+                deduplicated: true,
+            };
+        }
+        if self.pending.len() + spec.tasks.len() > limits::PENDING_TASKS_MAX {
+            return CommandResult::Rejected {
+                limit: Some("pending_tasks_max".into()),
+                message: format!(
+                    "{} tasks are pending; pending_tasks_max is {}",
+                    self.pending.len(),
+                    limits::PENDING_TASKS_MAX
+                ),
+            };
+        }
+        let seq = self.next_run_seq;
+        self.next_run_seq += 1;
+        let id = run_id(seq);
+        let mut task_ids = Vec::with_capacity(spec.tasks.len());
+        for t in &spec.tasks {
+            let tid = task_id(&id, &t.name);
+            let tseq = self.next_task_seq;
+            self.next_task_seq += 1;
+            self.pending.insert((tseq, tid.clone()));
+            self.tasks.insert(
+                tid.clone(),
+                Task {
+                    id: tid.clone(),
+                    run_id: id.clone(),
+                    spec: t.clone(),
+                    state: TaskState::Pending,
+                    attempt: 1,
+                    agent: None,
+                    pending_reason: "waiting for the scheduler".into(),
+                    created_at_ms: now_ms,
+                    assigned_at_ms: 0,
+                    started_at_ms: 0,
+                    finished_at_ms: 0,
+                    outcome: None,
+                    seq: tseq,
+                },
+            );
+            task_ids.push(tid);
+        }
+        self.runs.insert(
+            seq,
+            Run {
+                id: id.clone(),
+                name: spec.name.clone(),
+                labels: spec.labels.clone(),
+                task_ids,
+                created_at_ms: now_ms,
+                finished_at_ms: 0,
+                submitted_by: submitted_by.to_owned(),
+                seq,
+            },
+        );
+        if !key.is_empty() {
+            self.idempotency.insert(key.to_owned(), seq);
+        }
+        self.counters.runs_submitted += 1;
+        self.evict_old_runs();
+        CommandResult::Submitted {
+            run_id: id,
+            deduplicated: false,
+        }
+    }
+
+    /// Forgets the oldest finished runs beyond `RUNS_RETAINED_MAX`. Unfinished runs are never
+    /// forgotten; the scan is bounded so one apply stays cheap.
+    fn evict_old_runs(&mut self) {
+        const SCAN_MAX: usize = 64;
+        let excess = self.runs.len().saturating_sub(limits::RUNS_RETAINED_MAX);
+        if excess == 0 {
+            return;
+        }
+        let victims: Vec<u64> = self
+            .runs
+            .iter()
+            .take(SCAN_MAX)
+            .filter(|(_, r)| r.finished_at_ms != 0)
+            .map(|(s, _)| *s)
+            .take(excess)
+            .collect();
+        for seq in victims {
+            if let Some(run) = self.runs.remove(&seq) {
+                for tid in &run.task_ids {
+                    self.tasks.remove(tid);
+                }
+            }
+        }
+        // Keys of forgotten runs stop deduplicating; retries are expected within minutes.
+        let runs = &self.runs;
+        self.idempotency.retain(|_, seq| runs.contains_key(seq));
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn register_agent(
+        &mut self,
+        now_ms: u64,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+        total: &Resources,
+        class: &str,
+        version: &str,
+        held: &[HeldTask],
+    ) -> CommandResult {
+        let agent = self.agents.entry(name.to_owned()).or_insert_with(|| Agent {
+            name: name.to_owned(),
+            labels: BTreeMap::new(),
+            total: Resources::default(),
+            class: String::new(),
+            version: String::new(),
+            state: AgentState::Active,
+            registered_at_ms: now_ms,
+            used: Resources::default(),
+            tasks: BTreeSet::new(),
+        });
+        agent.labels = labels.clone();
+        agent.total = total.clone();
+        agent.class = class.to_owned();
+        agent.version = version.to_owned();
+        agent.registered_at_ms = now_ms;
+        if agent.state == AgentState::Lost {
+            agent.state = AgentState::Active;
+        }
+
+        let mut stale = Vec::new();
+        for h in held {
+            let current = self
+                .tasks
+                .get(&h.task_id)
+                .is_some_and(|t| t.attempt == h.attempt && t.agent.as_deref() == Some(name));
+            if !current {
+                stale.push(h.clone());
+            }
+        }
+        let held_ids: BTreeSet<&str> = held.iter().map(|h| h.task_id.as_str()).collect();
+        let mut resend = Vec::new();
+        let mut vanished = Vec::new();
+        for tid in &agent.tasks {
+            if held_ids.contains(tid.as_str()) {
+                continue;
+            }
+            match self.tasks.get(tid).map(|t| t.state) {
+                Some(TaskState::Assigned) => resend.push(tid.clone()),
+                Some(TaskState::Running) => vanished.push(tid.clone()),
+                _ => {}
+            }
+        }
+        let mut requeued = Vec::new();
+        for tid in vanished {
+            self.requeue(&tid, &format!("agent {name} restarted without it"));
+            requeued.push(tid);
+        }
+        CommandResult::Registered {
+            stale,
+            resend,
+            requeued,
+        }
+    }
+
+    /// Takes a non-terminal task off its agent and puts it back in the queue as a new attempt.
+    fn requeue(&mut self, tid: &str, reason: &str) {
+        let Some(task) = self.tasks.get_mut(tid) else {
+            return;
+        };
+        if task.state.is_terminal() {
+            return;
+        }
+        if let Some(agent_name) = task.agent.take()
+            && let Some(agent) = self.agents.get_mut(&agent_name)
+        {
+            agent.used = agent.used.minus(&task.spec.resources);
+            agent.tasks.remove(tid);
+        }
+        task.attempt += 1;
+        task.state = TaskState::Pending;
+        task.pending_reason = format!("re-queued: {reason}");
+        task.assigned_at_ms = 0;
+        task.started_at_ms = 0;
+        self.pending.insert((task.seq, task.id.clone()));
+    }
+
+    fn apply_plan(
+        &mut self,
+        now_ms: u64,
+        assignments: &[Assignment],
+        unplaced: &[(TaskId, String)],
+    ) -> CommandResult {
+        let mut accepted = Vec::new();
+        let mut dropped = 0;
+        for a in assignments {
+            let Some(task) = self.tasks.get_mut(&a.task_id) else {
+                dropped += 1;
+                continue;
+            };
+            let Some(agent) = self.agents.get_mut(&a.agent) else {
+                dropped += 1;
+                continue;
+            };
+            let fits = task.spec.resources.fits_in(&agent.free());
+            if task.state != TaskState::Pending
+                || task.attempt != a.attempt
+                || agent.state != AgentState::Active
+                || !fits
+            {
+                dropped += 1;
+                continue;
+            }
+            agent.used = agent.used.plus(&task.spec.resources);
+            assert!(
+                agent.used.fits_in(&agent.total),
+                "invariant: agent {} over-committed",
+                agent.name
+            );
+            agent.tasks.insert(task.id.clone());
+            task.state = TaskState::Assigned;
+            task.agent = Some(a.agent.clone());
+            task.assigned_at_ms = now_ms;
+            task.pending_reason.clear();
+            self.pending.remove(&(task.seq, task.id.clone()));
+            accepted.push(a.clone());
+        }
+        for (tid, reason) in unplaced {
+            if let Some(task) = self.tasks.get_mut(tid)
+                && task.state == TaskState::Pending
+            {
+                task.pending_reason.clone_from(reason);
+            }
+        }
+        self.counters.assignments_dropped += dropped as u64;
+        CommandResult::PlanApplied { accepted, dropped }
+    }
+
+    /// The current attempt of `tid` if `agent` holds it; otherwise the report is stale.
+    fn check_current(&mut self, agent: &str, tid: &str, attempt: u64) -> Result<(), CommandResult> {
+        match self.tasks.get(tid) {
+            Some(t) if t.attempt == attempt && t.agent.as_deref() == Some(agent) => Ok(()),
+            Some(t) => {
+                self.counters.stale_reports += 1;
+                Err(CommandResult::StaleReport {
+                    current_attempt: t.attempt,
+                })
+            }
+            None => {
+                self.counters.stale_reports += 1;
+                Err(CommandResult::StaleReport { current_attempt: 0 })
+            }
+        }
+    }
+
+    fn task_started(&mut self, now_ms: u64, agent: &str, tid: &str, attempt: u64) -> CommandResult {
+        if let Err(stale) = self.check_current(agent, tid, attempt) {
+            return stale;
+        }
+        let task = self.tasks.get_mut(tid).expect("checked above");
+        if task.state == TaskState::Assigned {
+            task.state = TaskState::Running;
+            task.started_at_ms = now_ms;
+        }
+        CommandResult::Reported
+    }
+
+    fn task_finished(
+        &mut self,
+        now_ms: u64,
+        agent: &str,
+        tid: &str,
+        attempt: u64,
+        outcome: &Outcome,
+    ) -> CommandResult {
+        if let Err(stale) = self.check_current(agent, tid, attempt) {
+            return stale;
+        }
+        let task = self.tasks.get_mut(tid).expect("checked above");
+        if task.state.is_terminal() {
+            // A duplicate delivery of a result already recorded.
+            return CommandResult::Reported;
+        }
+        if task.started_at_ms == 0 {
+            task.started_at_ms = now_ms;
+        }
+        task.state = if outcome.succeeded {
+            self.counters.tasks_succeeded += 1;
+            TaskState::Succeeded
+        } else {
+            self.counters.tasks_failed += 1;
+            TaskState::Failed
+        };
+        task.finished_at_ms = now_ms;
+        task.outcome = Some(outcome.clone());
+        let resources = task.spec.resources.clone();
+        let run_id = task.run_id.clone();
+        if let Some(a) = self.agents.get_mut(agent) {
+            a.used = a.used.minus(&resources);
+            a.tasks.remove(tid);
+        }
+        if let Some(seq) = run_seq(&run_id)
+            && let Some(run) = self.runs.get(&seq)
+        {
+            let all_done = run
+                .task_ids
+                .iter()
+                .all(|t| self.tasks.get(t).is_none_or(|t| t.state.is_terminal()));
+            if all_done {
+                self.runs.get_mut(&seq).expect("present").finished_at_ms = now_ms;
+            }
+        }
+        CommandResult::Reported
+    }
+
+    fn agent_lost(&mut self, name: &str, reason: &str) -> CommandResult {
+        let Some(agent) = self.agents.get_mut(name) else {
+            return CommandResult::AgentLost { requeued: vec![] };
+        };
+        if agent.state == AgentState::Lost {
+            return CommandResult::AgentLost { requeued: vec![] };
+        }
+        agent.state = AgentState::Lost;
+        self.counters.agents_lost += 1;
+        let tasks: Vec<TaskId> = agent.tasks.iter().cloned().collect();
+        for tid in &tasks {
+            self.requeue(tid, &format!("agent {name} lost ({reason})"));
+        }
+        CommandResult::AgentLost { requeued: tasks }
+    }
+
+    // ------------------------------------------------------------------ reads
+
+    pub fn run_by_id(&self, id: &str) -> Option<&Run> {
+        self.runs.get(&run_seq(id)?)
+    }
+
+    pub fn run_state(&self, run: &Run) -> RunState {
+        let states: Vec<TaskState> = run
+            .task_ids
+            .iter()
+            .filter_map(|t| self.tasks.get(t).map(|t| t.state))
+            .collect();
+        if states.iter().all(|s| s.is_terminal()) {
+            if states.contains(&TaskState::Failed) {
+                RunState::Failed
+            } else if states.contains(&TaskState::Cancelled) {
+                RunState::Cancelled
+            } else {
+                RunState::Succeeded
+            }
+        } else if states.iter().any(|s| !matches!(s, TaskState::Pending)) {
+            RunState::Running
+        } else {
+            RunState::Pending
+        }
+    }
+
+    /// Tasks placed on agents and in `state` (Assigned or Running); pending ones are in `pending`.
+    pub fn tasks_in(&self, state: TaskState) -> usize {
+        self.agents
+            .values()
+            .flat_map(|a| a.tasks.iter())
+            .filter(|t| self.tasks.get(*t).is_some_and(|t| t.state == state))
+            .count()
+    }
+
+    pub fn running_tasks(&self) -> usize {
+        self.agents.values().map(|a| a.tasks.len()).sum()
+    }
+}

@@ -1,0 +1,243 @@
+//! A client for a coordinator cluster that finds and follows the leader.
+//!
+//! Any node answers reads. A follower answers a write with FAILED_PRECONDITION and the leader's
+//! address in the `drover-leader-addr` metadata; during an election nodes answer UNAVAILABLE.
+//! [`ClusterClient::call`] hides both: it follows redirects and retries UNAVAILABLE with
+//! exponential backoff until its deadline. A write that timed out is "unknown", not "failed":
+//! callers pass an idempotency key so the retry cannot create a second run.
+
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::pb::client_service_client::ClientServiceClient;
+use crate::tls::TlsMaterial;
+use crate::{GRPC_MESSAGE_BYTES_MAX, LEADER_ADDR_METADATA};
+
+/// How long one TCP + TLS connection attempt may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a single RPC may take before it is abandoned (and, for writes, retried).
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+/// Redirects followed in one call; more means the cluster disagrees about its leader.
+const REDIRECTS_MAX: u32 = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// No coordinator could be reached at all.
+    #[error("cannot reach any coordinator (tried {tried}): {detail}")]
+    Unreachable { tried: String, detail: String },
+    /// The server answered with an error status.
+    #[error("{}", describe_status(.0))]
+    Status(Status),
+}
+
+impl CallError {
+    pub fn code(&self) -> Code {
+        match self {
+            CallError::Unreachable { .. } => Code::Unavailable,
+            CallError::Status(s) => s.code(),
+        }
+    }
+}
+
+/// The leader address carried by a "not leader" answer, if any.
+pub fn leader_hint(status: &Status) -> Option<String> {
+    if status.code() != Code::FailedPrecondition {
+        return None;
+    }
+    status
+        .metadata()
+        .get(LEADER_ADDR_METADATA)
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+}
+
+/// One line for a person: the status code, its message, and the innermost transport cause
+/// (which is where a TLS handshake failure shows up).
+pub fn describe_status(status: &Status) -> String {
+    let mut cause = String::new();
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(err) = source {
+        cause = err.to_string();
+        source = err.source();
+    }
+    let code = format!("{:?}", status.code());
+    let msg = status.message();
+    if cause.is_empty() || msg.contains(&cause) {
+        format!("{code}: {msg}")
+    } else {
+        format!("{code}: {msg}: {cause}")
+    }
+}
+
+/// Renders a connection error as one line, naming a TLS handshake failure as such.
+pub fn describe_transport_error(addr: &str, err: &tonic::transport::Error) -> String {
+    let mut chain = vec![err.to_string()];
+    let mut source = std::error::Error::source(err);
+    while let Some(e) = source {
+        chain.push(e.to_string());
+        source = e.source();
+    }
+    let inner = chain.last().cloned().unwrap_or_default();
+    let lower = chain.join(" ").to_lowercase();
+    if lower.contains("certificate")
+        || lower.contains("tls")
+        || lower.contains("alert")
+        || lower.contains("handshake")
+    {
+        format!("TLS handshake with {addr} failed: {inner}")
+    } else {
+        format!("connecting to {addr} failed: {inner}")
+    }
+}
+
+/// Opens an mTLS channel to one coordinator, eagerly, so handshake failures surface here.
+pub async fn connect(addr: &str, tls: &TlsMaterial) -> Result<Channel, String> {
+    let endpoint = Endpoint::from_shared(format!("https://{addr}"))
+        .map_err(|e| format!("bad coordinator address '{addr}': {e}"))?
+        .tls_config(tls.client_config())
+        .map_err(|e| describe_transport_error(addr, &e))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(RPC_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5));
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| describe_transport_error(addr, &e))
+}
+
+/// A leader-following client for the ClientService.
+pub struct ClusterClient {
+    addrs: Vec<String>,
+    tls: TlsMaterial,
+    current: Mutex<Option<(String, Channel)>>,
+    /// How long [`ClusterClient::call`] keeps retrying UNAVAILABLE and unreachable nodes.
+    pub retry_deadline: Duration,
+}
+
+impl ClusterClient {
+    pub fn new(addrs: Vec<String>, tls: TlsMaterial) -> Self {
+        Self {
+            addrs,
+            tls,
+            current: Mutex::new(None),
+            retry_deadline: Duration::from_secs(20),
+        }
+    }
+
+    /// Address of the node the client is talking to now, if connected.
+    pub fn current_addr(&self) -> Option<String> {
+        self.current
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|(a, _)| a.clone())
+    }
+
+    async fn channel_to(&self, addr: &str) -> Result<Channel, String> {
+        if let Some((a, ch)) = self.current.lock().unwrap().as_ref()
+            && a == addr
+        {
+            return Ok(ch.clone());
+        }
+        let ch = connect(addr, &self.tls).await?;
+        *self.current.lock().unwrap() = Some((addr.to_owned(), ch.clone()));
+        Ok(ch)
+    }
+
+    /// Any reachable node, starting with the current one.
+    async fn any_channel(&self, start: usize) -> Result<(String, Channel), CallError> {
+        if let Some(cur) = self.current.lock().unwrap().clone() {
+            return Ok(cur);
+        }
+        let mut errors = Vec::new();
+        for i in 0..self.addrs.len() {
+            let addr = &self.addrs[(start + i) % self.addrs.len()];
+            match self.channel_to(addr).await {
+                Ok(ch) => return Ok((addr.clone(), ch)),
+                Err(e) => errors.push(e),
+            }
+        }
+        Err(CallError::Unreachable {
+            tried: self.addrs.join(","),
+            detail: errors.join("; "),
+        })
+    }
+
+    fn forget(&self, addr: &str) {
+        let mut cur = self.current.lock().unwrap();
+        if cur.as_ref().is_some_and(|(a, _)| a == addr) {
+            *cur = None;
+        }
+    }
+
+    /// Runs `f` against the cluster, following leader redirects and retrying UNAVAILABLE (and
+    /// unreachable nodes) with backoff until `retry_deadline`.
+    pub async fn call<R, F, Fut>(&self, mut f: F) -> Result<R, CallError>
+    where
+        F: FnMut(ClientServiceClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<R>, Status>>,
+    {
+        let deadline = Instant::now() + self.retry_deadline;
+        let mut backoff = Duration::from_millis(50);
+        let mut redirects = 0;
+        let mut start = 0usize;
+        loop {
+            let (addr, channel) = match self.any_channel(start).await {
+                Ok(c) => c,
+                Err(e) => {
+                    // A TLS refusal will not fix itself; only retry plain unreachability.
+                    if e.to_string().contains("TLS handshake")
+                        || Instant::now() + backoff > deadline
+                    {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let client = ClientServiceClient::new(channel)
+                .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+            let status = match f(client).await {
+                Ok(resp) => return Ok(resp.into_inner()),
+                Err(status) => status,
+            };
+            if let Some(leader) = leader_hint(&status) {
+                redirects += 1;
+                if redirects > REDIRECTS_MAX {
+                    return Err(CallError::Status(status));
+                }
+                if leader != addr {
+                    match self.channel_to(&leader).await {
+                        Ok(_) => continue,
+                        Err(e) => {
+                            // Leader named but unreachable: it may have just died; treat as an election.
+                            tracing::debug!(%leader, error = %e, "leader hint unreachable");
+                            self.forget(&leader);
+                        }
+                    }
+                }
+            } else if status.code() != Code::Unavailable {
+                return Err(CallError::Status(status));
+            } else {
+                // No leader yet, or the node went away: try the next node after a pause.
+                self.forget(&addr);
+                start += 1;
+            }
+            if Instant::now() + backoff > deadline {
+                return Err(CallError::Status(status));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+}
