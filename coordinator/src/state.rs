@@ -34,7 +34,8 @@ pub struct State {
     pub pending: BTreeSet<(u64, TaskId)>,
     /// Idempotency key -> run sequence number.
     pub idempotency: BTreeMap<String, u64>,
-    pub next_run_seq: u64,
+    /// Sequence number of the newest run (0 before the first).
+    pub last_run_seq: u64,
     pub next_task_seq: u64,
     pub counters: Counters,
 }
@@ -131,8 +132,9 @@ impl State {
                 ),
             };
         }
-        let seq = self.next_run_seq;
-        self.next_run_seq += 1;
+        // Run ids start at run-1.
+        self.last_run_seq += 1;
+        let seq = self.last_run_seq;
         let id = run_id(seq);
         let mut task_ids = Vec::with_capacity(spec.tasks.len());
         for t in &spec.tasks {

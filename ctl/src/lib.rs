@@ -1,1 +1,8 @@
+//! droverctl: the command line for Drover, as a library so tests and benchmarks drive the same
+//! code a user runs.
 
+pub mod certs;
+pub mod cli;
+pub mod dev;
+pub mod output;
+pub mod spec;

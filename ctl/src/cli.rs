@@ -1,0 +1,466 @@
+//! The droverctl command line.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use clap::{Args, Parser, Subcommand};
+use drover_proto::client::{CallError, ClusterClient};
+use drover_proto::pb;
+use drover_proto::tls::{TlsFiles, TlsMaterial};
+
+use crate::output::{self, Format};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "droverctl",
+    version,
+    about = "Submit and inspect Drover runs, administer the cluster, run a local dev cluster"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub conn: Conn,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Conn {
+    /// Coordinator addresses, comma-separated; any member will do.
+    #[arg(
+        long,
+        global = true,
+        env = "DROVER_ADDR",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7101"
+    )]
+    pub addr: Vec<String>,
+    /// Directory with ca.pem, NAME.pem, NAME-key.pem.
+    #[arg(
+        long,
+        global = true,
+        env = "DROVER_TLS_DIR",
+        default_value = ".drover-dev/tls"
+    )]
+    pub tls_dir: PathBuf,
+    /// Certificate name inside --tls-dir.
+    #[arg(long, global = true, env = "DROVER_TLS_NAME", default_value = "admin")]
+    pub tls_name: String,
+    /// CA certificate file (overrides --tls-dir).
+    #[arg(long, global = true, env = "DROVER_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate file (overrides --tls-dir).
+    #[arg(long, global = true, env = "DROVER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Client key file (overrides --tls-dir).
+    #[arg(long, global = true, env = "DROVER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// How long to keep retrying while the cluster elects a leader or a node is down.
+    #[arg(long, global = true, env = "DROVER_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    drover_proto::quantity::parse_duration(s)
+}
+
+impl Conn {
+    pub fn tls(&self) -> anyhow::Result<TlsMaterial> {
+        let mut files = TlsFiles::in_dir(&self.tls_dir, &self.tls_name);
+        if let Some(p) = &self.tls_ca {
+            files.ca = p.clone();
+        }
+        if let Some(p) = &self.tls_cert {
+            files.cert = p.clone();
+        }
+        if let Some(p) = &self.tls_key {
+            files.key = p.clone();
+        }
+        Ok(files.load()?)
+    }
+
+    pub fn client(&self) -> anyhow::Result<ClusterClient> {
+        let mut c = ClusterClient::new(self.addr.clone(), self.tls()?);
+        c.retry_deadline = self.timeout;
+        Ok(c)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create and issue certificates.
+    #[command(subcommand)]
+    Certs(CertsCmd),
+    /// Submit and inspect runs.
+    #[command(subcommand)]
+    Run(RunCmd),
+    /// Inspect agents.
+    #[command(subcommand)]
+    Agent(AgentCmd),
+    /// Inspect the coordinator cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Start a local 3-node coordinator cluster and 2 agents with mTLS, submit a demo run, and
+    /// keep running until Ctrl-C.
+    Dev(crate::dev::DevArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCmd {
+    /// Create a dev CA and certificates for coordinators, agents and each client role.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// How many coordinator certificates (coordinator-1..N).
+        #[arg(long, default_value_t = 3)]
+        coordinators: u32,
+        /// Extra DNS names or IPs for every certificate (e.g. container host names).
+        #[arg(long, value_delimiter = ',')]
+        san: Vec<String>,
+        /// Replace an existing CA in --dir.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue one more certificate from the CA in --dir.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        /// coordinator, agent, admin, operator, submitter or viewer.
+        #[arg(long)]
+        role: String,
+        /// Certificate name (files NAME.pem, NAME-key.pem; also its CommonName).
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_delimiter = ',')]
+        san: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RunCmd {
+    /// Submit a run from a spec file (-f) or a command after `--`.
+    Submit {
+        /// YAML run spec.
+        #[arg(short = 'f', long = "file", conflicts_with = "shell")]
+        file: Option<PathBuf>,
+        /// Run this string with `sh -c` instead of an argv after `--`.
+        #[arg(long)]
+        shell: Option<String>,
+        /// Run name (for command submissions).
+        #[arg(long)]
+        name: Option<String>,
+        /// Timeout for a command submission, e.g. 30s.
+        #[arg(long, value_parser = parse_duration)]
+        task_timeout: Option<Duration>,
+        /// Wait for the run to finish, print it, and exit non-zero unless it succeeded.
+        #[arg(long)]
+        wait: bool,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+        /// The command and its arguments.
+        #[arg(last = true)]
+        argv: Vec<String>,
+    },
+    /// Show one run, its tasks, results and why pending tasks are pending.
+    Get {
+        id: String,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// List runs, newest first.
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Print a task's output (the agent's full log when reachable, else the replicated tail).
+    Logs {
+        id: String,
+        /// Task name; may be omitted for single-task runs.
+        #[arg(long)]
+        task: Option<String>,
+        /// Show stderr instead of stdout.
+        #[arg(long)]
+        stderr: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentCmd {
+    /// List agents with capacity, state and heartbeat age.
+    List {
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCmd {
+    /// Leader, term, commit and applied index, members and their health.
+    Status {
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+    },
+}
+
+fn call_err(e: CallError) -> anyhow::Error {
+    anyhow!(e.to_string())
+}
+
+fn random_key() -> String {
+    let mut buf = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut buf);
+    }
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub async fn submit(
+    client: &ClusterClient,
+    spec: pb::RunSpec,
+) -> Result<pb::SubmitRunResponse, CallError> {
+    // One key for every retry of this submission, so a retried write cannot create a second run.
+    let key = random_key();
+    client
+        .call(|mut c| {
+            let req = pb::SubmitRunRequest {
+                spec: Some(spec.clone()),
+                idempotency_key: key.clone(),
+            };
+            async move { c.submit_run(req).await }
+        })
+        .await
+}
+
+pub async fn get_run(client: &ClusterClient, id: &str) -> Result<pb::Run, CallError> {
+    client
+        .call(|mut c| {
+            let req = pb::GetRunRequest {
+                run_id: id.to_owned(),
+            };
+            async move { c.get_run(req).await }
+        })
+        .await
+}
+
+/// Polls until the run is terminal or `timeout` passes.
+pub async fn wait_run(
+    client: &ClusterClient,
+    id: &str,
+    timeout: Duration,
+) -> anyhow::Result<pb::Run> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        let run = get_run(client, id).await.map_err(call_err)?;
+        if output::is_terminal_run(run.state) {
+            return Ok(run);
+        }
+        if tokio::time::Instant::now() + pause > deadline {
+            bail!(
+                "run {id} is still {} after {:?}",
+                output::run_state(run.state),
+                timeout
+            );
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(500));
+    }
+}
+
+/// Runs the parsed command. Returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Certs(CertsCmd::Init {
+            dir,
+            coordinators,
+            san,
+            force,
+        }) => {
+            let made = crate::certs::init(&dir, coordinators, &san, force)?;
+            eprintln!(
+                "created {} certificates in {}: {}",
+                made.len(),
+                dir.display(),
+                made.join(", ")
+            );
+            Ok(0)
+        }
+        Command::Certs(CertsCmd::Issue {
+            dir,
+            role,
+            name,
+            san,
+        }) => {
+            crate::certs::issue(&dir, &role, &name, &san)?;
+            eprintln!("issued {name}.pem ({role}) in {}", dir.display());
+            Ok(0)
+        }
+        Command::Dev(args) => crate::dev::run(args).await,
+        Command::Run(cmd) => run_cmd(&cli.conn, cmd).await,
+        Command::Agent(AgentCmd::List { output }) => {
+            let client = cli.conn.client()?;
+            let resp = client
+                .call(|mut c| async move { c.list_agents(pb::ListAgentsRequest {}).await })
+                .await
+                .map_err(call_err)?;
+            match output {
+                Format::Table => print!("{}", output::agents_table(&resp.agents)),
+                Format::Json => output::print_json(&serde_json::Value::Array(
+                    resp.agents.iter().map(output::agent_json).collect(),
+                )),
+            }
+            Ok(0)
+        }
+        Command::Cluster(ClusterCmd::Status { output }) => {
+            let client = cli.conn.client()?;
+            let resp = client
+                .call(|mut c| async move { c.cluster_status(pb::ClusterStatusRequest {}).await })
+                .await
+                .map_err(call_err)?;
+            match output {
+                Format::Table => print!("{}", output::cluster_table(&resp)),
+                Format::Json => output::print_json(&output::cluster_json(&resp)),
+            }
+            Ok(0)
+        }
+    }
+}
+
+async fn run_cmd(conn: &Conn, cmd: RunCmd) -> anyhow::Result<i32> {
+    let client = conn.client()?;
+    match cmd {
+        RunCmd::Submit {
+            file,
+            shell,
+            name,
+            task_timeout,
+            wait,
+            output,
+            argv,
+        } => {
+            let spec = match (file, shell, argv.is_empty()) {
+                (Some(path), None, true) => {
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    crate::spec::parse(&path.display().to_string(), &text)?
+                }
+                (Some(_), _, false) => bail!("give either -f FILE or a command after --, not both"),
+                (None, Some(sh), true) => command_spec(name, Vec::new(), sh, task_timeout),
+                (None, None, false) => command_spec(name, argv, String::new(), task_timeout),
+                (None, Some(_), false) => {
+                    bail!("give either --shell or a command after --, not both")
+                }
+                (None, None, true) => {
+                    bail!("nothing to run: give -f FILE, --shell 'CMD', or -- CMD ARGS...")
+                }
+                (Some(_), Some(_), _) => unreachable!("clap rejects -f with --shell"),
+            };
+            let resp = submit(&client, spec).await.map_err(call_err)?;
+            if !wait {
+                match output {
+                    Format::Table => println!("{}", resp.run_id),
+                    Format::Json => output::print_json(
+                        &serde_json::json!({"run_id": resp.run_id, "deduplicated": resp.deduplicated}),
+                    ),
+                }
+                return Ok(0);
+            }
+            eprintln!("submitted {}; waiting for it to finish", resp.run_id);
+            let run = wait_run(&client, &resp.run_id, Duration::from_secs(24 * 3600)).await?;
+            match output {
+                Format::Table => print!("{}", output::run_table(&run)),
+                Format::Json => output::print_json(&output::run_json(&run)),
+            }
+            Ok(if output::run_state(run.state) == "succeeded" {
+                0
+            } else {
+                1
+            })
+        }
+        RunCmd::Get { id, output } => {
+            let run = get_run(&client, &id).await.map_err(call_err)?;
+            match output {
+                Format::Table => print!("{}", output::run_table(&run)),
+                Format::Json => output::print_json(&output::run_json(&run)),
+            }
+            Ok(0)
+        }
+        RunCmd::List { limit, output } => {
+            let resp = client
+                .call(|mut c| async move {
+                    c.list_runs(pb::ListRunsRequest {
+                        limit,
+                        before: String::new(),
+                    })
+                    .await
+                })
+                .await
+                .map_err(call_err)?;
+            match output {
+                Format::Table => print!("{}", output::runs_table(&resp.runs)),
+                Format::Json => output::print_json(&serde_json::Value::Array(
+                    resp.runs.iter().map(output::run_json).collect(),
+                )),
+            }
+            Ok(0)
+        }
+        RunCmd::Logs { id, task, stderr } => {
+            use std::io::Write;
+            let stream = if stderr {
+                pb::LogStream::Stderr
+            } else {
+                pb::LogStream::Stdout
+            } as i32;
+            let mut offset = 0;
+            let mut stdout = std::io::stdout().lock();
+            loop {
+                let req = pb::GetTaskLogsRequest {
+                    run_id: id.clone(),
+                    task: task.clone().unwrap_or_default(),
+                    stream,
+                    offset,
+                    max_bytes: 0,
+                };
+                let resp = client
+                    .call(|mut c| {
+                        let req = req.clone();
+                        async move { c.get_task_logs(req).await }
+                    })
+                    .await
+                    .map_err(call_err)?;
+                stdout.write_all(&resp.data)?;
+                if !resp.note.is_empty() {
+                    eprintln!("note: {}", resp.note);
+                }
+                if resp.source != "agent" || resp.eof || resp.data.is_empty() {
+                    break;
+                }
+                offset = resp.next_offset;
+            }
+            stdout.flush()?;
+            Ok(0)
+        }
+    }
+}
+
+fn command_spec(
+    name: Option<String>,
+    argv: Vec<String>,
+    shell: String,
+    timeout: Option<Duration>,
+) -> pb::RunSpec {
+    pb::RunSpec {
+        name: name.unwrap_or_else(|| "cmd".into()),
+        tasks: vec![pb::TaskSpec {
+            name: "main".into(),
+            argv,
+            shell,
+            timeout_ms: timeout.map_or(0, |t| t.as_millis() as u64),
+            ..Default::default()
+        }],
+        labels: Default::default(),
+    }
+}

@@ -1,0 +1,392 @@
+//! Rendering for people (tables) and for programs (JSON). Data goes to stdout, messages to stderr.
+
+use std::fmt::Write;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use drover_proto::pb;
+use serde_json::{Value, json};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+pub fn task_state(s: i32) -> &'static str {
+    match pb::TaskState::try_from(s).unwrap_or(pb::TaskState::Unspecified) {
+        pb::TaskState::Pending => "pending",
+        pb::TaskState::Assigned => "assigned",
+        pb::TaskState::Running => "running",
+        pb::TaskState::Succeeded => "succeeded",
+        pb::TaskState::Failed => "failed",
+        pb::TaskState::Cancelled => "cancelled",
+        pb::TaskState::Unspecified => "unknown",
+    }
+}
+
+pub fn run_state(s: i32) -> &'static str {
+    match pb::RunState::try_from(s).unwrap_or(pb::RunState::Unspecified) {
+        pb::RunState::Pending => "pending",
+        pb::RunState::Running => "running",
+        pb::RunState::Succeeded => "succeeded",
+        pb::RunState::Failed => "failed",
+        pb::RunState::Cancelled => "cancelled",
+        pb::RunState::Unspecified => "unknown",
+    }
+}
+
+pub fn is_terminal_run(s: i32) -> bool {
+    matches!(run_state(s), "succeeded" | "failed" | "cancelled")
+}
+
+fn agent_state(s: i32) -> &'static str {
+    match pb::AgentState::try_from(s).unwrap_or(pb::AgentState::Unspecified) {
+        pb::AgentState::Active => "active",
+        pb::AgentState::Draining => "draining",
+        pb::AgentState::Lost => "lost",
+        pb::AgentState::Unspecified => "unknown",
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn ago(ms: u64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    let d = now_ms().saturating_sub(ms) / 1000;
+    match d {
+        0..60 => format!("{d}s ago"),
+        60..3600 => format!("{}m ago", d / 60),
+        3600..86400 => format!("{}h ago", d / 3600),
+        _ => format!("{}d ago", d / 86400),
+    }
+}
+
+fn duration(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else {
+        format!("{}m{}s", ms / 60_000, (ms % 60_000) / 1000)
+    }
+}
+
+fn bytes(b: u64) -> String {
+    const UNITS: [(&str, u64); 3] = [("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)];
+    for (u, s) in UNITS {
+        if b >= s {
+            let v = b as f64 / s as f64;
+            return if v.fract() == 0.0 {
+                format!("{v:.0}{u}")
+            } else {
+                format!("{v:.1}{u}")
+            };
+        }
+    }
+    format!("{b}")
+}
+
+fn cpu(m: u64) -> String {
+    if m % 1000 == 0 {
+        format!("{}", m / 1000)
+    } else {
+        format!("{m}m")
+    }
+}
+
+/// Left-aligned columns separated by two spaces.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<&str>, out: &mut String| {
+        let n = cells.len();
+        for (i, c) in cells.into_iter().enumerate() {
+            if i + 1 == n {
+                out.push_str(c);
+            } else {
+                let _ = write!(out, "{c:<w$}  ", w = widths[i]);
+            }
+        }
+        out.push('\n');
+    };
+    line(header.to_vec(), &mut out);
+    for r in rows {
+        line(r.iter().map(String::as_str).collect(), &mut out);
+    }
+    out
+}
+
+fn outcome_summary(t: &pb::Task) -> String {
+    match &t.outcome {
+        None if !t.pending_reason.is_empty() => t.pending_reason.clone(),
+        None => String::new(),
+        Some(o) => {
+            let mut s = match (o.exit_code, o.signal) {
+                (Some(c), _) => format!("exit {c}"),
+                (None, Some(sig)) => format!("signal {sig}"),
+                _ => "no exit status".into(),
+            };
+            if !o.reason.is_empty() {
+                let _ = write!(s, " ({})", o.reason);
+            }
+            let _ = write!(s, " in {}", duration(o.duration_ms));
+            s
+        }
+    }
+}
+
+pub fn run_table(run: &pb::Run) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "Run:        {}  ({})", run.id, run.name);
+    let _ = writeln!(out, "State:      {}", run_state(run.state));
+    let _ = writeln!(
+        out,
+        "Submitted:  {} by {}",
+        ago(run.created_at_ms),
+        run.submitted_by
+    );
+    if run.finished_at_ms != 0 {
+        let _ = writeln!(
+            out,
+            "Finished:   {} (took {})",
+            ago(run.finished_at_ms),
+            duration(run.finished_at_ms.saturating_sub(run.created_at_ms))
+        );
+    }
+    out.push('\n');
+    let rows: Vec<Vec<String>> = run
+        .tasks
+        .iter()
+        .map(|t| {
+            vec![
+                t.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
+                task_state(t.state).into(),
+                t.attempt.to_string(),
+                if t.agent.is_empty() {
+                    "-".into()
+                } else {
+                    t.agent.clone()
+                },
+                outcome_summary(t),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &["TASK", "STATE", "ATTEMPT", "AGENT", "RESULT / WHY PENDING"],
+        &rows,
+    ));
+    for t in &run.tasks {
+        if let Some(o) = &t.outcome {
+            let name = t.spec.as_ref().map(|s| s.name.as_str()).unwrap_or("");
+            for (label, data) in [("stdout", &o.stdout_tail), ("stderr", &o.stderr_tail)] {
+                if !data.is_empty() {
+                    let _ = writeln!(out, "\n--- {name} {label} (last {} bytes) ---", data.len());
+                    out.push_str(&String::from_utf8_lossy(data));
+                    if !data.ends_with(b"\n") {
+                        out.push('\n');
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+pub fn runs_table(runs: &[pb::Run]) -> String {
+    let rows: Vec<Vec<String>> = runs
+        .iter()
+        .map(|r| {
+            let done = r
+                .tasks
+                .iter()
+                .filter(|t| matches!(task_state(t.state), "succeeded" | "failed" | "cancelled"))
+                .count();
+            vec![
+                r.id.clone(),
+                r.name.clone(),
+                run_state(r.state).into(),
+                format!("{done}/{}", r.tasks.len()),
+                ago(r.created_at_ms),
+            ]
+        })
+        .collect();
+    table(&["ID", "NAME", "STATE", "TASKS DONE", "SUBMITTED"], &rows)
+}
+
+pub fn agents_table(agents: &[pb::Agent]) -> String {
+    let rows: Vec<Vec<String>> = agents
+        .iter()
+        .map(|a| {
+            let total = a.total.clone().unwrap_or_default();
+            let free = a.free.clone().unwrap_or_default();
+            vec![
+                a.name.clone(),
+                agent_state(a.state).into(),
+                a.class.clone(),
+                format!("{}/{}", cpu(free.cpu_millis), cpu(total.cpu_millis)),
+                format!("{}/{}", bytes(free.memory_bytes), bytes(total.memory_bytes)),
+                a.running_tasks.to_string(),
+                a.last_heartbeat_age_ms
+                    .map_or("-".into(), |ms| format!("{:.1}s", ms as f64 / 1000.0)),
+                {
+                    let mut l: Vec<String> =
+                        a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    l.sort();
+                    l.join(",")
+                },
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME",
+            "STATE",
+            "CLASS",
+            "CPU FREE/TOTAL",
+            "MEMORY FREE/TOTAL",
+            "TASKS",
+            "HEARTBEAT",
+            "LABELS",
+        ],
+        &rows,
+    )
+}
+
+pub fn cluster_table(s: &pb::ClusterStatusResponse) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "Answered by: node {} ({})", s.node_id, s.state);
+    let _ = writeln!(
+        out,
+        "Leader:      {}",
+        s.leader_id
+            .map_or("none (election in progress)".into(), |l| format!(
+                "node {l} at {}",
+                s.leader_addr
+            ))
+    );
+    let _ = writeln!(out, "Term:        {}", s.term);
+    let _ = writeln!(
+        out,
+        "Commit:      {}   Applied: {}   Last log: {}",
+        s.commit_index, s.applied_index, s.last_log_index
+    );
+    if let Some(snap) = s.snapshot_index {
+        let _ = writeln!(out, "Snapshot:    up to {snap}");
+    }
+    out.push('\n');
+    let rows: Vec<Vec<String>> = s
+        .members
+        .iter()
+        .map(|m| {
+            vec![
+                m.node_id.to_string(),
+                m.addr.clone(),
+                m.health.clone(),
+                m.matched_index.map_or("-".into(), |i| i.to_string()),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["NODE", "ADDRESS", "HEALTH", "MATCHED"], &rows));
+    out
+}
+
+// ------------------------------------------------------------------ JSON
+
+fn resources_json(r: &Option<pb::Resources>) -> Value {
+    let r = r.clone().unwrap_or_default();
+    json!({"cpu_millis": r.cpu_millis, "memory_bytes": r.memory_bytes, "gpus": r.gpus, "extended": r.extended})
+}
+
+pub fn task_json(t: &pb::Task) -> Value {
+    let spec = t.spec.clone().unwrap_or_default();
+    json!({
+        "id": t.id,
+        "name": spec.name,
+        "state": task_state(t.state),
+        "attempt": t.attempt,
+        "agent": t.agent,
+        "pending_reason": t.pending_reason,
+        "created_at_ms": t.created_at_ms,
+        "assigned_at_ms": t.assigned_at_ms,
+        "started_at_ms": t.started_at_ms,
+        "finished_at_ms": t.finished_at_ms,
+        "spec": {
+            "command": spec.argv, "shell": spec.shell, "env": spec.env, "workdir": spec.workdir,
+            "timeout_ms": spec.timeout_ms, "class": spec.class, "resources": resources_json(&spec.resources),
+        },
+        "outcome": t.outcome.as_ref().map(|o| json!({
+            "succeeded": o.succeeded,
+            "exit_code": o.exit_code,
+            "signal": o.signal,
+            "reason": o.reason,
+            "duration_ms": o.duration_ms,
+            "stdout_tail": String::from_utf8_lossy(&o.stdout_tail),
+            "stderr_tail": String::from_utf8_lossy(&o.stderr_tail),
+        })),
+    })
+}
+
+pub fn run_json(r: &pb::Run) -> Value {
+    json!({
+        "id": r.id,
+        "name": r.name,
+        "state": run_state(r.state),
+        "labels": r.labels,
+        "submitted_by": r.submitted_by,
+        "created_at_ms": r.created_at_ms,
+        "finished_at_ms": r.finished_at_ms,
+        "tasks": r.tasks.iter().map(task_json).collect::<Vec<_>>(),
+    })
+}
+
+pub fn agent_json(a: &pb::Agent) -> Value {
+    json!({
+        "name": a.name,
+        "state": agent_state(a.state),
+        "class": a.class,
+        "labels": a.labels,
+        "total": resources_json(&a.total),
+        "free": resources_json(&a.free),
+        "running_tasks": a.running_tasks,
+        "last_heartbeat_age_ms": a.last_heartbeat_age_ms,
+        "connected": a.connected,
+        "registered_at_ms": a.registered_at_ms,
+        "version": a.version,
+    })
+}
+
+pub fn cluster_json(s: &pb::ClusterStatusResponse) -> Value {
+    json!({
+        "node_id": s.node_id,
+        "state": s.state,
+        "leader_id": s.leader_id,
+        "leader_addr": s.leader_addr,
+        "term": s.term,
+        "commit_index": s.commit_index,
+        "applied_index": s.applied_index,
+        "last_log_index": s.last_log_index,
+        "snapshot_index": s.snapshot_index,
+        "members": s.members.iter().map(|m| json!({
+            "node_id": m.node_id, "addr": m.addr, "health": m.health, "matched_index": m.matched_index,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub fn print_json(v: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("a Value always serialises")
+    );
+}
