@@ -96,6 +96,8 @@ impl AgentRpc {
                 attempt: r.attempt,
             })
             .collect();
+        // The lease starts now, before the registration commits, so no round can judge it first.
+        self.ctx.sessions.touch(&name);
         let result = self
             .ctx
             .proposer

@@ -289,6 +289,16 @@ impl ClientService for ClientRpc {
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
         let r = (|| {
             require_role(&req, "listing agents", READERS)?;
+            // Liveness (sessions, heartbeat ages) lives on the leader: send readers there, and
+            // answer here only while no leader is known.
+            if let Err(
+                e @ CoordinatorError::NotLeader {
+                    leader_addr: Some(_),
+                },
+            ) = self.ctx.require_leader()
+            {
+                return Err(Status::from(e));
+            }
             Ok(self.ctx.shared.read(|a| pb::ListAgentsResponse {
                 agents: a
                     .state

@@ -91,6 +91,17 @@ impl Sessions {
         }
     }
 
+    /// Milliseconds since the agent was last heard from. An agent this leader has never tracked
+    /// (it just registered, or the leader just took over) is granted a full lease now.
+    pub fn lease_age_ms(&self, name: &str) -> u64 {
+        let mut inner = self.inner.lock().unwrap();
+        let seen = inner
+            .last_seen
+            .entry(name.to_owned())
+            .or_insert_with(Instant::now);
+        seen.elapsed().as_millis() as u64
+    }
+
     pub fn forget_lease(&self, name: &str) {
         self.inner.lock().unwrap().last_seen.remove(name);
     }

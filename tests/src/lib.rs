@@ -1,1 +1,384 @@
+//! Test harness: real coordinator and agent processes on 127.0.0.1 with ephemeral ports,
+//! certificates generated per test, and every process stopped (by PID) when the harness drops.
 
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use drover_proto::client::ClusterClient;
+use drover_proto::pb;
+use drover_proto::tls::TlsFiles;
+use tempfile::TempDir;
+
+/// Directory holding the workspace's binaries (next to this test executable's `deps/`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("exe dir");
+    if dir.ends_with("deps") {
+        dir.parent().expect("target dir").to_owned()
+    } else {
+        dir.to_owned()
+    }
+}
+
+/// Builds the three binaries once per test process (a no-op when they are fresh), under a file
+/// lock so parallel test processes do not race.
+pub fn ensure_binaries() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = bin_dir();
+            let lock_path = dir.join("drover-tests-build.lock");
+            let lock = std::fs::File::create(&lock_path).expect("lock file");
+            lock.lock().expect("locking the build");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let profile_release = dir.ends_with("release");
+            let mut cmd = Command::new(cargo);
+            cmd.args([
+                "build",
+                "--quiet",
+                "-p",
+                "drover-coordinator",
+                "-p",
+                "drover-agent",
+                "-p",
+                "droverctl",
+                "--bins",
+            ]);
+            if profile_release {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("running cargo build");
+            assert!(status.success(), "building the binaries failed");
+            drop(lock);
+            dir
+        })
+        .clone()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    ensure_binaries().join(name)
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` until it returns Some or `deadline` passes.
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let end = tokio::time::Instant::now() + deadline;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= end {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(250));
+    }
+}
+
+pub struct NodeSpec {
+    pub id: u64,
+    pub grpc_port: u16,
+    pub http_port: u16,
+}
+
+/// Options for a test cluster.
+#[derive(Clone)]
+pub struct ClusterOptions {
+    pub nodes: u64,
+    pub snapshot_logs: u64,
+    pub lease_ttl_ms: u64,
+    pub heartbeat_interval_ms: u64,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self {
+            nodes: 3,
+            snapshot_logs: 5000,
+            lease_ttl_ms: 5000,
+            heartbeat_interval_ms: 500,
+        }
+    }
+}
+
+pub struct Cluster {
+    pub dir: TempDir,
+    pub tls_dir: PathBuf,
+    pub nodes: Vec<NodeSpec>,
+    pub opts: ClusterOptions,
+    coordinators: Vec<Option<Child>>,
+    agents: Vec<(String, Child)>,
+}
+
+impl Cluster {
+    /// Creates certificates and starts every coordinator; returns once a leader is known.
+    pub async fn start(opts: ClusterOptions) -> Cluster {
+        drover_proto::tls::install_crypto_provider();
+        ensure_binaries();
+        let dir = tempfile::Builder::new()
+            .prefix("drover-test-")
+            .tempdir()
+            .unwrap();
+        let tls_dir = dir.path().join("tls");
+        droverctl::certs::init(&tls_dir, opts.nodes as u32, &[], false).unwrap();
+        let nodes = (1..=opts.nodes)
+            .map(|id| NodeSpec {
+                id,
+                grpc_port: free_port(),
+                http_port: free_port(),
+            })
+            .collect();
+        let mut c = Cluster {
+            dir,
+            tls_dir,
+            nodes,
+            opts,
+            coordinators: Vec::new(),
+            agents: Vec::new(),
+        };
+        for i in 0..c.nodes.len() {
+            let child = c.spawn_coordinator(i);
+            c.coordinators.push(Some(child));
+        }
+        c.wait_leader(Duration::from_secs(30)).await;
+        c
+    }
+
+    pub fn addr(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.nodes[i].grpc_port)
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        (0..self.nodes.len()).map(|i| self.addr(i)).collect()
+    }
+
+    fn peers(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("{}=127.0.0.1:{}", n.id, n.grpc_port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn spawn_coordinator(&self, i: usize) -> Child {
+        let n = &self.nodes[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("coordinator-{}.log", n.id)))
+            .unwrap();
+        Command::new(bin("drover-coordinator"))
+            .arg("--node-id")
+            .arg(n.id.to_string())
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", n.grpc_port))
+            .arg("--http-listen")
+            .arg(format!("127.0.0.1:{}", n.http_port))
+            .arg("--data-dir")
+            .arg(self.dir.path().join(format!("data-{}", n.id)))
+            .arg("--peer")
+            .arg(self.peers())
+            .arg("--tls-dir")
+            .arg(&self.tls_dir)
+            .arg("--snapshot-logs")
+            .arg(self.opts.snapshot_logs.to_string())
+            .arg("--lease-ttl-ms")
+            .arg(self.opts.lease_ttl_ms.to_string())
+            .arg("--heartbeat-interval-ms")
+            .arg(self.opts.heartbeat_interval_ms.to_string())
+            .env("DROVER_LOG", "info,openraft=warn,sled=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawning drover-coordinator")
+    }
+
+    /// SIGKILLs coordinator `i` (index, not node id).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.coordinators[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        let child = self.spawn_coordinator(i);
+        self.coordinators[i] = Some(child);
+    }
+
+    pub fn is_running(&self, i: usize) -> bool {
+        self.coordinators[i].is_some()
+    }
+
+    /// A leader-following client with the admin certificate.
+    pub fn client(&self) -> ClusterClient {
+        self.client_as("admin", self.addrs())
+    }
+
+    pub fn client_as(&self, cert: &str, addrs: Vec<String>) -> ClusterClient {
+        let tls = TlsFiles::in_dir(&self.tls_dir, cert).load().unwrap();
+        let mut c = ClusterClient::new(addrs, tls);
+        c.retry_deadline = Duration::from_secs(30);
+        c
+    }
+
+    /// Cluster status as node `i` sees it.
+    pub async fn status_of(&self, i: usize) -> Option<pb::ClusterStatusResponse> {
+        let mut client = self.client_as("admin", vec![self.addr(i)]);
+        client.retry_deadline = Duration::from_millis(200);
+        client
+            .call(|mut c| async move { c.cluster_status(pb::ClusterStatusRequest {}).await })
+            .await
+            .ok()
+    }
+
+    /// Waits until a running node reports a leader that is itself running; returns its index.
+    pub async fn wait_leader(&self, deadline: Duration) -> usize {
+        wait_for("a leader", deadline, || async {
+            for i in 0..self.nodes.len() {
+                if !self.is_running(i) {
+                    continue;
+                }
+                if let Some(s) = self.status_of(i).await
+                    && s.state == "leader"
+                {
+                    return Some(i);
+                }
+            }
+            None
+        })
+        .await
+    }
+
+    /// Starts an agent process; returns its PID.
+    pub fn start_agent(&mut self, name: &str, extra: &[&str]) -> u32 {
+        let work = self.dir.path().join(format!("agent-{name}"));
+        let log = std::fs::File::create(self.dir.path().join(format!("agent-{name}.log"))).unwrap();
+        let child = Command::new(bin("drover-agent"))
+            .arg("--coordinator")
+            .arg(self.addrs().join(","))
+            .arg("--tls-dir")
+            .arg(&self.tls_dir)
+            .arg("--name")
+            .arg(name)
+            .arg("--work-dir")
+            .arg(&work)
+            .args(extra)
+            .env("DROVER_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawning drover-agent");
+        let pid = child.id();
+        self.agents.push((name.to_owned(), child));
+        pid
+    }
+
+    pub async fn wait_agent_connected(&self, name: &str, deadline: Duration) {
+        let client = self.client();
+        wait_for(&format!("agent {name} to connect"), deadline, || async {
+            let resp = client
+                .call(|mut c| async move { c.list_agents(pb::ListAgentsRequest {}).await })
+                .await
+                .ok()?;
+            resp.agents
+                .iter()
+                .any(|a| a.name == name && a.connected && a.state == pb::AgentState::Active as i32)
+                .then_some(())
+        })
+        .await
+    }
+
+    /// Runs `droverctl` with this cluster's address and admin certificate.
+    pub fn ctl(&self) -> Command {
+        let mut cmd = Command::new(bin("droverctl"));
+        cmd.env("DROVER_ADDR", self.addrs().join(","))
+            .env("DROVER_TLS_DIR", &self.tls_dir)
+            .env("DROVER_TLS_NAME", "admin")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    pub fn log_of(&self, file: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(file)).unwrap_or_default()
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, a) in &mut self.agents {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+        for c in self.coordinators.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            // Keep the evidence: print where the logs are and their last lines.
+            for entry in std::fs::read_dir(self.dir.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let p = entry.path();
+                if p.extension().is_some_and(|e| e == "log") {
+                    let text = std::fs::read_to_string(&p).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                    eprintln!("==== {} (last 30 lines) ====", p.display());
+                    for l in tail.into_iter().rev() {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Submits a one-task command run through the leader-following client.
+pub async fn submit_cmd(client: &ClusterClient, argv: &[&str]) -> String {
+    let spec = pb::RunSpec {
+        name: "test".into(),
+        tasks: vec![pb::TaskSpec {
+            name: "main".into(),
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }],
+        labels: Default::default(),
+    };
+    droverctl::cli::submit(client, spec)
+        .await
+        .expect("submit")
+        .run_id
+}
+
+/// Waits until the run is terminal and returns it.
+pub async fn wait_done(client: &ClusterClient, run_id: &str, deadline: Duration) -> pb::Run {
+    droverctl::cli::wait_run(client, run_id, deadline)
+        .await
+        .expect("run finished")
+}

@@ -1,0 +1,234 @@
+//! The spine end to end: real coordinators (Raft, sled, mTLS) and a real agent, as processes.
+
+use std::time::Duration;
+
+use drover_proto::pb;
+use drover_tests::{Cluster, ClusterOptions, submit_cmd, wait_done, wait_for};
+
+const TEST_DEADLINE: Duration = Duration::from_secs(150);
+
+fn stdout_of(run: &pb::Run) -> String {
+    String::from_utf8_lossy(&run.tasks[0].outcome.as_ref().expect("outcome").stdout_tail)
+        .into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_hello_runs_to_success_with_its_output() {
+    // Guards: submit -> schedule -> agent runs a process -> result replicated, on 3 nodes + 1 agent.
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let mut cluster = Cluster::start(ClusterOptions::default()).await;
+        cluster.start_agent("worker-1", &["--labels", "zone=a"]);
+        cluster
+            .wait_agent_connected("worker-1", Duration::from_secs(20))
+            .await;
+        let client = cluster.client();
+        let run_id = submit_cmd(&client, &["echo", "hello"]).await;
+        let run = wait_done(&client, &run_id, Duration::from_secs(30)).await;
+        assert_eq!(run.state, pb::RunState::Succeeded as i32, "{run:?}");
+        assert_eq!(stdout_of(&run), "hello\n");
+        assert_eq!(run.tasks[0].agent, "worker-1");
+        let outcome = run.tasks[0].outcome.as_ref().unwrap();
+        assert_eq!(outcome.exit_code, Some(0));
+
+        // The full log comes from the agent's disk through the leader.
+        let out = cluster
+            .ctl()
+            .args(["run", "logs", &run_id])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n");
+
+        // A failing command is failed, with its exit code, stderr and a non-zero droverctl exit.
+        let out = cluster
+            .ctl()
+            .args([
+                "run",
+                "submit",
+                "--wait",
+                "--",
+                "sh",
+                "-c",
+                "echo oops >&2; exit 3",
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let table = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            table.contains("failed") && table.contains("exit 3") && table.contains("oops"),
+            "{table}"
+        );
+    })
+    .await
+    .expect("test deadline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_elects_a_new_one_and_keeps_every_run() {
+    // Guards: leader SIGKILL -> new leader, committed runs survive, new submissions still complete.
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let mut cluster = Cluster::start(ClusterOptions::default()).await;
+        cluster.start_agent("worker-1", &[]);
+        cluster
+            .wait_agent_connected("worker-1", Duration::from_secs(20))
+            .await;
+        let client = cluster.client();
+        let before = submit_cmd(&client, &["echo", "before"]).await;
+        wait_done(&client, &before, Duration::from_secs(30)).await;
+
+        let old_leader = cluster.wait_leader(Duration::from_secs(10)).await;
+        let old_term = cluster.status_of(old_leader).await.unwrap().term;
+        cluster.kill(old_leader);
+        let new_leader = cluster.wait_leader(Duration::from_secs(30)).await;
+        assert_ne!(new_leader, old_leader);
+        assert!(cluster.status_of(new_leader).await.unwrap().term > old_term);
+
+        let run = wait_done(&client, &before, Duration::from_secs(10)).await;
+        assert_eq!(run.state, pb::RunState::Succeeded as i32);
+        assert_eq!(stdout_of(&run), "before\n");
+
+        // The agent follows the new leader and runs new work.
+        let after = submit_cmd(&client, &["echo", "after"]).await;
+        let run = wait_done(&client, &after, Duration::from_secs(60)).await;
+        assert_eq!(run.state, pb::RunState::Succeeded as i32, "{run:?}");
+        assert_eq!(stdout_of(&run), "after\n");
+    })
+    .await
+    .expect("test deadline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_cluster_restart_recovers_every_run_and_result() {
+    // Guards: state is rebuilt from sled (log + snapshot) after all nodes die at once.
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let opts = ClusterOptions {
+            snapshot_logs: 20,
+            ..Default::default()
+        };
+        let mut cluster = Cluster::start(opts).await;
+        cluster.start_agent("worker-1", &[]);
+        cluster
+            .wait_agent_connected("worker-1", Duration::from_secs(20))
+            .await;
+        let client = cluster.client();
+        let mut ids = Vec::new();
+        for i in 0..15 {
+            let id = submit_cmd(&client, &["echo", &format!("run {i}")]).await;
+            ids.push(id);
+        }
+        for id in &ids {
+            wait_done(&client, id, Duration::from_secs(60)).await;
+        }
+        for i in 0..3 {
+            cluster.kill(i);
+        }
+        for i in 0..3 {
+            cluster.restart(i);
+        }
+        cluster.wait_leader(Duration::from_secs(30)).await;
+        let client = cluster.client();
+        for (i, id) in ids.iter().enumerate() {
+            let run = wait_done(&client, id, Duration::from_secs(10)).await;
+            assert_eq!(run.state, pb::RunState::Succeeded as i32);
+            assert_eq!(stdout_of(&run), format!("run {i}\n"));
+        }
+        // Ids keep counting from where they were: no re-initialisation happened.
+        let next = submit_cmd(&client, &["true"]).await;
+        assert_eq!(next, format!("run-{}", ids.len() + 1));
+    })
+    .await
+    .expect("test deadline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_that_missed_500_runs_catches_up_and_serves_them() {
+    // Guards: log compaction + snapshot install bring a returning follower up to date.
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let opts = ClusterOptions {
+            snapshot_logs: 50,
+            ..Default::default()
+        };
+        let mut cluster = Cluster::start(opts).await;
+        let leader = cluster.wait_leader(Duration::from_secs(10)).await;
+        let follower = (leader + 1) % 3;
+        cluster.kill(follower);
+        let client = cluster.client();
+        let mut submitted = Vec::new();
+        for chunk in 0..10 {
+            let futures: Vec<_> = (0..50)
+                .map(|i| {
+                    let client = &client;
+                    async move { submit_cmd(client, &["echo", &format!("{chunk}-{i}")]).await }
+                })
+                .collect();
+            for id in futures_join(futures).await {
+                submitted.push(id);
+            }
+        }
+        assert_eq!(submitted.len(), 500);
+        cluster.restart(follower);
+        let reader = cluster.client_as("viewer", vec![cluster.addr(follower)]);
+        let runs = wait_for(
+            "the follower to serve all 500 runs",
+            Duration::from_secs(60),
+            || async {
+                let resp = reader
+                    .call(|mut c| async move {
+                        c.list_runs(pb::ListRunsRequest {
+                            limit: 1000,
+                            before: String::new(),
+                        })
+                        .await
+                    })
+                    .await
+                    .ok()?;
+                (resp.runs.len() == 500).then_some(resp.runs)
+            },
+        )
+        .await;
+        let mut ids: Vec<String> = runs.into_iter().map(|r| r.id).collect();
+        ids.sort();
+        submitted.sort();
+        assert_eq!(ids, submitted);
+        let status = cluster.status_of(follower).await.unwrap();
+        assert!(
+            status.snapshot_index.is_some(),
+            "the follower should hold a snapshot: {status:?}"
+        );
+    })
+    .await
+    .expect("test deadline");
+}
+
+/// Runs futures concurrently on this task (no extra dependency for a join_all).
+async fn futures_join<F: std::future::Future<Output = String>>(futs: Vec<F>) -> Vec<String> {
+    let mut set = Vec::new();
+    let mut pinned: Vec<_> = futs.into_iter().map(Box::pin).collect();
+    let mut done = vec![None; pinned.len()];
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in pinned.iter_mut().enumerate() {
+            if done[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => done[i] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    for d in done {
+        set.push(d.expect("all done"));
+    }
+    set
+}
