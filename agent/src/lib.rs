@@ -9,6 +9,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub mod config;
+pub mod entry;
 pub mod executor;
 pub mod limits;
 pub mod session;

@@ -5,6 +5,7 @@ pub mod client_service;
 pub mod command;
 pub mod config;
 pub mod convert;
+pub mod entry;
 pub mod error;
 pub mod http;
 pub mod leader;

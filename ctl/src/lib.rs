@@ -4,5 +4,6 @@
 pub mod certs;
 pub mod cli;
 pub mod dev;
+pub mod entry;
 pub mod output;
 pub mod spec;

@@ -94,7 +94,7 @@ fn bytes(b: u64) -> String {
 }
 
 fn cpu(m: u64) -> String {
-    if m % 1000 == 0 {
+    if m.is_multiple_of(1000) {
         format!("{}", m / 1000)
     } else {
         format!("{m}m")

@@ -90,7 +90,9 @@ pub fn describe_transport_error(addr: &str, err: &tonic::transport::Error) -> St
         || lower.contains("alert")
         || lower.contains("handshake")
     {
-        format!("TLS handshake with {addr} failed: {inner}")
+        format!(
+            "TLS handshake with {addr} failed: {inner} (do --tls-dir / DROVER_TLS_DIR hold certificates from this cluster's CA?)"
+        )
     } else {
         format!("connecting to {addr} failed: {inner}")
     }
@@ -211,18 +213,26 @@ impl ClusterClient {
                 Ok(resp) => return Ok(resp.into_inner()),
                 Err(status) => status,
             };
-            if let Some(leader) = leader_hint(&status) {
-                redirects += 1;
-                if redirects > REDIRECTS_MAX {
-                    return Err(CallError::Status(status));
-                }
-                if leader != addr {
+            let status = if let Some(leader) = leader_hint(&status) {
+                if leader == addr {
+                    status
+                } else {
                     match self.channel_to(&leader).await {
-                        Ok(_) => continue,
+                        Ok(_) => {
+                            redirects += 1;
+                            if redirects > REDIRECTS_MAX {
+                                return Err(CallError::Status(status));
+                            }
+                            continue;
+                        }
                         Err(e) => {
-                            // Leader named but unreachable: it may have just died; treat as an election.
-                            tracing::debug!(%leader, error = %e, "leader hint unreachable");
+                            // The named leader is gone; an election will follow. Treat as UNAVAILABLE.
                             self.forget(&leader);
+                            self.forget(&addr);
+                            start += 1;
+                            Status::unavailable(format!(
+                                "the last known leader {leader} is unreachable ({e}); waiting for an election"
+                            ))
                         }
                     }
                 }
@@ -232,7 +242,8 @@ impl ClusterClient {
                 // No leader yet, or the node went away: try the next node after a pause.
                 self.forget(&addr);
                 start += 1;
-            }
+                status
+            };
             if Instant::now() + backoff > deadline {
                 return Err(CallError::Status(status));
             }

@@ -10,12 +10,12 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error(
-        "cannot read {what} at {path}: {source} (create certificates with `droverctl certs init --dir DIR`)"
+        "cannot read {what} at {path}: {cause} (create certificates with `droverctl certs init --dir DIR`)"
     )]
     Read {
         what: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{what} at {path} is not PEM (expected a '-----BEGIN' block)")]
     NotPem { what: &'static str, path: PathBuf },
@@ -49,10 +49,10 @@ impl TlsFiles {
 }
 
 fn read_pem(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
+    let bytes = std::fs::read(path).map_err(|cause| TlsError::Read {
         what,
         path: path.to_owned(),
-        source,
+        cause,
     })?;
     if !bytes.windows(10).any(|w| w == b"-----BEGIN") {
         return Err(TlsError::NotPem {

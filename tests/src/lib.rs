@@ -5,7 +5,6 @@ use std::future::Future;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use drover_proto::client::ClusterClient;
@@ -13,54 +12,33 @@ use drover_proto::pb;
 use drover_proto::tls::TlsFiles;
 use tempfile::TempDir;
 
-/// Directory holding the workspace's binaries (next to this test executable's `deps/`).
-pub fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().expect("exe dir");
-    if dir.ends_with("deps") {
-        dir.parent().expect("target dir").to_owned()
-    } else {
-        dir.to_owned()
-    }
-}
-
-/// Builds the three binaries once per test process (a no-op when they are fresh), under a file
-/// lock so parallel test processes do not race.
-pub fn ensure_binaries() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let dir = bin_dir();
-            let lock_path = dir.join("drover-tests-build.lock");
-            let lock = std::fs::File::create(&lock_path).expect("lock file");
-            lock.lock().expect("locking the build");
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let profile_release = dir.ends_with("release");
-            let mut cmd = Command::new(cargo);
-            cmd.args([
-                "build",
-                "--quiet",
-                "-p",
-                "drover-coordinator",
-                "-p",
-                "drover-agent",
-                "-p",
-                "droverctl",
-                "--bins",
-            ]);
-            if profile_release {
-                cmd.arg("--release");
-            }
-            let status = cmd.status().expect("running cargo build");
-            assert!(status.success(), "building the binaries failed");
-            drop(lock);
-            dir
-        })
-        .clone()
-}
-
+/// Path of one of the programs, built by cargo for this package's integration tests.
+/// `CARGO_BIN_EXE_*` is only set while compiling integration tests, so they pass it in.
 pub fn bin(name: &str) -> PathBuf {
-    ensure_binaries().join(name)
+    let dir = std::env::var_os("DROVER_TEST_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let exe = std::env::current_exe().expect("current exe");
+            let dir = exe.parent().expect("exe dir").to_owned();
+            if dir.ends_with("deps") {
+                dir.parent().expect("target dir").to_owned()
+            } else {
+                dir
+            }
+        });
+    let file = match name {
+        "drover-coordinator" => "test-coordinator",
+        "drover-agent" => "test-agent",
+        "droverctl" => "test-ctl",
+        other => other,
+    };
+    let path = dir.join(file);
+    assert!(
+        path.exists(),
+        "{} is missing; run the tests through cargo (cargo nextest run --workspace)",
+        path.display()
+    );
+    path
 }
 
 /// A port that was free a moment ago.
@@ -131,7 +109,6 @@ impl Cluster {
     /// Creates certificates and starts every coordinator; returns once a leader is known.
     pub async fn start(opts: ClusterOptions) -> Cluster {
         drover_proto::tls::install_crypto_provider();
-        ensure_binaries();
         let dir = tempfile::Builder::new()
             .prefix("drover-test-")
             .tempdir()

@@ -9,9 +9,13 @@ use openraft::BasicNode;
 use crate::command::{Request, Response};
 use crate::model::NodeId;
 
+// openraft's storage traits fix the error type (StorageError, ~224 bytes); our helpers return the
+// same type so `?` flows through without conversion.
+#[allow(clippy::result_large_err)]
 pub mod log_store;
 pub mod network;
 pub mod service;
+#[allow(clippy::result_large_err)]
 pub mod state_machine;
 
 openraft::declare_raft_types!(

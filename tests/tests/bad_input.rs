@@ -1,0 +1,205 @@
+//! Bad input gets a clear error and loses nothing: each case against a real cluster.
+
+use std::time::Duration;
+
+use drover_proto::client::{CallError, ClusterClient};
+use drover_proto::pb;
+use drover_proto::tls::TlsFiles;
+use drover_tests::{Cluster, ClusterOptions, submit_cmd};
+use tonic::Code;
+
+const TEST_DEADLINE: Duration = Duration::from_secs(150);
+
+fn one_task(name: &str, argv: &[&str]) -> pb::RunSpec {
+    pb::RunSpec {
+        name: "bad".into(),
+        tasks: vec![pb::TaskSpec {
+            name: name.into(),
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }],
+        labels: Default::default(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_input_gets_a_clear_error() {
+    // Guards: the error contract of DESIGN.md #14 for each bad input named in the spine issue.
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let cluster = Cluster::start(ClusterOptions::default()).await;
+        let client = cluster.client();
+
+        // Malformed YAML: droverctl names the file, line and column, in one line, exit 1.
+        let bad = cluster.path().join("bad.yaml");
+        std::fs::write(
+            &bad,
+            "name: broken\ntasks:\n  - name: a\n    shell: [unclosed\n",
+        )
+        .unwrap();
+        let out = cluster
+            .ctl()
+            .args(["run", "submit", "-f"])
+            .arg(&bad)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("bad.yaml") && err.contains("line 4") && err.contains("column"),
+            "{err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+        // Unknown run id: NOT_FOUND naming it, from the API and from droverctl.
+        let e = droverctl::cli::get_run(&client, "run-424242")
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+        assert!(e.to_string().contains("run-424242"), "{e}");
+        let out = cluster
+            .ctl()
+            .args(["run", "get", "run-424242"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("run run-424242 not found"));
+
+        // Invalid spec fields: INVALID_ARGUMENT with the field path.
+        let e = droverctl::cli::submit(&client, one_task("Bad Name!", &["true"]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.to_string().contains("spec.tasks[0].name"), "{e}");
+        let e = droverctl::cli::submit(&client, one_task("a", &[]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.to_string().contains("spec.tasks[0].command"), "{e}");
+
+        // An agent certificate calling a client write: PERMISSION_DENIED naming the role.
+        let as_agent = cluster.client_as("agent", cluster.addrs());
+        let e = droverctl::cli::submit(&as_agent, one_task("a", &["true"]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+        assert!(e.to_string().contains("role 'agent'"), "{e}");
+        // A viewer may read but not write.
+        let viewer = cluster.client_as("viewer", cluster.addrs());
+        let e = droverctl::cli::submit(&viewer, one_task("a", &["true"]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+
+        // A certificate from another CA: refused at the handshake; droverctl says so in one line.
+        let other = cluster.path().join("other-ca");
+        droverctl::certs::init(&other, 1, &[], false).unwrap();
+        let out = cluster
+            .ctl()
+            .env("DROVER_TLS_DIR", &other)
+            .args(["--timeout", "2s", "run", "list"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(
+            err.to_lowercase().contains("tls") || err.to_lowercase().contains("certificate"),
+            "{err}"
+        );
+
+        // No client certificate at all: the server refuses the handshake.
+        let ca = TlsFiles::in_dir(&cluster.tls_dir, "admin")
+            .load()
+            .unwrap()
+            .ca_pem;
+        let no_cert = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca));
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("https://{}", cluster.addr(0)))
+                .unwrap()
+                .tls_config(no_cert)
+                .unwrap()
+                .connect()
+                .await;
+        let refused = match channel {
+            Err(_) => true,
+            Ok(ch) => pb::client_service_client::ClientServiceClient::new(ch)
+                .list_runs(pb::ListRunsRequest::default())
+                .await
+                .is_err(),
+        };
+        assert!(refused, "a client without a certificate must be refused");
+
+        // Nothing was lost along the way: a good submission still works and the bad ones left no run.
+        let id = submit_cmd(&client, &["true"]).await;
+        assert_eq!(id, "run-1");
+    })
+    .await
+    .expect("test deadline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_without_a_quorum_are_unavailable_and_retried_until_one_returns() {
+    // Guards: UNAVAILABLE during an election, and droverctl's retry with backoff up to its deadline.
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let mut cluster = Cluster::start(ClusterOptions::default()).await;
+        let leader = cluster.wait_leader(Duration::from_secs(10)).await;
+        let survivor = (leader + 1) % 3;
+        let third = (leader + 2) % 3;
+        cluster.kill(leader);
+        cluster.kill(third);
+
+        // With one node of three nothing can commit: a short deadline ends in UNAVAILABLE.
+        let mut impatient: ClusterClient = cluster.client_as("admin", vec![cluster.addr(survivor)]);
+        impatient.retry_deadline = Duration::from_secs(2);
+        let e = droverctl::cli::submit(&impatient, one_task("a", &["true"]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, CallError::Status(s) if s.code() == Code::Unavailable)
+                || e.code() == Code::Unavailable,
+            "{e}"
+        );
+
+        // droverctl keeps retrying; bring a second node back and the same submission lands.
+        let mut submit = cluster
+            .ctl()
+            .env("DROVER_ADDR", cluster.addrs().join(","))
+            .args(["--timeout", "60s", "run", "submit", "--", "true"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(
+            submit.try_wait().unwrap().is_none(),
+            "droverctl should still be retrying"
+        );
+        cluster.restart(third);
+        let out = tokio::task::spawn_blocking(move || submit.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(id.starts_with("run-"), "{id}");
+        // Exactly one run was created for that submission, whatever the retries.
+        let client = cluster.client();
+        let runs = client
+            .call(|mut c| async move { c.list_runs(pb::ListRunsRequest::default()).await })
+            .await
+            .unwrap();
+        assert_eq!(
+            runs.runs.len(),
+            1,
+            "{:?}",
+            runs.runs.iter().map(|r| &r.id).collect::<Vec<_>>()
+        );
+    })
+    .await
+    .expect("test deadline");
+}
