@@ -486,3 +486,7 @@ impl State {
         self.agents.values().map(|a| a.tasks.len()).sum()
     }
 }
+
+#[cfg(test)]
+#[path = "state_tests.rs"]
+mod tests;

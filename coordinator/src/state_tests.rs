@@ -1,0 +1,365 @@
+//! `apply` without any network: fencing, idempotency, plan re-checks, loss and recovery.
+
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::model::{Program, TaskSpec};
+
+fn spec(tasks: &[&str], cpu: u64) -> RunSpec {
+    RunSpec {
+        name: "r".into(),
+        tasks: tasks
+            .iter()
+            .map(|n| TaskSpec {
+                name: (*n).into(),
+                program: Program::Argv(vec!["true".into()]),
+                env: BTreeMap::new(),
+                workdir: String::new(),
+                timeout_ms: 0,
+                class: "default".into(),
+                resources: Resources {
+                    cpu_millis: cpu,
+                    ..Default::default()
+                },
+            })
+            .collect(),
+        labels: BTreeMap::new(),
+    }
+}
+
+fn one(state: &mut State, term: u64, cmd: Command) -> CommandResult {
+    let mut r = state.apply(
+        term,
+        &Request {
+            now_ms: 1_000,
+            commands: vec![cmd],
+        },
+    );
+    r.results.pop().unwrap()
+}
+
+fn register(state: &mut State, name: &str, cpu: u64, held: Vec<HeldTask>) -> CommandResult {
+    one(
+        state,
+        1,
+        Command::RegisterAgent {
+            name: name.into(),
+            labels: BTreeMap::new(),
+            total: Resources {
+                cpu_millis: cpu,
+                ..Default::default()
+            },
+            class: "default".into(),
+            version: "t".into(),
+            held,
+        },
+    )
+}
+
+fn submit(state: &mut State, key: &str, tasks: &[&str], cpu: u64) -> String {
+    match one(
+        state,
+        1,
+        Command::SubmitRun {
+            idempotency_key: key.into(),
+            spec: spec(tasks, cpu),
+            submitted_by: "t".into(),
+        },
+    ) {
+        CommandResult::Submitted { run_id, .. } => run_id,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn assign(state: &mut State, term: u64, task: &str, attempt: u64, agent: &str) -> CommandResult {
+    one(
+        state,
+        term,
+        Command::ApplyPlan {
+            term,
+            assignments: vec![Assignment {
+                task_id: task.into(),
+                attempt,
+                agent: agent.into(),
+            }],
+            unplaced: vec![],
+        },
+    )
+}
+
+fn finish(state: &mut State, agent: &str, task: &str, attempt: u64, ok: bool) -> CommandResult {
+    one(
+        state,
+        1,
+        Command::TaskFinished {
+            agent: agent.into(),
+            task_id: task.into(),
+            attempt,
+            outcome: Outcome {
+                exit_code: Some(if ok { 0 } else { 1 }),
+                succeeded: ok,
+                ..Default::default()
+            },
+        },
+    )
+}
+
+#[test]
+fn a_run_goes_from_pending_to_succeeded_and_frees_its_capacity() {
+    // Guards: the happy path of apply and the capacity bookkeeping on the agent.
+    let mut s = State::default();
+    register(&mut s, "a", 1000, vec![]);
+    let run = submit(&mut s, "k1", &["main"], 600);
+    assert_eq!(run, "run-1");
+    let tid = task_id(&run, "main");
+    assert!(
+        matches!(assign(&mut s, 1, &tid, 1, "a"), CommandResult::PlanApplied { ref accepted, dropped: 0 } if accepted.len() == 1)
+    );
+    assert_eq!(s.agents["a"].free().cpu_millis, 400);
+    assert_eq!(
+        one(
+            &mut s,
+            1,
+            Command::TaskStarted {
+                agent: "a".into(),
+                task_id: tid.clone(),
+                attempt: 1
+            }
+        ),
+        CommandResult::Reported
+    );
+    assert_eq!(s.tasks[&tid].state, TaskState::Running);
+    assert_eq!(finish(&mut s, "a", &tid, 1, true), CommandResult::Reported);
+    assert_eq!(s.tasks[&tid].state, TaskState::Succeeded);
+    assert_eq!(s.agents["a"].free().cpu_millis, 1000);
+    assert_eq!(s.run_state(s.run_by_id(&run).unwrap()), RunState::Succeeded);
+    assert_ne!(s.run_by_id(&run).unwrap().finished_at_ms, 0);
+}
+
+#[test]
+fn the_same_idempotency_key_never_creates_a_second_run() {
+    // Guards: retried submissions (after a timeout) return the first run.
+    let mut s = State::default();
+    let first = submit(&mut s, "same", &["main"], 0);
+    let again = one(
+        &mut s,
+        1,
+        Command::SubmitRun {
+            idempotency_key: "same".into(),
+            spec: spec(&["main"], 0),
+            submitted_by: "t".into(),
+        },
+    );
+    assert_eq!(
+        again,
+        CommandResult::Submitted {
+            run_id: first,
+            deduplicated: true
+        }
+    );
+    assert_eq!(s.runs.len(), 1);
+}
+
+#[test]
+fn apply_refuses_stale_or_overcommitting_assignments_and_foreign_terms() {
+    // Guards: plan/apply re-checks (capacity, attempt, task state) and term fencing of plans.
+    let mut s = State::default();
+    register(&mut s, "a", 1000, vec![]);
+    let run = submit(&mut s, "", &["x", "y"], 700);
+    let x = task_id(&run, "x");
+    let y = task_id(&run, "y");
+    assert!(matches!(
+        assign(&mut s, 1, &x, 1, "a"),
+        CommandResult::PlanApplied { dropped: 0, .. }
+    ));
+    // y would overcommit the agent: dropped.
+    assert!(matches!(
+        assign(&mut s, 1, &y, 1, "a"),
+        CommandResult::PlanApplied { dropped: 1, .. }
+    ));
+    // x is no longer pending: dropped.
+    assert!(matches!(
+        assign(&mut s, 1, &x, 1, "a"),
+        CommandResult::PlanApplied { dropped: 1, .. }
+    ));
+    // Wrong attempt, unknown agent: dropped.
+    assert!(matches!(
+        assign(&mut s, 1, &y, 7, "a"),
+        CommandResult::PlanApplied { dropped: 1, .. }
+    ));
+    assert!(matches!(
+        assign(&mut s, 1, &y, 1, "ghost"),
+        CommandResult::PlanApplied { dropped: 1, .. }
+    ));
+    // A plan made in another term is refused whole.
+    let r = one(
+        &mut s,
+        2,
+        Command::ApplyPlan {
+            term: 1,
+            assignments: vec![],
+            unplaced: vec![],
+        },
+    );
+    assert!(matches!(r, CommandResult::Rejected { .. }));
+    assert_eq!(s.counters.assignments_dropped, 4);
+}
+
+#[test]
+fn a_lost_agent_requeues_its_tasks_and_its_late_results_are_rejected() {
+    // Guards: attempts as fencing tokens across agent loss, and stale re-registration.
+    let mut s = State::default();
+    register(&mut s, "a", 1000, vec![]);
+    register(&mut s, "b", 1000, vec![]);
+    let run = submit(&mut s, "", &["main"], 100);
+    let tid = task_id(&run, "main");
+    assign(&mut s, 1, &tid, 1, "a");
+    let lost = one(
+        &mut s,
+        1,
+        Command::AgentLost {
+            name: "a".into(),
+            reason: "test".into(),
+        },
+    );
+    assert_eq!(
+        lost,
+        CommandResult::AgentLost {
+            requeued: vec![tid.clone()]
+        }
+    );
+    assert_eq!(s.tasks[&tid].state, TaskState::Pending);
+    assert_eq!(s.tasks[&tid].attempt, 2);
+    assert_eq!(s.agents["a"].used, Resources::default());
+    assert!(s.tasks[&tid].pending_reason.contains("agent a lost"));
+
+    assign(&mut s, 1, &tid, 2, "b");
+    // The old attempt's result arrives late: rejected, counted, nothing changes.
+    assert_eq!(
+        finish(&mut s, "a", &tid, 1, true),
+        CommandResult::StaleReport { current_attempt: 2 }
+    );
+    assert_eq!(s.counters.stale_reports, 1);
+    assert_eq!(s.tasks[&tid].state, TaskState::Assigned);
+    // The lost agent comes back still holding attempt 1: told it is stale.
+    let r = register(
+        &mut s,
+        "a",
+        1000,
+        vec![HeldTask {
+            task_id: tid.clone(),
+            attempt: 1,
+        }],
+    );
+    assert!(matches!(r, CommandResult::Registered { ref stale, .. } if stale.len() == 1));
+    assert_eq!(s.agents["a"].state, AgentState::Active);
+    // The current attempt completes normally.
+    assert_eq!(finish(&mut s, "b", &tid, 2, true), CommandResult::Reported);
+    assert_eq!(s.tasks[&tid].state, TaskState::Succeeded);
+}
+
+#[test]
+fn reregistration_resends_unreceived_and_requeues_vanished_tasks() {
+    // Guards: recovery of an agent that restarted (lost its processes) or missed an assignment.
+    let mut s = State::default();
+    register(&mut s, "a", 1000, vec![]);
+    let run = submit(&mut s, "", &["sent", "running"], 100);
+    let sent = task_id(&run, "sent");
+    let running = task_id(&run, "running");
+    assign(&mut s, 1, &sent, 1, "a");
+    assign(&mut s, 1, &running, 1, "a");
+    one(
+        &mut s,
+        1,
+        Command::TaskStarted {
+            agent: "a".into(),
+            task_id: running.clone(),
+            attempt: 1,
+        },
+    );
+    let r = register(&mut s, "a", 1000, vec![]);
+    assert_eq!(
+        r,
+        CommandResult::Registered {
+            stale: vec![],
+            resend: vec![sent.clone()],
+            requeued: vec![running.clone()]
+        }
+    );
+    assert_eq!(s.tasks[&running].attempt, 2);
+    assert_eq!(s.tasks[&running].state, TaskState::Pending);
+    // Holding the current attempt is fine: nothing stale, nothing to resend.
+    let r = register(
+        &mut s,
+        "a",
+        1000,
+        vec![HeldTask {
+            task_id: sent.clone(),
+            attempt: 1,
+        }],
+    );
+    assert_eq!(
+        r,
+        CommandResult::Registered {
+            stale: vec![],
+            resend: vec![],
+            requeued: vec![]
+        }
+    );
+}
+
+#[test]
+fn apply_is_deterministic_and_snapshots_round_trip() {
+    // Guards: replicas applying the same log agree byte for byte, including through a snapshot.
+    let build = || {
+        let mut s = State::default();
+        register(&mut s, "b", 2000, vec![]);
+        register(&mut s, "a", 2000, vec![]);
+        for i in 0..20 {
+            let run = submit(&mut s, &format!("k{i}"), &["t1", "t2"], 150);
+            assign(
+                &mut s,
+                1,
+                &task_id(&run, "t1"),
+                1,
+                if i % 2 == 0 { "a" } else { "b" },
+            );
+        }
+        one(
+            &mut s,
+            1,
+            Command::AgentLost {
+                name: "b".into(),
+                reason: "x".into(),
+            },
+        );
+        s
+    };
+    let (s1, s2) = (build(), build());
+    let j1 = serde_json::to_vec(&s1).unwrap();
+    assert_eq!(j1, serde_json::to_vec(&s2).unwrap());
+    let restored: State = serde_json::from_slice(&j1).unwrap();
+    assert_eq!(restored, s1);
+}
+
+#[test]
+fn the_pending_queue_has_a_limit_that_names_itself() {
+    // Guards: pending_tasks_max is enforced in apply with a named RESOURCE_EXHAUSTED-style result.
+    let mut s = State::default();
+    for i in 0..limits::PENDING_TASKS_MAX {
+        s.pending.insert((i as u64, format!("fake-{i}")));
+    }
+    let r = one(
+        &mut s,
+        1,
+        Command::SubmitRun {
+            idempotency_key: String::new(),
+            spec: spec(&["main"], 0),
+            submitted_by: "t".into(),
+        },
+    );
+    assert!(
+        matches!(r, CommandResult::Rejected { limit: Some(ref l), .. } if l == "pending_tasks_max"),
+        "{r:?}"
+    );
+}
