@@ -1,1 +1,1 @@
-
+//! Shared pieces of the benchmarks live in the binary and benches; this crate has no library API.

@@ -1,0 +1,99 @@
+//! Hot paths of the coordinator, without any network: one scheduling round and applying batches.
+//! Run: cargo bench -p drover-benches --bench core
+
+use std::collections::BTreeMap;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use drover_coordinator::command::{Command, Request};
+use drover_coordinator::model::{Program, Resources, RunSpec, TaskSpec};
+use drover_coordinator::scheduler::{self, AgentSlot, PendingTask, View};
+use drover_coordinator::state::State;
+
+fn view(tasks: usize, agents: usize) -> View {
+    let classes = ["default", "cpu-large", "gpu"];
+    View {
+        pending: (0..tasks)
+            .map(|i| PendingTask {
+                id: format!("run-{i}/main"),
+                attempt: 1,
+                class: classes[i % 3].into(),
+                resources: Resources {
+                    cpu_millis: 100 + (i as u64 % 7) * 50,
+                    memory_bytes: (64 + (i as u64 % 5) * 64) << 20,
+                    ..Default::default()
+                },
+            })
+            .collect(),
+        agents: (0..agents)
+            .map(|i| AgentSlot {
+                name: format!("agent-{i:05}"),
+                class: classes[i % 3].into(),
+                free: Resources {
+                    cpu_millis: 16_000,
+                    memory_bytes: 64 << 30,
+                    ..Default::default()
+                },
+            })
+            .collect(),
+    }
+}
+
+fn submit_batch(n: usize, offset: usize) -> Request {
+    Request {
+        now_ms: 1,
+        commands: (0..n)
+            .map(|i| Command::SubmitRun {
+                idempotency_key: format!("key-{}", offset + i),
+                spec: RunSpec {
+                    name: "bench".into(),
+                    tasks: vec![TaskSpec {
+                        name: "main".into(),
+                        program: Program::Argv(vec!["true".into()]),
+                        env: BTreeMap::new(),
+                        workdir: String::new(),
+                        timeout_ms: 0,
+                        class: "default".into(),
+                        resources: Resources::default(),
+                    }],
+                    labels: BTreeMap::new(),
+                },
+                submitted_by: "bench".into(),
+            })
+            .collect(),
+    }
+}
+
+fn benches(c: &mut Criterion) {
+    let v = view(1_000, 100);
+    c.bench_function("scheduler_plan_1000_tasks_100_agents", |b| {
+        b.iter(|| scheduler::plan(&v))
+    });
+
+    let batch = submit_batch(1_000, 0);
+    c.bench_function("apply_submit_batch_1000_runs", |b| {
+        b.iter_batched(
+            State::default,
+            |mut s| s.apply(1, &batch),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+
+    let mut big = State::default();
+    for k in 0..20 {
+        big.apply(1, &submit_batch(1_000, k * 1_000));
+    }
+    c.bench_function("snapshot_encode_20000_runs", |b| {
+        b.iter(|| serde_json::to_vec(&big).unwrap())
+    });
+    let bytes = serde_json::to_vec(&big).unwrap();
+    c.bench_function("snapshot_decode_20000_runs", |b| {
+        b.iter(|| serde_json::from_slice::<State>(&bytes).unwrap())
+    });
+}
+
+criterion_group! {
+    name = core;
+    config = Criterion::default().sample_size(20).measurement_time(std::time::Duration::from_secs(3));
+    targets = benches
+}
+criterion_main!(core);
