@@ -232,3 +232,46 @@ async fn futures_join<F: std::future::Future<Output = String>>(futs: Vec<F>) -> 
     }
     set
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_running_across_a_leader_failover_keeps_its_attempt_and_result() {
+    // Guards: the agent reconnects to the new leader, keeps its running task and delivers the result.
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let mut cluster = Cluster::start(ClusterOptions::default()).await;
+        cluster.start_agent("worker-1", &[]);
+        cluster
+            .wait_agent_connected("worker-1", Duration::from_secs(20))
+            .await;
+        let client = cluster.client();
+        let run_id = submit_cmd(&client, &["sh", "-c", "sleep 2; echo survived"]).await;
+        wait_for(
+            "the task to be running",
+            Duration::from_secs(20),
+            || async {
+                let run = droverctl::cli::get_run(&client, &run_id).await.ok()?;
+                (run.tasks[0].state == pb::TaskState::Running as i32).then_some(())
+            },
+        )
+        .await;
+        let leader = cluster.wait_leader(Duration::from_secs(10)).await;
+        cluster.kill(leader);
+        let run = wait_done(&client, &run_id, Duration::from_secs(60)).await;
+        assert_eq!(run.state, pb::RunState::Succeeded as i32, "{run:?}");
+        assert_eq!(
+            run.tasks[0].attempt, 1,
+            "the task must not have been re-run"
+        );
+        assert_eq!(stdout_of(&run), "survived\n");
+        let agents = client
+            .call(|mut c| async move { c.list_agents(pb::ListAgentsRequest {}).await })
+            .await
+            .unwrap();
+        assert_eq!(
+            agents.agents[0].state,
+            pb::AgentState::Active as i32,
+            "no agent may be declared lost"
+        );
+    })
+    .await
+    .expect("test deadline");
+}
