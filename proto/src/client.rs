@@ -236,7 +236,7 @@ impl ClusterClient {
                         }
                     }
                 }
-            } else if status.code() != Code::Unavailable {
+            } else if status.code() != Code::Unavailable && !is_connection_failure(&status) {
                 return Err(CallError::Status(status));
             } else {
                 // No leader yet, or the node went away: try the next node after a pause.
@@ -251,4 +251,13 @@ impl ClusterClient {
             backoff = (backoff * 2).min(Duration::from_secs(1));
         }
     }
+}
+
+/// tonic reports a connection that broke mid-call (peer killed, TLS EOF) as UNKNOWN "transport
+/// error"; like UNAVAILABLE it says nothing about the request, so it is retried on another node.
+/// (Writes stay safe: they carry an idempotency key.)
+fn is_connection_failure(status: &Status) -> bool {
+    status.code() == Code::Unknown
+        && (status.message().starts_with("transport error")
+            || std::error::Error::source(status).is_some())
 }
