@@ -14,6 +14,10 @@ use drover_proto::quantity::{parse_bytes, parse_cpu_millis};
     about = "Drover's worker agent: registers with the coordinators and runs tasks"
 )]
 pub struct Config {
+    /// YAML file of settings (keys are flag names); flags and DROVER_* variables win over it.
+    #[arg(long, env = "DROVER_CONFIG")]
+    pub config: Option<PathBuf>,
+
     /// Coordinator addresses (any members; the agent finds the leader), comma-separated.
     #[arg(
         long,
@@ -57,6 +61,19 @@ pub struct Config {
     #[arg(long, env = "DROVER_LOG_RETENTION_HOURS", default_value_t = 72)]
     pub log_retention_hours: u64,
 }
+
+/// Environment variables a config file may set.
+pub const ENV_VARS: &[&str] = &[
+    "DROVER_COORDINATOR",
+    "DROVER_TLS_DIR",
+    "DROVER_TLS_NAME",
+    "DROVER_AGENT_NAME",
+    "DROVER_LABELS",
+    "DROVER_RESOURCES",
+    "DROVER_CLASS",
+    "DROVER_WORK_DIR",
+    "DROVER_LOG_RETENTION_HOURS",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -7,6 +7,10 @@ use clap::Parser;
 
 pub fn main() -> ExitCode {
     drover_proto::tls::install_crypto_provider();
+    if let Err(e) = drover_proto::config_file::load_into_env(crate::config::ENV_VARS) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("DROVER_LOG")

@@ -16,6 +16,10 @@ use crate::model::NodeId;
     about = "Drover's Raft-replicated coordinator"
 )]
 pub struct Config {
+    /// YAML file of settings (keys are flag names); flags and DROVER_* variables win over it.
+    #[arg(long, env = "DROVER_CONFIG")]
+    pub config: Option<PathBuf>,
+
     /// This node's id; must appear in --peer.
     #[arg(long, env = "DROVER_NODE_ID")]
     pub node_id: NodeId,
@@ -69,6 +73,22 @@ pub struct Config {
     #[arg(long, env = "DROVER_SNAPSHOT_LOGS", default_value_t = 5000)]
     pub snapshot_logs: u64,
 }
+
+/// Environment variables a config file may set.
+pub const ENV_VARS: &[&str] = &[
+    "DROVER_NODE_ID",
+    "DROVER_LISTEN",
+    "DROVER_HTTP_LISTEN",
+    "DROVER_DATA_DIR",
+    "DROVER_PEERS",
+    "DROVER_TLS_DIR",
+    "DROVER_TLS_NAME",
+    "DROVER_HEARTBEAT_INTERVAL_MS",
+    "DROVER_LEASE_TTL_MS",
+    "DROVER_RAFT_HEARTBEAT_MS",
+    "DROVER_ELECTION_TIMEOUT_MS",
+    "DROVER_SNAPSHOT_LOGS",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

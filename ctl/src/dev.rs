@@ -74,6 +74,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<i32> {
     for (i, port) in ports.iter().enumerate() {
         let id = i as u64 + 1;
         let config = drover_coordinator::Config {
+            config: None,
             node_id: id,
             listen: format!("127.0.0.1:{port}").parse()?,
             http_listen: format!("127.0.0.1:{}", port + 100).parse()?,
@@ -97,6 +98,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<i32> {
     let mut agents = Vec::new();
     for n in 1..=args.agents {
         let config = drover_agent::Config {
+            config: None,
             coordinator: addrs.clone(),
             tls_dir: tls_dir.clone(),
             tls_name: "agent".into(),

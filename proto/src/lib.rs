@@ -7,6 +7,7 @@ pub mod pb {
 }
 
 pub mod client;
+pub mod config_file;
 pub mod identity;
 pub mod quantity;
 pub mod tls;

@@ -130,6 +130,17 @@ async fn every_bad_input_gets_a_clear_error() {
         };
         assert!(refused, "a client without a certificate must be refused");
 
+        // A config file with a typo: the program refuses to start and names the key.
+        let conf = cluster.path().join("bad-config.yaml");
+        std::fs::write(&conf, "node-idd: 4\n").unwrap();
+        let out = std::process::Command::new(drover_tests::bin("drover-coordinator"))
+            .args(["--config", conf.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("unknown key 'node-idd'"), "{err}");
+
         // Nothing was lost along the way: a good submission still works and the bad ones left no run.
         let id = submit_cmd(&client, &["true"]).await;
         assert_eq!(id, "run-1");
