@@ -49,6 +49,10 @@ pub struct Config {
     #[arg(long, env = "DROVER_RESOURCES", value_delimiter = ',')]
     pub resources: Vec<String>,
 
+    /// Pool (instance group) this agent belongs to; autoscaling acts per pool.
+    #[arg(long, env = "DROVER_POOL", default_value = "default")]
+    pub pool: String,
+
     /// Resource class this agent serves.
     #[arg(long, env = "DROVER_CLASS", default_value = "default")]
     pub class: String,
@@ -56,6 +60,10 @@ pub struct Config {
     /// Where task working directories and logs live.
     #[arg(long, env = "DROVER_WORK_DIR", default_value = "drover-agent-work")]
     pub work_dir: PathBuf,
+
+    /// cgroup v2 directory to run tasks under (delegated to the agent) [default: the agent's own cgroup].
+    #[arg(long, env = "DROVER_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
 
     /// Task logs older than this many hours are deleted.
     #[arg(long, env = "DROVER_LOG_RETENTION_HOURS", default_value_t = 72)]
@@ -70,8 +78,10 @@ pub const ENV_VARS: &[&str] = &[
     "DROVER_AGENT_NAME",
     "DROVER_LABELS",
     "DROVER_RESOURCES",
+    "DROVER_POOL",
     "DROVER_CLASS",
     "DROVER_WORK_DIR",
+    "DROVER_CGROUP_ROOT",
     "DROVER_LOG_RETENTION_HOURS",
 ];
 

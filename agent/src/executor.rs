@@ -59,7 +59,12 @@ fn failed(reason: String) -> pb::TaskOutcome {
 }
 
 /// Runs the assignment to completion and records the result in the table.
-pub async fn execute(work_dir: PathBuf, table: Arc<TaskTable>, assign: pb::Assign) {
+pub async fn execute(
+    work_dir: PathBuf,
+    table: Arc<TaskTable>,
+    cgroups: Option<Arc<crate::cgroup::Cgroups>>,
+    assign: pb::Assign,
+) {
     let task_id = assign.task_id.clone();
     let attempt = assign.attempt;
     match table.claim(&task_id, attempt, &assign.run_id) {
@@ -70,7 +75,7 @@ pub async fn execute(work_dir: PathBuf, table: Arc<TaskTable>, assign: pb::Assig
             return;
         }
     }
-    let outcome = run_process(&work_dir, &table, &assign).await;
+    let outcome = run_process(&work_dir, &table, cgroups.as_deref(), &assign).await;
     tracing::info!(task = %task_id, attempt, exit_code = ?outcome.exit_code, signal = ?outcome.signal, reason = %outcome.reason, "task finished");
     table.finished(pb::TaskFinished {
         task_id,
@@ -79,7 +84,12 @@ pub async fn execute(work_dir: PathBuf, table: Arc<TaskTable>, assign: pb::Assig
     });
 }
 
-async fn run_process(work_dir: &Path, table: &TaskTable, assign: &pb::Assign) -> pb::TaskOutcome {
+async fn run_process(
+    work_dir: &Path,
+    table: &TaskTable,
+    cgroups: Option<&crate::cgroup::Cgroups>,
+    assign: &pb::Assign,
+) -> pb::TaskOutcome {
     let started = Instant::now();
     let Some(spec) = assign.spec.as_ref() else {
         return failed("assignment carried no task spec".into());
@@ -132,6 +142,19 @@ async fn run_process(work_dir: &Path, table: &TaskTable, assign: &pb::Assign) ->
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    let cgroup =
+        match cgroups.map(|c| c.create(&assign.task_id, assign.attempt, spec.resources.as_ref())) {
+            None => None,
+            Some(Ok(cg)) => Some(cg),
+            Some(Err(e)) => return failed(format!("cgroup: {e}")),
+        };
+    if let Some(cg) = &cgroup {
+        let join = cg.join_in_child();
+        // SAFETY: the closure only calls write(2), which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(join);
+        }
+    }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -180,6 +203,11 @@ async fn run_process(work_dir: &Path, table: &TaskTable, assign: &pb::Assign) ->
     kill_group(pid, libc::SIGKILL);
     let stdout_tail = out.await.unwrap_or_default();
     let stderr_tail = err.await.unwrap_or_default();
+    let usage = cgroup.as_ref().map(|c| c.usage()).unwrap_or_default();
+    drop(cgroup);
+    if usage.oom_killed && reason.is_empty() {
+        reason = "oom".into();
+    }
     let (exit_code, signal) = match &status {
         Ok(s) => (s.code(), s.signal()),
         Err(e) => {
@@ -197,6 +225,8 @@ async fn run_process(work_dir: &Path, table: &TaskTable, assign: &pb::Assign) ->
         duration_ms: started.elapsed().as_millis() as u64,
         stdout_tail,
         stderr_tail,
+        peak_memory_bytes: usage.peak_memory_bytes,
+        cpu_time_ms: usage.cpu_time_ms,
     }
 }
 

@@ -8,6 +8,7 @@ use drover_proto::tls::TlsFiles;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+pub mod cgroup;
 pub mod config;
 pub mod entry;
 pub mod executor;
@@ -53,11 +54,32 @@ impl AgentHandle {
 
 pub async fn start(config: Config) -> Result<AgentHandle, StartError> {
     let tls = TlsFiles::in_dir(&config.tls_dir, &config.tls_name).load()?;
+    let cgroups = match cgroup::detect(config.cgroup_root.as_deref()) {
+        Ok(c) => {
+            tracing::info!(
+                ?c,
+                "cgroup v2 available: each task runs in its own cgroup with cpu.max and memory.max"
+            );
+            Some(Arc::new(c))
+        }
+        Err(why) => {
+            tracing::warn!(
+                "cgroup limits unavailable ({why}); tasks run without cpu or memory limits"
+            );
+            None
+        }
+    };
     let identity = Identity {
         name: config.agent_name(),
         labels: config.parsed_labels()?.into_iter().collect(),
         resources: config.parsed_resources()?,
         class: config.class.clone(),
+        pool: config.pool.clone(),
+        isolation: if cgroups.is_some() {
+            "cgroup-v2".into()
+        } else {
+            String::new()
+        },
     };
     std::fs::create_dir_all(&config.work_dir).map_err(|source| StartError::WorkDir {
         path: config.work_dir.display().to_string(),
@@ -73,6 +95,7 @@ pub async fn start(config: Config) -> Result<AgentHandle, StartError> {
         tls,
         identity,
         work_dir: work_dir.clone(),
+        cgroups,
     });
     tracing::info!(agent = %name, work_dir = %work_dir.display(), "agent starting");
     let session = tokio::spawn(session::run(cfg, table.clone(), shutdown_rx.clone()));

@@ -24,6 +24,9 @@ pub struct Identity {
     pub labels: std::collections::HashMap<String, String>,
     pub resources: pb::Resources,
     pub class: String,
+    pub pool: String,
+    /// "cgroup-v2" when tasks get their own cgroup with limits.
+    pub isolation: String,
 }
 
 pub struct SessionConfig {
@@ -31,6 +34,7 @@ pub struct SessionConfig {
     pub tls: TlsMaterial,
     pub identity: Identity,
     pub work_dir: PathBuf,
+    pub cgroups: Option<Arc<crate::cgroup::Cgroups>>,
 }
 
 enum End {
@@ -101,6 +105,8 @@ async fn session(
         class: cfg.identity.class.clone(),
         version: env!("CARGO_PKG_VERSION").into(),
         running: table.held(),
+        pool: cfg.identity.pool.clone(),
+        isolation: cfg.identity.isolation.clone(),
     };
     let _ = tx
         .send(AgentMessage {
@@ -143,7 +149,7 @@ async fn session(
                     }
                     Some(Msg::Assign(a)) => {
                         tracing::debug!(task = %a.task_id, attempt = a.attempt, "assigned");
-                        tokio::spawn(executor::execute(cfg.work_dir.clone(), table.clone(), a));
+                        tokio::spawn(executor::execute(cfg.work_dir.clone(), table.clone(), cfg.cgroups.clone(), a));
                     }
                     Some(Msg::Cancel(c)) => table.stop(&c.task_id, c.attempt, &format!("cancelled: {}", c.reason)),
                     Some(Msg::Ack(a)) => table.ack(&a.task_id, a.attempt),

@@ -5,29 +5,65 @@ use std::collections::BTreeMap;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use drover_coordinator::command::{Command, Request};
-use drover_coordinator::model::{Program, Resources, RunSpec, TaskSpec};
+use drover_coordinator::model::{
+    LabelExpr, LabelOp, Program, Resources, RunSpec, Strategy, TaskSpec,
+};
 use drover_coordinator::scheduler::{self, AgentSlot, PendingTask, View};
 use drover_coordinator::state::State;
 
+fn eq(k: &str, v: &str) -> LabelExpr {
+    LabelExpr {
+        key: k.into(),
+        op: LabelOp::Eq,
+        values: vec![v.into()],
+    }
+}
+
+/// Mixed classes, zones and disks; a third of the tasks require a zone, half prefer ssd, some spread.
 fn view(tasks: usize, agents: usize) -> View {
     let classes = ["default", "cpu-large", "gpu"];
+    let zones = ["a", "b", "c", "d"];
     View {
         pending: (0..tasks)
             .map(|i| PendingTask {
-                id: format!("run-{i}/main"),
+                id: format!("run-{}/t{i}", i / 10),
                 attempt: 1,
+                run_id: format!("run-{}", i / 10),
                 class: classes[i % 3].into(),
                 resources: Resources {
                     cpu_millis: 100 + (i as u64 % 7) * 50,
                     memory_bytes: (64 + (i as u64 % 5) * 64) << 20,
                     ..Default::default()
                 },
+                required: if i % 3 == 0 {
+                    vec![eq("zone", zones[i % 4])]
+                } else {
+                    vec![]
+                },
+                preferred: if i % 2 == 0 {
+                    vec![(10, eq("disk", "ssd"))]
+                } else {
+                    vec![]
+                },
+                spread_by: if i % 5 == 0 {
+                    "zone".into()
+                } else {
+                    String::new()
+                },
+                strategy: Strategy::BinPack,
             })
             .collect(),
         agents: (0..agents)
             .map(|i| AgentSlot {
                 name: format!("agent-{i:05}"),
                 class: classes[i % 3].into(),
+                labels: BTreeMap::from([
+                    ("zone".to_owned(), zones[i % 4].to_owned()),
+                    (
+                        "disk".to_owned(),
+                        if i % 2 == 0 { "ssd" } else { "hdd" }.to_owned(),
+                    ),
+                ]),
                 free: Resources {
                     cpu_millis: 16_000,
                     memory_bytes: 64 << 30,
@@ -35,6 +71,7 @@ fn view(tasks: usize, agents: usize) -> View {
                 },
             })
             .collect(),
+        placed: BTreeMap::new(),
     }
 }
 
@@ -54,6 +91,12 @@ fn submit_batch(n: usize, offset: usize) -> Request {
                         timeout_ms: 0,
                         class: "default".into(),
                         resources: Resources::default(),
+                        required: vec![],
+                        preferred: vec![],
+                        spread_by: String::new(),
+                        priority: 0,
+                        queue: "default".into(),
+                        strategy: Strategy::BinPack,
                     }],
                     labels: BTreeMap::new(),
                 },

@@ -89,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
             ..Default::default()
         }],
         labels: Default::default(),
+        strategy: String::new(),
     };
     let started = Instant::now();
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));

@@ -112,6 +112,12 @@ impl AgentRpc {
                 },
                 version: reg.version,
                 held,
+                pool: if reg.pool.is_empty() {
+                    "default".into()
+                } else {
+                    reg.pool
+                },
+                isolation: reg.isolation,
             })
             .await?;
         let CommandResult::Registered {

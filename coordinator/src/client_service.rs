@@ -21,6 +21,9 @@ use crate::state::run_seq;
 
 const READERS: &[Role] = &[Role::Admin, Role::Operator, Role::Submitter, Role::Viewer];
 const SUBMITTERS: &[Role] = &[Role::Admin, Role::Operator, Role::Submitter];
+const OPERATORS: &[Role] = &[Role::Admin, Role::Operator];
+/// Longest drain deadline accepted (a week); longer means "drain without a deadline".
+const DRAIN_DEADLINE_MAX_MS: u64 = 7 * 24 * 3600 * 1000;
 /// How long a log read waits for the agent to answer.
 const LOG_READ_WAIT: Duration = Duration::from_secs(5);
 const IDEMPOTENCY_KEY_BYTES_MAX: usize = 128;
@@ -112,6 +115,67 @@ impl ClientRpc {
                 .cloned()
                 .ok_or_else(|| Status::not_found(format!("task {task} not found in run {run_id}")))
         })
+    }
+
+    fn agent_proto(&self, name: &str) -> Result<pb::Agent, Status> {
+        self.ctx.shared.read(|a| {
+            let ag = a
+                .state
+                .agents
+                .get(name)
+                .ok_or_else(|| Status::not_found(format!("agent {name} not found")))?;
+            let age = if ag.state == AgentState::Lost {
+                None
+            } else {
+                self.ctx.sessions.heard_ago_ms(&ag.name)
+            };
+            Ok(convert::agent_to_proto(
+                ag,
+                age,
+                self.ctx.sessions.is_connected(&ag.name),
+            ))
+        })
+    }
+
+    async fn set_drain(
+        &self,
+        name: &str,
+        draining: bool,
+        deadline_ms: u64,
+    ) -> Result<pb::DrainAgentResponse, Status> {
+        if deadline_ms > DRAIN_DEADLINE_MAX_MS {
+            return Err(CoordinatorError::invalid(
+                "deadline_ms",
+                format!("at most {DRAIN_DEADLINE_MAX_MS} (7 days); use 0 for no deadline"),
+            )
+            .into());
+        }
+        self.ctx.require_leader()?;
+        // Unknown names fail before anything is proposed.
+        self.agent_proto(name)?;
+        let deadline = if draining && deadline_ms > 0 {
+            crate::proposer::now_ms() + deadline_ms
+        } else {
+            0
+        };
+        match self
+            .ctx
+            .proposer
+            .propose(Command::SetDrain {
+                name: name.to_owned(),
+                draining,
+                deadline_ms: deadline,
+            })
+            .await?
+        {
+            CommandResult::DrainSet => Ok(pb::DrainAgentResponse {
+                agent: Some(self.agent_proto(name)?),
+            }),
+            CommandResult::Rejected { message, .. } => Err(Status::failed_precondition(message)),
+            other => Err(Status::internal(format!(
+                "unexpected drain result: {other:?}"
+            ))),
+        }
     }
 
     async fn logs(
@@ -316,6 +380,71 @@ impl ClientService for ClientRpc {
             }))
         })();
         self.observe("ClientService/ListAgents", r)
+    }
+
+    #[tracing::instrument(skip_all, fields(agent = %req.get_ref().name))]
+    async fn get_agent(
+        &self,
+        req: Request<pb::GetAgentRequest>,
+    ) -> Result<Response<pb::GetAgentResponse>, Status> {
+        let r = (|| {
+            require_role(&req, "reading agents", READERS)?;
+            if let Err(
+                e @ CoordinatorError::NotLeader {
+                    leader_addr: Some(_),
+                },
+            ) = self.ctx.require_leader()
+            {
+                return Err(Status::from(e));
+            }
+            let name = &req.get_ref().name;
+            let agent = self.agent_proto(name)?;
+            let tasks = self.ctx.shared.read(|a| {
+                a.state
+                    .agents
+                    .get(name)
+                    .map(|ag| {
+                        ag.tasks
+                            .iter()
+                            .filter_map(|t| a.state.tasks.get(t))
+                            .map(convert::task_to_proto)
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            });
+            Ok(pb::GetAgentResponse {
+                agent: Some(agent),
+                tasks,
+            })
+        })();
+        self.observe("ClientService/GetAgent", r)
+    }
+
+    #[tracing::instrument(skip_all, fields(agent = %req.get_ref().name))]
+    async fn drain_agent(
+        &self,
+        req: Request<pb::DrainAgentRequest>,
+    ) -> Result<Response<pb::DrainAgentResponse>, Status> {
+        let r = match require_role(&req, "draining an agent", OPERATORS) {
+            Ok(_) => {
+                self.set_drain(&req.get_ref().name, true, req.get_ref().deadline_ms)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        self.observe("ClientService/DrainAgent", r)
+    }
+
+    #[tracing::instrument(skip_all, fields(agent = %req.get_ref().name))]
+    async fn undrain_agent(
+        &self,
+        req: Request<pb::UndrainAgentRequest>,
+    ) -> Result<Response<pb::DrainAgentResponse>, Status> {
+        let r = match require_role(&req, "undraining an agent", OPERATORS) {
+            Ok(_) => self.set_drain(&req.get_ref().name, false, 0).await,
+            Err(e) => Err(e),
+        };
+        self.observe("ClientService/UndrainAgent", r)
     }
 
     #[tracing::instrument(skip_all)]

@@ -29,6 +29,10 @@ pub enum Command {
         class: String,
         version: String,
         held: Vec<HeldTask>,
+        #[serde(default)]
+        pool: String,
+        #[serde(default)]
+        isolation: String,
     },
     ApplyPlan {
         /// Term of the leader that planned; apply refuses a plan from another term.
@@ -52,6 +56,18 @@ pub enum Command {
         name: AgentName,
         reason: String,
     },
+    /// Start (with an absolute deadline, 0 = none) or stop draining an agent.
+    SetDrain {
+        name: AgentName,
+        draining: bool,
+        deadline_ms: u64,
+    },
+    /// Take tasks off an agent and queue them again as new attempts (drain deadline passed).
+    RequeueTasks {
+        agent: AgentName,
+        tasks: Vec<HeldTask>,
+        reason: String,
+    },
 }
 
 impl Command {
@@ -63,6 +79,8 @@ impl Command {
             Command::TaskStarted { .. } => "task_started",
             Command::TaskFinished { .. } => "task_finished",
             Command::AgentLost { .. } => "agent_lost",
+            Command::SetDrain { .. } => "set_drain",
+            Command::RequeueTasks { .. } => "requeue_tasks",
         }
     }
 }
@@ -92,6 +110,10 @@ pub enum CommandResult {
         current_attempt: u64,
     },
     AgentLost {
+        requeued: Vec<TaskId>,
+    },
+    DrainSet,
+    Requeued {
         requeued: Vec<TaskId>,
     },
     /// Refused without changing state; the text names the limit or the problem.

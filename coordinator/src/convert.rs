@@ -7,8 +7,8 @@ use drover_proto::pb;
 use crate::error::CoordinatorError;
 use crate::limits;
 use crate::model::{
-    Agent, AgentState, Outcome, Program, Resources, Run, RunSpec, RunState, Task, TaskSpec,
-    TaskState,
+    Agent, AgentState, LabelExpr, LabelOp, Outcome, Program, Resources, Run, RunSpec, RunState,
+    Strategy, Task, TaskSpec, TaskState,
 };
 use crate::state::State;
 
@@ -71,6 +71,80 @@ fn check_map(
     Ok(())
 }
 
+/// Largest |weight| of a preferred expression and |priority| of a task.
+const WEIGHT_ABS_MAX: i32 = 1_000;
+const PRIORITY_ABS_MAX: i32 = 1_000_000;
+const EXPRESSIONS_MAX: usize = 32;
+
+pub fn label_expr_from_proto(
+    field: &str,
+    e: &pb::LabelExpression,
+) -> Result<LabelExpr, CoordinatorError> {
+    let op = match e.op.as_str() {
+        "=" | "==" => LabelOp::Eq,
+        "!=" => LabelOp::NotEq,
+        "in" => LabelOp::In,
+        "not in" | "notin" => LabelOp::NotIn,
+        "exists" => LabelOp::Exists,
+        "!exists" => LabelOp::NotExists,
+        other => {
+            return Err(CoordinatorError::invalid(
+                format!("{field}.op"),
+                format!(
+                    "'{other}' is not one of {}",
+                    drover_proto::selector::OPS.join(", ")
+                ),
+            ));
+        }
+    };
+    if e.key.is_empty() || e.key.len() > limits::NAME_BYTES_MAX {
+        return Err(CoordinatorError::invalid(
+            format!("{field}.key"),
+            "a label key of 1-63 bytes is required",
+        ));
+    }
+    let want_values = match op {
+        LabelOp::Eq | LabelOp::NotEq => e.values.len() == 1,
+        LabelOp::In | LabelOp::NotIn => !e.values.is_empty() && e.values.len() <= 64,
+        LabelOp::Exists | LabelOp::NotExists => e.values.is_empty(),
+    };
+    if !want_values {
+        return Err(CoordinatorError::invalid(
+            format!("{field}.values"),
+            format!(
+                "'{}' takes {}",
+                e.op,
+                match op {
+                    LabelOp::Eq | LabelOp::NotEq => "exactly one value",
+                    LabelOp::In | LabelOp::NotIn => "1 to 64 values",
+                    _ => "no values",
+                }
+            ),
+        ));
+    }
+    Ok(LabelExpr {
+        key: e.key.clone(),
+        op,
+        values: e.values.clone(),
+    })
+}
+
+pub fn label_expr_to_proto(e: &LabelExpr) -> pb::LabelExpression {
+    pb::LabelExpression {
+        key: e.key.clone(),
+        op: match e.op {
+            LabelOp::Eq => "=",
+            LabelOp::NotEq => "!=",
+            LabelOp::In => "in",
+            LabelOp::NotIn => "not in",
+            LabelOp::Exists => "exists",
+            LabelOp::NotExists => "!exists",
+        }
+        .into(),
+        values: e.values.clone(),
+    }
+}
+
 /// Validates a submitted spec and turns it into the domain type.
 pub fn run_spec_from_proto(spec: Option<&pb::RunSpec>) -> Result<RunSpec, CoordinatorError> {
     let spec = spec.ok_or_else(|| CoordinatorError::invalid("spec", "missing"))?;
@@ -105,6 +179,16 @@ pub fn run_spec_from_proto(spec: Option<&pb::RunSpec>) -> Result<RunSpec, Coordi
             ),
         ));
     }
+    let strategy = match spec.strategy.as_str() {
+        "" | "binpack" => Strategy::BinPack,
+        "spread" => Strategy::Spread,
+        other => {
+            return Err(CoordinatorError::invalid(
+                "spec.strategy",
+                format!("'{other}' is not binpack or spread"),
+            ));
+        }
+    };
     let mut tasks = Vec::with_capacity(spec.tasks.len());
     let mut seen = std::collections::BTreeSet::new();
     for (i, t) in spec.tasks.iter().enumerate() {
@@ -182,7 +266,65 @@ pub fn run_spec_from_proto(spec: Option<&pb::RunSpec>) -> Result<RunSpec, Coordi
                 format!("'{}' is not a valid class name", t.class),
             ));
         }
+        if t.required.len() > EXPRESSIONS_MAX || t.preferred.len() > EXPRESSIONS_MAX {
+            return Err(CoordinatorError::invalid(
+                format!("{field}.affinity"),
+                format!("at most {EXPRESSIONS_MAX} expressions each"),
+            ));
+        }
+        let required = t
+            .required
+            .iter()
+            .enumerate()
+            .map(|(j, e)| label_expr_from_proto(&format!("{field}.affinity.required[{j}]"), e))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut preferred = Vec::with_capacity(t.preferred.len());
+        for (j, w) in t.preferred.iter().enumerate() {
+            let f = format!("{field}.affinity.preferred[{j}]");
+            if w.weight.abs() > WEIGHT_ABS_MAX {
+                return Err(CoordinatorError::invalid(
+                    format!("{f}.weight"),
+                    format!("must be within -{WEIGHT_ABS_MAX}..={WEIGHT_ABS_MAX}"),
+                ));
+            }
+            let e = w
+                .expression
+                .as_ref()
+                .ok_or_else(|| CoordinatorError::invalid(format!("{f}.expression"), "missing"))?;
+            preferred.push((w.weight, label_expr_from_proto(&f, e)?));
+        }
+        if t.priority.abs() > PRIORITY_ABS_MAX {
+            return Err(CoordinatorError::invalid(
+                format!("{field}.priority"),
+                format!("must be within -{PRIORITY_ABS_MAX}..={PRIORITY_ABS_MAX}"),
+            ));
+        }
+        if !t.spread_by.is_empty()
+            && (t.spread_by.len() > limits::NAME_BYTES_MAX
+                || t.spread_by.contains(char::is_whitespace))
+        {
+            return Err(CoordinatorError::invalid(
+                format!("{field}.spread_by"),
+                "must be a label key",
+            ));
+        }
+        if !t.queue.is_empty() && !valid_name(&t.queue) {
+            return Err(CoordinatorError::invalid(
+                format!("{field}.queue"),
+                format!("'{}' is not a valid queue name", t.queue),
+            ));
+        }
         tasks.push(TaskSpec {
+            required,
+            preferred,
+            spread_by: t.spread_by.clone(),
+            priority: t.priority,
+            queue: if t.queue.is_empty() {
+                "default".into()
+            } else {
+                t.queue.clone()
+            },
+            strategy,
             name: tname,
             program,
             env: t.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
@@ -221,6 +363,18 @@ pub fn task_spec_to_proto(t: &TaskSpec) -> pb::TaskSpec {
         timeout_ms: t.timeout_ms,
         class: t.class.clone(),
         resources: Some(resources_to_proto(&t.resources)),
+        required: t.required.iter().map(label_expr_to_proto).collect(),
+        preferred: t
+            .preferred
+            .iter()
+            .map(|(w, e)| pb::WeightedExpression {
+                weight: *w,
+                expression: Some(label_expr_to_proto(e)),
+            })
+            .collect(),
+        spread_by: t.spread_by.clone(),
+        priority: t.priority,
+        queue: t.queue.clone(),
     }
 }
 
@@ -245,6 +399,8 @@ pub fn outcome_from_proto(o: Option<pb::TaskOutcome>) -> Outcome {
         stdout_tail: clip(o.stdout_tail),
         stderr_tail: clip(o.stderr_tail),
         succeeded: o.succeeded,
+        peak_memory_bytes: o.peak_memory_bytes,
+        cpu_time_ms: o.cpu_time_ms,
     }
 }
 
@@ -257,6 +413,8 @@ fn outcome_to_proto(o: &Outcome) -> pb::TaskOutcome {
         stdout_tail: o.stdout_tail.clone(),
         stderr_tail: o.stderr_tail.clone(),
         succeeded: o.succeeded,
+        peak_memory_bytes: o.peak_memory_bytes,
+        cpu_time_ms: o.cpu_time_ms,
     }
 }
 
@@ -345,5 +503,7 @@ pub fn agent_to_proto(a: &Agent, heartbeat_age_ms: Option<u64>, connected: bool)
         registered_at_ms: a.registered_at_ms,
         version: a.version.clone(),
         connected,
+        pool: a.pool.clone(),
+        drain_deadline_ms: a.drain_deadline_ms,
     }
 }

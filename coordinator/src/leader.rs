@@ -2,6 +2,7 @@
 //! agent sessions. Every node runs it; it acts only while its node leads. Timers are absolute
 //! deadlines checked each tick, so a failover neither loses nor doubles them.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use tracing::Instrument;
 use crate::command::{Command, CommandResult};
 use crate::convert;
 use crate::limits;
-use crate::model::{AgentState, Assignment, TaskState};
+use crate::model::{AgentState, Assignment, HeldTask, TaskState};
 use crate::node::Ctx;
 use crate::scheduler::{self, AgentSlot, PendingTask, View};
 
@@ -61,6 +62,7 @@ pub async fn run(ctx: Arc<Ctx>, mut shutdown: tokio::sync::watch::Receiver<bool>
             ctx.sessions.grant_leases(names.iter().map(String::as_str));
         }
         expire_leases(&ctx).await;
+        enforce_drain_deadlines(&ctx).await;
         schedule_round(&ctx, m.current_term).await;
     }
 }
@@ -100,25 +102,114 @@ async fn expire_leases(ctx: &Ctx) {
     }
 }
 
+/// A draining agent whose deadline has passed: its remaining tasks are re-queued as new attempts
+/// (committed first), then stopped on the agent. The stopped attempts' reports arrive stale and are
+/// refused, so nothing runs twice as the same attempt.
+async fn enforce_drain_deadlines(ctx: &Ctx) {
+    let now = crate::proposer::now_ms();
+    let due: Vec<(String, Vec<HeldTask>)> = ctx.shared.read(|a| {
+        a.state
+            .agents
+            .values()
+            .filter(|ag| {
+                ag.state == AgentState::Draining
+                    && ag.drain_deadline_ms != 0
+                    && now >= ag.drain_deadline_ms
+            })
+            .filter(|ag| !ag.tasks.is_empty())
+            .map(|ag| {
+                let held = ag
+                    .tasks
+                    .iter()
+                    .filter_map(|t| a.state.tasks.get(t))
+                    .map(|t| HeldTask {
+                        task_id: t.id.clone(),
+                        attempt: t.attempt,
+                    })
+                    .collect();
+                (ag.name.clone(), held)
+            })
+            .collect()
+    });
+    for (agent, tasks) in due {
+        let reason = format!("drain deadline of agent {agent} passed");
+        let result = ctx
+            .proposer
+            .propose(Command::RequeueTasks {
+                agent: agent.clone(),
+                tasks: tasks.clone(),
+                reason: reason.clone(),
+            })
+            .await;
+        match result {
+            Ok(CommandResult::Requeued { requeued }) => {
+                tracing::info!(%agent, requeued = requeued.len(), "drain deadline passed; tasks re-queued");
+                for h in tasks.iter().filter(|h| requeued.contains(&h.task_id)) {
+                    let _ = ctx.sessions.send(
+                        &agent,
+                        pb::CoordinatorMessage {
+                            msg: Some(Msg::Cancel(pb::Cancel {
+                                task_id: h.task_id.clone(),
+                                attempt: h.attempt,
+                                reason: reason.clone(),
+                            })),
+                        },
+                    );
+                }
+            }
+            Ok(other) => tracing::warn!(?other, "unexpected result for requeue_tasks"),
+            Err(e) => tracing::warn!(error = %e, "could not commit drain re-queue"),
+        }
+    }
+}
+
 fn build_view(ctx: &Ctx) -> (View, Vec<(String, String)>) {
     ctx.shared.read(|a| {
         let s = &a.state;
         let mut previous_reasons = Vec::new();
-        let pending = s
+        let pending: Vec<PendingTask> = s
             .pending
             .iter()
             .take(limits::SCHEDULE_ROUND_TASKS_MAX)
-            .filter_map(|(_, tid)| s.tasks.get(tid))
+            .filter_map(|(_, _, tid)| s.tasks.get(tid))
             .map(|t| {
                 previous_reasons.push((t.id.clone(), t.pending_reason.clone()));
                 PendingTask {
                     id: t.id.clone(),
                     attempt: t.attempt,
+                    run_id: t.run_id.clone(),
                     class: t.spec.class.clone(),
                     resources: t.spec.resources.clone(),
+                    required: t.spec.required.clone(),
+                    preferred: t.spec.preferred.clone(),
+                    spread_by: t.spec.spread_by.clone(),
+                    strategy: t.spec.strategy,
                 }
             })
             .collect();
+        // Where the spreading runs already have tasks.
+        let mut placed: BTreeMap<String, BTreeMap<String, u32>> = BTreeMap::new();
+        let spreading: std::collections::BTreeSet<&str> = pending
+            .iter()
+            .filter(|t| !t.spread_by.is_empty())
+            .map(|t| t.run_id.as_str())
+            .collect();
+        for run_id in spreading {
+            if let Some(run) = crate::state::run_seq(run_id).and_then(|seq| s.runs.get(&seq)) {
+                for tid in &run.task_ids {
+                    if let Some(t) = s.tasks.get(tid)
+                        && let Some(agent) = &t.agent
+                        && !t.state.is_terminal()
+                    {
+                        *placed
+                            .entry(run_id.to_owned())
+                            .or_default()
+                            .entry(agent.clone())
+                            .or_default() += 1;
+                    }
+                }
+            }
+        }
         let agents = s
             .agents
             .values()
@@ -126,10 +217,18 @@ fn build_view(ctx: &Ctx) -> (View, Vec<(String, String)>) {
             .map(|a| AgentSlot {
                 name: a.name.clone(),
                 class: a.class.clone(),
+                labels: a.labels.clone(),
                 free: a.free(),
             })
             .collect();
-        (View { pending, agents }, previous_reasons)
+        (
+            View {
+                pending,
+                agents,
+                placed,
+            },
+            previous_reasons,
+        )
     })
 }
 

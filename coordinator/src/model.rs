@@ -69,6 +69,62 @@ pub enum Program {
     Shell(String),
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LabelOp {
+    Eq,
+    NotEq,
+    In,
+    NotIn,
+    Exists,
+    NotExists,
+}
+
+/// A condition on an agent's labels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabelExpr {
+    pub key: String,
+    pub op: LabelOp,
+    pub values: Vec<String>,
+}
+
+impl LabelExpr {
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        let v = labels.get(&self.key);
+        match self.op {
+            LabelOp::Eq => v.is_some_and(|v| self.values.first() == Some(v)),
+            LabelOp::NotEq => v.is_none_or(|v| self.values.first() != Some(v)),
+            LabelOp::In => v.is_some_and(|v| self.values.contains(v)),
+            LabelOp::NotIn => v.is_none_or(|v| !self.values.contains(v)),
+            LabelOp::Exists => v.is_some(),
+            LabelOp::NotExists => v.is_none(),
+        }
+    }
+}
+
+impl std::fmt::Display for LabelExpr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let first = self.values.first().map(String::as_str).unwrap_or("");
+        match self.op {
+            LabelOp::Eq => write!(f, "{} = {first}", self.key),
+            LabelOp::NotEq => write!(f, "{} != {first}", self.key),
+            LabelOp::In => write!(f, "{} in ({})", self.key, self.values.join(", ")),
+            LabelOp::NotIn => write!(f, "{} not in ({})", self.key, self.values.join(", ")),
+            LabelOp::Exists => write!(f, "{} exists", self.key),
+            LabelOp::NotExists => write!(f, "{} !exists", self.key),
+        }
+    }
+}
+
+/// How a run's tasks are scored against agents that can take them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Strategy {
+    /// Fill agents tightly (best fit), keeping whole agents free for big tasks.
+    #[default]
+    BinPack,
+    /// Prefer the agent with the most room left (worst fit), spreading load.
+    Spread,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskSpec {
     pub name: String,
@@ -79,6 +135,23 @@ pub struct TaskSpec {
     pub timeout_ms: u64,
     pub class: String,
     pub resources: Resources,
+    /// Every expression must match the agent's labels.
+    #[serde(default)]
+    pub required: Vec<LabelExpr>,
+    /// (weight, expression): matching agents score the weight.
+    #[serde(default)]
+    pub preferred: Vec<(i32, LabelExpr)>,
+    /// Spread the run's tasks across the values of this agent label; empty = no spreading.
+    #[serde(default)]
+    pub spread_by: String,
+    /// Higher first.
+    #[serde(default)]
+    pub priority: i32,
+    #[serde(default)]
+    pub queue: String,
+    /// The run's strategy, copied onto each task.
+    #[serde(default)]
+    pub strategy: Strategy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,6 +169,15 @@ pub enum TaskState {
     Succeeded,
     Failed,
     Cancelled,
+}
+
+/// Queue order: higher priority first, then submission order.
+pub type PendingKey = (i64, u64, TaskId);
+
+impl Task {
+    pub fn pending_key(&self) -> PendingKey {
+        (-i64::from(self.spec.priority), self.seq, self.id.clone())
+    }
 }
 
 impl TaskState {
@@ -126,6 +208,10 @@ pub struct Outcome {
     pub stdout_tail: Vec<u8>,
     pub stderr_tail: Vec<u8>,
     pub succeeded: bool,
+    #[serde(default)]
+    pub peak_memory_bytes: Option<u64>,
+    #[serde(default)]
+    pub cpu_time_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,8 +265,16 @@ pub struct Agent {
     pub total: Resources,
     pub class: String,
     pub version: String,
-    /// Owner: the state machine (registration, loss).
+    #[serde(default)]
+    pub pool: String,
+    /// "cgroup-v2" when the agent enforces limits per task; "" otherwise.
+    #[serde(default)]
+    pub isolation: String,
+    /// Owner: the state machine (registration, loss, drain).
     pub state: AgentState,
+    /// While draining: when remaining tasks are stopped and re-queued (leader clock, ms); 0 = never.
+    #[serde(default)]
+    pub drain_deadline_ms: u64,
     pub registered_at_ms: u64,
     /// Sum of the requests of the tasks placed on this agent and not yet terminal.
     pub used: Resources,

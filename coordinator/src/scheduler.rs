@@ -1,31 +1,47 @@
 //! Placement as a pure function: an immutable view of pending tasks and agents in, a plan out.
 //! No I/O, clock or randomness; the same view always yields the same plan. The leader commits
 //! the plan and `apply` re-checks every assignment against the state at commit time.
+//!
+//! For each task, in queue order (priority, then submission): the candidates are the agents of
+//! its class whose labels satisfy every required expression and whose free capacity fits the
+//! request. Among them the highest score wins, ties going to the agent name that sorts first:
+//! 1. spread: fewest of the run's tasks already on agents sharing the `spread_by` label value;
+//! 2. preferred: the sum of the weights of the preferred expressions the agent matches;
+//! 3. fit: binpack takes the tightest fit (least room left), spread the loosest.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::model::{AgentName, Assignment, Resources, TaskId};
+use crate::model::{AgentName, Assignment, LabelExpr, Resources, Strategy, TaskId};
 
 #[derive(Debug, Clone)]
 pub struct PendingTask {
     pub id: TaskId,
     pub attempt: u64,
+    pub run_id: String,
     pub class: String,
     pub resources: Resources,
+    pub required: Vec<LabelExpr>,
+    pub preferred: Vec<(i32, LabelExpr)>,
+    pub spread_by: String,
+    pub strategy: Strategy,
 }
 
 #[derive(Debug, Clone)]
 pub struct AgentSlot {
     pub name: AgentName,
     pub class: String,
+    pub labels: BTreeMap<String, String>,
     pub free: Resources,
 }
 
-/// What the scheduler sees: pending tasks in queue order, and the agents that may take work.
+/// What the scheduler sees: pending tasks in queue order, the agents that may take work, and
+/// where each run's tasks already are (for spreading).
 #[derive(Debug, Clone, Default)]
 pub struct View {
     pub pending: Vec<PendingTask>,
     pub agents: Vec<AgentSlot>,
+    /// run id -> agent -> tasks of that run placed there and not finished.
+    pub placed: BTreeMap<String, BTreeMap<AgentName, u32>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -38,25 +54,93 @@ pub struct Plan {
 /// Tasks with no class ask for this one; agents started without `--class` offer it.
 pub const DEFAULT_CLASS: &str = "default";
 
-/// Places tasks in queue order, each on the agent where it fits tightest (best fit), ties broken
-/// by agent name.
+/// Score weights: each criterion dominates the ones below it.
+const SPREAD_WEIGHT: i128 = 1 << 80;
+const PREFERRED_WEIGHT: i128 = 1 << 48;
+
 pub fn plan(view: &View) -> Plan {
-    let mut agents = view.agents.clone();
+    let mut agents: Vec<AgentSlot> = view.agents.clone();
     agents.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut by_class: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, a) in agents.iter().enumerate() {
+        by_class.entry(a.class.clone()).or_default().push(i);
+    }
+    // Agents passing (class, required) filters, computed once per distinct filter.
+    let mut eligible: HashMap<(String, String), Vec<usize>> = HashMap::new();
+    // (run, label key) -> label value -> tasks of the run on agents with that value.
+    let mut spread_counts: HashMap<(String, String), HashMap<String, u32>> = HashMap::new();
     let mut out = Plan::default();
+
     for task in &view.pending {
         let class = if task.class.is_empty() {
             DEFAULT_CLASS
         } else {
-            &task.class
+            task.class.as_str()
         };
-        let mut best: Option<(u128, usize)> = None;
-        for (i, a) in agents.iter().enumerate() {
-            if a.class != class || !task.resources.fits_in(&a.free) {
+        let filter_key = (
+            class.to_owned(),
+            task.required
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join(";"),
+        );
+        let candidates = eligible.entry(filter_key).or_insert_with(|| {
+            by_class
+                .get(class)
+                .map(|v| {
+                    v.iter()
+                        .copied()
+                        .filter(|&i| task.required.iter().all(|e| e.matches(&agents[i].labels)))
+                        .collect()
+                })
+                .unwrap_or_default()
+        });
+        let counts = if task.spread_by.is_empty() {
+            None
+        } else {
+            let key = (task.run_id.clone(), task.spread_by.clone());
+            Some(spread_counts.entry(key).or_insert_with(|| {
+                let mut m: HashMap<String, u32> = HashMap::new();
+                if let Some(on) = view.placed.get(&task.run_id) {
+                    for a in &agents {
+                        if let Some(n) = on.get(&a.name) {
+                            *m.entry(a.labels.get(&task.spread_by).cloned().unwrap_or_default())
+                                .or_default() += n;
+                        }
+                    }
+                }
+                m
+            }))
+        };
+        let mut best: Option<(i128, usize)> = None;
+        for &i in candidates.iter() {
+            let a = &agents[i];
+            if !task.resources.fits_in(&a.free) {
                 continue;
             }
-            let score = leftover_score(&a.free, &task.resources);
-            if best.is_none_or(|(s, _)| score < s) {
+            let mut score: i128 = 0;
+            if let Some(counts) = counts.as_ref() {
+                let value = a
+                    .labels
+                    .get(&task.spread_by)
+                    .map(String::as_str)
+                    .unwrap_or("");
+                score -= SPREAD_WEIGHT * i128::from(counts.get(value).copied().unwrap_or(0));
+            }
+            let preferred: i64 = task
+                .preferred
+                .iter()
+                .filter(|(_, e)| e.matches(&a.labels))
+                .map(|(w, _)| i64::from(*w))
+                .sum();
+            score += PREFERRED_WEIGHT * i128::from(preferred);
+            let room = leftover(&a.free, &task.resources);
+            score += match task.strategy {
+                Strategy::BinPack => -room,
+                Strategy::Spread => room,
+            };
+            if best.is_none_or(|(s, _)| score > s) {
                 best = Some((score, i));
             }
         }
@@ -64,6 +148,19 @@ pub fn plan(view: &View) -> Plan {
             Some((_, i)) => {
                 let agent = &mut agents[i];
                 agent.free = agent.free.minus(&task.resources);
+                if let Some(counts) =
+                    spread_counts.get_mut(&(task.run_id.clone(), task.spread_by.clone()))
+                {
+                    *counts
+                        .entry(
+                            agent
+                                .labels
+                                .get(&task.spread_by)
+                                .cloned()
+                                .unwrap_or_default(),
+                        )
+                        .or_default() += 1;
+                }
                 out.assignments.push(Assignment {
                     task_id: task.id.clone(),
                     attempt: task.attempt,
@@ -72,22 +169,21 @@ pub fn plan(view: &View) -> Plan {
             }
             None => out
                 .unplaced
-                .push((task.id.clone(), unplaced_reason(task, class, &view.agents))),
+                .push((task.id.clone(), unplaced_reason(task, class, &agents))),
         }
     }
     out
 }
 
-/// Smaller is a tighter fit. cpu and memory weigh equally after scaling memory to MiB.
-fn leftover_score(free: &Resources, want: &Resources) -> u128 {
-    let cpu = u128::from(free.cpu_millis - want.cpu_millis);
-    let mem = u128::from((free.memory_bytes - want.memory_bytes) >> 20);
-    cpu + mem
+/// Room left after placing: cpu millicores plus memory MiB (weighed alike).
+fn leftover(free: &Resources, want: &Resources) -> i128 {
+    i128::from(free.cpu_millis - want.cpu_millis)
+        + i128::from((free.memory_bytes - want.memory_bytes) >> 20)
 }
 
 fn unplaced_reason(task: &PendingTask, class: &str, agents: &[AgentSlot]) -> String {
     if agents.is_empty() {
-        return "no agents are connected".into();
+        return "no agents are connected and active".into();
     }
     let in_class: Vec<&AgentSlot> = agents.iter().filter(|a| a.class == class).collect();
     if in_class.is_empty() {
@@ -97,17 +193,37 @@ fn unplaced_reason(task: &PendingTask, class: &str, agents: &[AgentSlot]) -> Str
             classes.into_iter().collect::<Vec<_>>().join(", ")
         );
     }
+    let n = in_class.len();
+    let agents_word = if n == 1 { "agent" } else { "agents" };
+    let matching: Vec<&AgentSlot> = in_class
+        .iter()
+        .copied()
+        .filter(|a| task.required.iter().all(|e| e.matches(&a.labels)))
+        .collect();
+    if matching.is_empty() {
+        let blocker = task
+            .required
+            .iter()
+            .find(|e| in_class.iter().all(|a| !e.matches(&a.labels)))
+            .map(|e| format!("`{e}`"))
+            .unwrap_or_else(|| {
+                let all: Vec<String> = task.required.iter().map(|e| format!("`{e}`")).collect();
+                format!("all of {}", all.join(", "))
+            });
+        return format!("{n} {agents_word} in class {class}, none matching {blocker}");
+    }
+    let m = matching.len();
     let want = &task.resources;
+    let most = |f: fn(&Resources) -> u64| matching.iter().map(|a| f(&a.free)).max().unwrap_or(0);
     let mut short = Vec::new();
-    let most = |f: fn(&Resources) -> u64| in_class.iter().map(|a| f(&a.free)).max().unwrap_or(0);
-    if in_class.iter().all(|a| a.free.cpu_millis < want.cpu_millis) {
+    if matching.iter().all(|a| a.free.cpu_millis < want.cpu_millis) {
         short.push(format!(
             "cpu {}m (most free: {}m)",
             want.cpu_millis,
             most(|r| r.cpu_millis)
         ));
     }
-    if in_class
+    if matching
         .iter()
         .all(|a| a.free.memory_bytes < want.memory_bytes)
     {
@@ -117,7 +233,7 @@ fn unplaced_reason(task: &PendingTask, class: &str, agents: &[AgentSlot]) -> Str
             human_bytes(most(|r| r.memory_bytes))
         ));
     }
-    if in_class.iter().all(|a| a.free.gpus < want.gpus) {
+    if matching.iter().all(|a| a.free.gpus < want.gpus) {
         short.push(format!(
             "gpus {} (most free: {})",
             want.gpus,
@@ -125,22 +241,26 @@ fn unplaced_reason(task: &PendingTask, class: &str, agents: &[AgentSlot]) -> Str
         ));
     }
     for (k, v) in &want.extended {
-        if in_class
+        if matching
             .iter()
             .all(|a| a.free.extended.get(k).copied().unwrap_or(0) < *v)
         {
             short.push(format!("{k} {v}"));
         }
     }
-    let n = in_class.len();
-    let agents_word = if n == 1 { "agent" } else { "agents" };
+    let matched = if task.required.is_empty() {
+        format!("in class {class}")
+    } else {
+        format!("in class {class} match its labels")
+    };
+    let word = if m == 1 { "agent" } else { "agents" };
     if short.is_empty() {
         format!(
-            "{n} {agents_word} in class {class}, but none has all of cpu, memory, gpus and extended resources free at once"
+            "{m} {word} {matched}, but none has cpu, memory, gpus and extended resources free at once"
         )
     } else {
         format!(
-            "{n} {agents_word} in class {class}, none with enough free {}",
+            "{m} {word} {matched}, none with enough free {}",
             short.join(", ")
         )
     }
@@ -167,101 +287,5 @@ pub fn human_bytes(b: u64) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn res(cpu: u64, mem_mib: u64) -> Resources {
-        Resources {
-            cpu_millis: cpu,
-            memory_bytes: mem_mib << 20,
-            ..Default::default()
-        }
-    }
-
-    fn task(id: &str, class: &str, r: Resources) -> PendingTask {
-        PendingTask {
-            id: id.into(),
-            attempt: 1,
-            class: class.into(),
-            resources: r,
-        }
-    }
-
-    fn agent(name: &str, class: &str, r: Resources) -> AgentSlot {
-        AgentSlot {
-            name: name.into(),
-            class: class.into(),
-            free: r,
-        }
-    }
-
-    #[test]
-    fn best_fit_prefers_the_tightest_agent_and_never_overcommits() {
-        // Guards: best-fit placement and that free capacity is consumed within a round.
-        let view = View {
-            pending: vec![
-                task("t1", "", res(500, 100)),
-                task("t2", "", res(500, 100)),
-                task("t3", "", res(500, 100)),
-            ],
-            agents: vec![
-                agent("big", "default", res(4000, 4096)),
-                agent("small", "default", res(1000, 200)),
-            ],
-        };
-        let p = plan(&view);
-        let on: Vec<(&str, &str)> = p
-            .assignments
-            .iter()
-            .map(|a| (a.task_id.as_str(), a.agent.as_str()))
-            .collect();
-        assert_eq!(on, vec![("t1", "small"), ("t2", "small"), ("t3", "big")]);
-        assert!(p.unplaced.is_empty());
-    }
-
-    #[test]
-    fn unplaceable_tasks_say_why() {
-        // Guards: every unplaced task carries a reason naming the missing class or resource.
-        let view = View {
-            pending: vec![
-                task("gpu", "gpu", res(1, 1)),
-                task("huge", "", res(1, 8192)),
-            ],
-            agents: vec![agent("a", "default", res(2000, 4096))],
-        };
-        let p = plan(&view);
-        assert!(p.assignments.is_empty());
-        assert_eq!(
-            p.unplaced[0].1,
-            "no agent in class gpu (connected classes: default)"
-        );
-        assert_eq!(
-            p.unplaced[1].1,
-            "1 agent in class default, none with enough free memory 8Gi (most free: 4Gi)"
-        );
-        let none = plan(&View {
-            pending: vec![task("x", "", res(1, 1))],
-            agents: vec![],
-        });
-        assert_eq!(none.unplaced[0].1, "no agents are connected");
-    }
-
-    #[test]
-    fn plan_is_deterministic_whatever_the_agent_order() {
-        // Guards: the same view in any agent order yields the same plan.
-        let a = vec![
-            agent("a", "default", res(1000, 1000)),
-            agent("b", "default", res(1000, 1000)),
-        ];
-        let mut b = a.clone();
-        b.reverse();
-        let pending = vec![task("t", "", res(100, 10))];
-        let p1 = plan(&View {
-            pending: pending.clone(),
-            agents: a,
-        });
-        let p2 = plan(&View { pending, agents: b });
-        assert_eq!(p1, p2);
-        assert_eq!(p1.assignments[0].agent, "a");
-    }
-}
+#[path = "scheduler_tests.rs"]
+mod tests;

@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use crate::command::{Command, CommandResult, Request, Response};
 use crate::limits;
 use crate::model::{
-    Agent, AgentName, AgentState, Assignment, HeldTask, Outcome, Resources, Run, RunSpec, RunState,
-    Task, TaskId, TaskState,
+    Agent, AgentName, AgentState, Assignment, HeldTask, Outcome, PendingKey, Resources, Run,
+    RunSpec, RunState, Task, TaskId, TaskState,
 };
 
 /// Counters an operator graphs; part of replicated state so every node reports the same totals.
@@ -30,8 +30,8 @@ pub struct State {
     pub runs: BTreeMap<u64, Run>,
     pub tasks: BTreeMap<TaskId, Task>,
     pub agents: BTreeMap<AgentName, Agent>,
-    /// Pending tasks in queue order: (task sequence number, task id).
-    pub pending: BTreeSet<(u64, TaskId)>,
+    /// Pending tasks in queue order: higher priority first, then submission order.
+    pub pending: BTreeSet<PendingKey>,
     /// Idempotency key -> run sequence number.
     pub idempotency: BTreeMap<String, u64>,
     /// Sequence number of the newest run (0 before the first).
@@ -78,7 +78,16 @@ impl State {
                 class,
                 version,
                 held,
-            } => self.register_agent(now_ms, name, labels, total, class, version, held),
+                pool,
+                isolation,
+            } => {
+                let r = self.register_agent(now_ms, name, labels, total, class, version, held);
+                if let Some(a) = self.agents.get_mut(name) {
+                    a.pool.clone_from(pool);
+                    a.isolation.clone_from(isolation);
+                }
+                r
+            }
             Command::ApplyPlan {
                 term: plan_term,
                 assignments,
@@ -104,6 +113,30 @@ impl State {
                 outcome,
             } => self.task_finished(now_ms, agent, task_id, *attempt, outcome),
             Command::AgentLost { name, reason } => self.agent_lost(name, reason),
+            Command::SetDrain {
+                name,
+                draining,
+                deadline_ms,
+            } => self.set_drain(name, *draining, *deadline_ms),
+            Command::RequeueTasks {
+                agent,
+                tasks,
+                reason,
+            } => {
+                let mut requeued = Vec::new();
+                for h in tasks {
+                    let current = self.tasks.get(&h.task_id).is_some_and(|t| {
+                        t.attempt == h.attempt
+                            && t.agent.as_deref() == Some(agent.as_str())
+                            && !t.state.is_terminal()
+                    });
+                    if current {
+                        self.requeue(&h.task_id, reason);
+                        requeued.push(h.task_id.clone());
+                    }
+                }
+                CommandResult::Requeued { requeued }
+            }
         }
     }
 
@@ -141,7 +174,8 @@ impl State {
             let tid = task_id(&id, &t.name);
             let tseq = self.next_task_seq;
             self.next_task_seq += 1;
-            self.pending.insert((tseq, tid.clone()));
+            self.pending
+                .insert((-i64::from(t.priority), tseq, tid.clone()));
             self.tasks.insert(
                 tid.clone(),
                 Task {
@@ -231,7 +265,10 @@ impl State {
             total: Resources::default(),
             class: String::new(),
             version: String::new(),
+            pool: String::new(),
+            isolation: String::new(),
             state: AgentState::Active,
+            drain_deadline_ms: 0,
             registered_at_ms: now_ms,
             used: Resources::default(),
             tasks: BTreeSet::new(),
@@ -299,7 +336,7 @@ impl State {
         task.pending_reason = format!("re-queued: {reason}");
         task.assigned_at_ms = 0;
         task.started_at_ms = 0;
-        self.pending.insert((task.seq, task.id.clone()));
+        self.pending.insert(task.pending_key());
     }
 
     fn apply_plan(
@@ -339,7 +376,7 @@ impl State {
             task.agent = Some(a.agent.clone());
             task.assigned_at_ms = now_ms;
             task.pending_reason.clear();
-            self.pending.remove(&(task.seq, task.id.clone()));
+            self.pending.remove(&task.pending_key());
             accepted.push(a.clone());
         }
         for (tid, reason) in unplaced {
@@ -428,6 +465,31 @@ impl State {
             }
         }
         CommandResult::Reported
+    }
+
+    fn set_drain(&mut self, name: &str, draining: bool, deadline_ms: u64) -> CommandResult {
+        let Some(agent) = self.agents.get_mut(name) else {
+            return CommandResult::Rejected {
+                limit: None,
+                message: format!("agent {name} not found"),
+            };
+        };
+        match (draining, agent.state) {
+            (_, AgentState::Lost) => CommandResult::Rejected {
+                limit: None,
+                message: format!("agent {name} is lost; it can be drained once it reconnects"),
+            },
+            (true, _) => {
+                agent.state = AgentState::Draining;
+                agent.drain_deadline_ms = deadline_ms;
+                CommandResult::DrainSet
+            }
+            (false, _) => {
+                agent.state = AgentState::Active;
+                agent.drain_deadline_ms = 0;
+                CommandResult::DrainSet
+            }
+        }
     }
 
     fn agent_lost(&mut self, name: &str, reason: &str) -> CommandResult {

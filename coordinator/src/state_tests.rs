@@ -21,6 +21,12 @@ fn spec(tasks: &[&str], cpu: u64) -> RunSpec {
                     cpu_millis: cpu,
                     ..Default::default()
                 },
+                required: vec![],
+                preferred: vec![],
+                spread_by: String::new(),
+                priority: 0,
+                queue: String::new(),
+                strategy: Default::default(),
             })
             .collect(),
         labels: BTreeMap::new(),
@@ -52,6 +58,8 @@ fn register(state: &mut State, name: &str, cpu: u64, held: Vec<HeldTask>) -> Com
             class: "default".into(),
             version: "t".into(),
             held,
+            pool: String::new(),
+            isolation: String::new(),
         },
     )
 }
@@ -347,7 +355,7 @@ fn the_pending_queue_has_a_limit_that_names_itself() {
     // Guards: pending_tasks_max is enforced in apply with a named RESOURCE_EXHAUSTED-style result.
     let mut s = State::default();
     for i in 0..limits::PENDING_TASKS_MAX {
-        s.pending.insert((i as u64, format!("fake-{i}")));
+        s.pending.insert((0, i as u64, format!("fake-{i}")));
     }
     let r = one(
         &mut s,

@@ -60,6 +60,10 @@ pub struct Conn {
     pub timeout: Duration,
 }
 
+fn parse_expr(s: &str) -> Result<pb::LabelExpression, String> {
+    drover_proto::selector::parse(s)
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     drover_proto::quantity::parse_duration(s)
 }
@@ -152,6 +156,21 @@ pub enum RunCmd {
         /// Timeout for a command submission, e.g. 30s.
         #[arg(long, value_parser = parse_duration)]
         task_timeout: Option<Duration>,
+        /// Resource class for a command submission.
+        #[arg(long)]
+        class: Option<String>,
+        /// Required label expression (repeatable), e.g. --require 'zone = a'.
+        #[arg(long = "require", value_parser = parse_expr)]
+        require: Vec<pb::LabelExpression>,
+        /// cpu request, e.g. 500m or 2.
+        #[arg(long, value_parser = drover_proto::quantity::parse_cpu_millis)]
+        cpu: Option<u64>,
+        /// memory request, e.g. 512Mi.
+        #[arg(long, value_parser = drover_proto::quantity::parse_bytes)]
+        memory: Option<u64>,
+        /// Priority (higher runs first).
+        #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+        priority: i32,
         /// Wait for the run to finish, print it, and exit non-zero unless it succeeded.
         #[arg(long)]
         wait: bool,
@@ -193,6 +212,21 @@ pub enum AgentCmd {
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Format,
     },
+    /// Show one agent and the tasks placed on it.
+    Get {
+        name: String,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Stop placing tasks on an agent; running tasks finish (or, after --deadline, are stopped and re-queued).
+    Drain {
+        name: String,
+        /// e.g. 10m; without it, running tasks may take as long as they need.
+        #[arg(long, value_parser = parse_duration)]
+        deadline: Option<Duration>,
+    },
+    /// Let a drained agent take tasks again.
+    Undrain { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -314,6 +348,67 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        Command::Agent(AgentCmd::Get { name, output }) => {
+            let client = cli.conn.client()?;
+            let resp = client
+                .call(|mut c| {
+                    let name = name.clone();
+                    async move { c.get_agent(pb::GetAgentRequest { name }).await }
+                })
+                .await
+                .map_err(call_err)?;
+            match output {
+                Format::Table => print!("{}", output::agent_detail(&resp)),
+                Format::Json => {
+                    let mut v = resp
+                        .agent
+                        .as_ref()
+                        .map(output::agent_json)
+                        .unwrap_or_default();
+                    v["tasks"] = serde_json::Value::Array(
+                        resp.tasks.iter().map(output::task_json).collect(),
+                    );
+                    output::print_json(&v)
+                }
+            }
+            Ok(0)
+        }
+        Command::Agent(AgentCmd::Drain { name, deadline }) => {
+            let client = cli.conn.client()?;
+            let deadline_ms = deadline.map_or(0, |d| d.as_millis() as u64);
+            let resp = client
+                .call(|mut c| {
+                    let name = name.clone();
+                    async move {
+                        c.drain_agent(pb::DrainAgentRequest { name, deadline_ms })
+                            .await
+                    }
+                })
+                .await
+                .map_err(call_err)?;
+            let running = resp.agent.as_ref().map_or(0, |a| a.running_tasks);
+            match deadline {
+                Some(d) => eprintln!(
+                    "draining {name}: no new tasks; {running} running task(s) get {d:?} before they are stopped and re-queued"
+                ),
+                None => {
+                    eprintln!("draining {name}: no new tasks; {running} running task(s) may finish")
+                }
+            }
+            Ok(0)
+        }
+        Command::Agent(AgentCmd::Undrain { name }) => {
+            let client = cli.conn.client()?;
+            client
+                .call(|mut c| {
+                    let name = name.clone();
+                    async move { c.undrain_agent(pb::UndrainAgentRequest { name }).await }
+                })
+                .await
+                .map_err(call_err)?;
+            eprintln!("{name} takes tasks again");
+            Ok(0)
+        }
         Command::Cluster(ClusterCmd::Status { output }) => {
             let client = cli.conn.client()?;
             let resp = client
@@ -337,10 +432,22 @@ async fn run_cmd(conn: &Conn, cmd: RunCmd) -> anyhow::Result<i32> {
             shell,
             name,
             task_timeout,
+            class,
+            require,
+            cpu,
+            memory,
+            priority,
             wait,
             output,
             argv,
         } => {
+            let placement = Placement {
+                class,
+                require,
+                cpu,
+                memory,
+                priority,
+            };
             let spec = match (file, shell, argv.is_empty()) {
                 (Some(path), None, true) => {
                     let text = std::fs::read_to_string(&path)
@@ -348,8 +455,12 @@ async fn run_cmd(conn: &Conn, cmd: RunCmd) -> anyhow::Result<i32> {
                     crate::spec::parse(&path.display().to_string(), &text)?
                 }
                 (Some(_), _, false) => bail!("give either -f FILE or a command after --, not both"),
-                (None, Some(sh), true) => command_spec(name, Vec::new(), sh, task_timeout),
-                (None, None, false) => command_spec(name, argv, String::new(), task_timeout),
+                (None, Some(sh), true) => {
+                    command_spec(name, Vec::new(), sh, task_timeout, placement)
+                }
+                (None, None, false) => {
+                    command_spec(name, argv, String::new(), task_timeout, placement)
+                }
                 (None, Some(_), false) => {
                     bail!("give either --shell or a command after --, not both")
                 }
@@ -446,11 +557,21 @@ async fn run_cmd(conn: &Conn, cmd: RunCmd) -> anyhow::Result<i32> {
     }
 }
 
+/// Scheduling flags of a command submission.
+struct Placement {
+    class: Option<String>,
+    require: Vec<pb::LabelExpression>,
+    cpu: Option<u64>,
+    memory: Option<u64>,
+    priority: i32,
+}
+
 fn command_spec(
     name: Option<String>,
     argv: Vec<String>,
     shell: String,
     timeout: Option<Duration>,
+    p: Placement,
 ) -> pb::RunSpec {
     pb::RunSpec {
         name: name.unwrap_or_else(|| "cmd".into()),
@@ -459,8 +580,17 @@ fn command_spec(
             argv,
             shell,
             timeout_ms: timeout.map_or(0, |t| t.as_millis() as u64),
+            class: p.class.unwrap_or_default(),
+            required: p.require,
+            resources: Some(pb::Resources {
+                cpu_millis: p.cpu.unwrap_or(0),
+                memory_bytes: p.memory.unwrap_or(0),
+                ..Default::default()
+            }),
+            priority: p.priority,
             ..Default::default()
         }],
         labels: Default::default(),
+        strategy: String::new(),
     }
 }

@@ -106,6 +106,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<i32> {
             labels: vec![format!("zone={}", if n % 2 == 1 { "a" } else { "b" })],
             resources: vec![],
             class: "default".into(),
+            pool: "default".into(),
+            cgroup_root: None,
             work_dir: dir.join(format!("agent-{n}")),
             log_retention_hours: 72,
         };

@@ -235,6 +235,7 @@ pub fn agents_table(agents: &[pb::Agent]) -> String {
                 a.name.clone(),
                 agent_state(a.state).into(),
                 a.class.clone(),
+                a.pool.clone(),
                 format!("{}/{}", cpu(free.cpu_millis), cpu(total.cpu_millis)),
                 format!("{}/{}", bytes(free.memory_bytes), bytes(total.memory_bytes)),
                 a.running_tasks.to_string(),
@@ -262,6 +263,78 @@ pub fn agents_table(agents: &[pb::Agent]) -> String {
         ],
         &rows,
     )
+}
+
+pub fn agent_detail(resp: &pb::GetAgentResponse) -> String {
+    let mut out = String::new();
+    let Some(a) = &resp.agent else { return out };
+    let total = a.total.clone().unwrap_or_default();
+    let free = a.free.clone().unwrap_or_default();
+    let _ = writeln!(out, "Agent:      {}", a.name);
+    let _ = writeln!(
+        out,
+        "State:      {}{}",
+        agent_state(a.state),
+        if a.connected {
+            " (connected)"
+        } else {
+            " (not connected)"
+        }
+    );
+    if a.drain_deadline_ms != 0 {
+        let _ = writeln!(
+            out,
+            "Drain:      tasks still running are stopped at {} (ms since epoch)",
+            a.drain_deadline_ms
+        );
+    }
+    let _ = writeln!(out, "Class:      {}   Pool: {}", a.class, a.pool);
+    let mut labels: Vec<String> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    labels.sort();
+    let _ = writeln!(out, "Labels:     {}", labels.join(", "));
+    let _ = writeln!(
+        out,
+        "CPU:        {} free of {}",
+        cpu(free.cpu_millis),
+        cpu(total.cpu_millis)
+    );
+    let _ = writeln!(
+        out,
+        "Memory:     {} free of {}",
+        bytes(free.memory_bytes),
+        bytes(total.memory_bytes)
+    );
+    if total.gpus > 0 {
+        let _ = writeln!(out, "GPUs:       {} free of {}", free.gpus, total.gpus);
+    }
+    for (k, v) in &total.extended {
+        let _ = writeln!(
+            out,
+            "{k}:  {} free of {v}",
+            free.extended.get(k).copied().unwrap_or(0)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "Heartbeat:  {}",
+        a.last_heartbeat_age_ms
+            .map_or("-".into(), |ms| format!("{:.1}s ago", ms as f64 / 1000.0))
+    );
+    out.push('\n');
+    let rows: Vec<Vec<String>> = resp
+        .tasks
+        .iter()
+        .map(|t| {
+            vec![
+                t.id.clone(),
+                task_state(t.state).into(),
+                t.attempt.to_string(),
+                ago(t.assigned_at_ms),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["TASK", "STATE", "ATTEMPT", "ASSIGNED"], &rows));
+    out
 }
 
 pub fn cluster_table(s: &pb::ClusterStatusResponse) -> String {
@@ -325,6 +398,14 @@ pub fn task_json(t: &pb::Task) -> Value {
         "spec": {
             "command": spec.argv, "shell": spec.shell, "env": spec.env, "workdir": spec.workdir,
             "timeout_ms": spec.timeout_ms, "class": spec.class, "resources": resources_json(&spec.resources),
+            "affinity": {
+                "required": spec.required.iter().map(drover_proto::selector::display).collect::<Vec<_>>(),
+                "preferred": spec.preferred.iter().map(|p| json!({
+                    "weight": p.weight,
+                    "match": p.expression.as_ref().map(drover_proto::selector::display).unwrap_or_default(),
+                })).collect::<Vec<_>>(),
+            },
+            "spread_by": spec.spread_by, "priority": spec.priority, "queue": spec.queue,
         },
         "outcome": t.outcome.as_ref().map(|o| json!({
             "succeeded": o.succeeded,
@@ -334,6 +415,8 @@ pub fn task_json(t: &pb::Task) -> Value {
             "duration_ms": o.duration_ms,
             "stdout_tail": String::from_utf8_lossy(&o.stdout_tail),
             "stderr_tail": String::from_utf8_lossy(&o.stderr_tail),
+            "peak_memory_bytes": o.peak_memory_bytes,
+            "cpu_time_ms": o.cpu_time_ms,
         })),
     })
 }
@@ -360,6 +443,8 @@ pub fn agent_json(a: &pb::Agent) -> Value {
         "total": resources_json(&a.total),
         "free": resources_json(&a.free),
         "running_tasks": a.running_tasks,
+        "pool": a.pool,
+        "drain_deadline_ms": a.drain_deadline_ms,
         "last_heartbeat_age_ms": a.last_heartbeat_age_ms,
         "connected": a.connected,
         "registered_at_ms": a.registered_at_ms,

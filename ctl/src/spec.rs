@@ -27,6 +27,8 @@ struct RunFile {
     labels: BTreeMap<String, String>,
     #[serde(default)]
     tasks: Vec<TaskFile>,
+    /// binpack (default) or spread.
+    strategy: Option<String>,
     command: Option<Vec<String>>,
     shell: Option<String>,
     #[serde(default)]
@@ -35,6 +37,10 @@ struct RunFile {
     timeout: Option<DurationMs>,
     class: Option<String>,
     resources: Option<ResourcesFile>,
+    affinity: Option<AffinityFile>,
+    spread_by: Option<String>,
+    priority: Option<i32>,
+    queue: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -51,6 +57,10 @@ struct TaskFile {
     timeout: Option<DurationMs>,
     class: Option<String>,
     resources: Option<ResourcesFile>,
+    affinity: Option<AffinityFile>,
+    spread_by: Option<String>,
+    priority: Option<i32>,
+    queue: Option<String>,
 }
 
 impl RunFile {
@@ -62,7 +72,11 @@ impl RunFile {
             || self.workdir.is_some()
             || self.timeout.is_some()
             || self.class.is_some()
-            || self.resources.is_some();
+            || self.resources.is_some()
+            || self.affinity.is_some()
+            || self.spread_by.is_some()
+            || self.priority.is_some()
+            || self.queue.is_some();
         any.then(|| TaskFile {
             name: Some("main".into()),
             command: self.command.take(),
@@ -72,6 +86,10 @@ impl RunFile {
             timeout: self.timeout.take(),
             class: self.class.take(),
             resources: self.resources.take(),
+            affinity: self.affinity.take(),
+            spread_by: self.spread_by.take(),
+            priority: self.priority.take(),
+            queue: self.queue.take(),
         })
     }
 }
@@ -84,6 +102,36 @@ struct ResourcesFile {
     gpus: Option<u64>,
     #[serde(default)]
     extended: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AffinityFile {
+    #[serde(default)]
+    required: Vec<Expr>,
+    #[serde(default)]
+    preferred: Vec<PreferredFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PreferredFile {
+    weight: i32,
+    #[serde(rename = "match")]
+    expression: Expr,
+}
+
+/// A label expression written as text (`zone = a`, `gpu exists`, ...).
+#[derive(Debug)]
+struct Expr(pb::LabelExpression);
+
+impl<'de> Deserialize<'de> for Expr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        drover_proto::selector::parse(&text)
+            .map(Expr)
+            .map_err(de::Error::custom)
+    }
 }
 
 #[derive(Debug)]
@@ -160,6 +208,27 @@ fn task_to_proto(name: String, f: TaskFile) -> pb::TaskSpec {
             gpus: r.gpus.unwrap_or(0),
             extended: r.extended.into_iter().collect(),
         }),
+        required: f
+            .affinity
+            .as_ref()
+            .map(|a| a.required.iter().map(|e| e.0.clone()).collect())
+            .unwrap_or_default(),
+        preferred: f
+            .affinity
+            .as_ref()
+            .map(|a| {
+                a.preferred
+                    .iter()
+                    .map(|p| pb::WeightedExpression {
+                        weight: p.weight,
+                        expression: Some(p.expression.0.clone()),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        spread_by: f.spread_by.unwrap_or_default(),
+        priority: f.priority.unwrap_or(0),
+        queue: f.queue.unwrap_or_default(),
     }
 }
 
@@ -199,6 +268,7 @@ pub fn parse(file: &str, text: &str) -> Result<pb::RunSpec, SpecError> {
         name: run.name.unwrap_or_default(),
         tasks,
         labels: run.labels.into_iter().collect(),
+        strategy: run.strategy.unwrap_or_default(),
     })
 }
 
@@ -279,5 +349,28 @@ mod tests {
         .unwrap();
         assert_eq!(two.tasks.len(), 2);
         assert!(parse("c", "name: empty\n").is_err());
+    }
+
+    #[test]
+    fn placement_fields_parse_and_bad_expressions_name_their_line() {
+        // Guards: affinity, spread, priority, queue and strategy in specs.
+        let text = "strategy: spread\ntasks:\n  - name: a\n    shell: 'true'\n    priority: 5\n    queue: batch\n    spread_by: zone\n    affinity:\n      required: ['zone in (a, b)', 'gpu !exists']\n      preferred: [{weight: 20, match: 'disk = ssd'}]\n";
+        let spec = parse("p.yaml", text).unwrap();
+        let t = &spec.tasks[0];
+        assert_eq!(spec.strategy, "spread");
+        assert_eq!(
+            (t.priority, t.queue.as_str(), t.spread_by.as_str()),
+            (5, "batch", "zone")
+        );
+        assert_eq!(t.required.len(), 2);
+        assert_eq!(t.required[0].op, "in");
+        assert_eq!(t.preferred[0].weight, 20);
+        let err = parse("p.yaml", "shell: 'true'\naffinity:\n  required: ['zone']\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no operator") && err.contains("line 3"),
+            "{err}"
+        );
     }
 }

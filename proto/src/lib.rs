@@ -10,6 +10,7 @@ pub mod client;
 pub mod config_file;
 pub mod identity;
 pub mod quantity;
+pub mod selector;
 pub mod tls;
 
 /// gRPC metadata key carrying the leader's address on a FAILED_PRECONDITION "not leader" answer.

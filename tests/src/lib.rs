@@ -346,6 +346,7 @@ pub async fn submit_cmd(client: &ClusterClient, argv: &[&str]) -> String {
             ..Default::default()
         }],
         labels: Default::default(),
+        strategy: String::new(),
     };
     droverctl::cli::submit(client, spec)
         .await

@@ -19,6 +19,7 @@ fn one_task(name: &str, argv: &[&str]) -> pb::RunSpec {
             ..Default::default()
         }],
         labels: Default::default(),
+        strategy: String::new(),
     }
 }
 

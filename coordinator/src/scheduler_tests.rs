@@ -1,0 +1,295 @@
+//! The scheduler through its pure interface: examples for each rule, and properties over random views.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::{any, prop, prop_assert, prop_assert_eq, proptest};
+use proptest::strategy::Strategy as PropStrategy;
+
+use super::*;
+use crate::model::Strategy as Fit;
+use crate::model::{LabelExpr, LabelOp};
+
+fn res(cpu: u64, mem_mib: u64) -> Resources {
+    Resources {
+        cpu_millis: cpu,
+        memory_bytes: mem_mib << 20,
+        ..Default::default()
+    }
+}
+
+fn pending(id: &str, class: &str, r: Resources) -> PendingTask {
+    PendingTask {
+        id: id.into(),
+        attempt: 1,
+        run_id: "run-1".into(),
+        class: class.into(),
+        resources: r,
+        required: vec![],
+        preferred: vec![],
+        spread_by: String::new(),
+        strategy: Fit::BinPack,
+    }
+}
+
+fn agent(name: &str, class: &str, r: Resources, labels: &[(&str, &str)]) -> AgentSlot {
+    AgentSlot {
+        name: name.into(),
+        class: class.into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        free: r,
+    }
+}
+
+fn eq(k: &str, v: &str) -> LabelExpr {
+    LabelExpr {
+        key: k.into(),
+        op: LabelOp::Eq,
+        values: vec![v.into()],
+    }
+}
+
+fn placed_on(p: &Plan) -> Vec<(&str, &str)> {
+    p.assignments
+        .iter()
+        .map(|a| (a.task_id.as_str(), a.agent.as_str()))
+        .collect()
+}
+
+#[test]
+fn best_fit_prefers_the_tightest_agent_and_never_overcommits() {
+    // Guards: best-fit placement and that free capacity is consumed within a round.
+    let view = View {
+        pending: vec![
+            pending("t1", "", res(500, 100)),
+            pending("t2", "", res(500, 100)),
+            pending("t3", "", res(500, 100)),
+        ],
+        agents: vec![
+            agent("big", "default", res(4000, 4096), &[]),
+            agent("small", "default", res(1000, 200), &[]),
+        ],
+        ..Default::default()
+    };
+    let p = plan(&view);
+    assert_eq!(
+        placed_on(&p),
+        vec![("t1", "small"), ("t2", "small"), ("t3", "big")]
+    );
+    assert!(p.unplaced.is_empty());
+}
+
+#[test]
+fn the_spread_strategy_prefers_the_emptiest_agent() {
+    // Guards: per-run strategy `spread` (worst fit).
+    let mut t = pending("t1", "", res(500, 100));
+    t.strategy = Fit::Spread;
+    let view = View {
+        pending: vec![t],
+        agents: vec![
+            agent("big", "default", res(4000, 4096), &[]),
+            agent("small", "default", res(1000, 200), &[]),
+        ],
+        ..Default::default()
+    };
+    assert_eq!(placed_on(&plan(&view)), vec![("t1", "big")]);
+}
+
+#[test]
+fn required_expressions_filter_and_preferred_weights_steer() {
+    // Guards: affinity.required is a hard filter, affinity.preferred a weighted preference.
+    let agents = vec![
+        agent(
+            "a1",
+            "default",
+            res(4000, 4096),
+            &[("zone", "a"), ("disk", "hdd")],
+        ),
+        agent(
+            "b1",
+            "default",
+            res(1000, 1024),
+            &[("zone", "b"), ("disk", "ssd")],
+        ),
+    ];
+    let mut only_a = pending("only-a", "", res(100, 10));
+    only_a.required = vec![eq("zone", "a")];
+    let mut likes_ssd = pending("likes-ssd", "", res(100, 10));
+    likes_ssd.preferred = vec![(10, eq("disk", "ssd"))];
+    let mut dislikes_ssd = pending("dislikes-ssd", "", res(100, 10));
+    dislikes_ssd.preferred = vec![(-10, eq("disk", "ssd"))];
+    let mut nowhere = pending("nowhere", "", res(100, 10));
+    nowhere.required = vec![eq("zone", "c")];
+    let p = plan(&View {
+        pending: vec![only_a, likes_ssd, dislikes_ssd, nowhere],
+        agents,
+        ..Default::default()
+    });
+    assert_eq!(
+        placed_on(&p),
+        vec![
+            ("only-a", "a1"),
+            ("likes-ssd", "b1"),
+            ("dislikes-ssd", "a1")
+        ]
+    );
+    assert_eq!(
+        p.unplaced,
+        vec![(
+            "nowhere".to_owned(),
+            "2 agents in class default, none matching `zone = c`".to_owned()
+        )]
+    );
+}
+
+#[test]
+fn spread_by_distributes_a_runs_tasks_across_label_values() {
+    // Guards: `spread_by: zone` puts the run's tasks on alternating zones, counting earlier placements.
+    let agents = vec![
+        agent("a1", "default", res(8000, 8192), &[("zone", "a")]),
+        agent("a2", "default", res(8000, 8192), &[("zone", "a")]),
+        agent("b1", "default", res(8000, 8192), &[("zone", "b")]),
+    ];
+    let pending: Vec<PendingTask> = (0..4)
+        .map(|i| {
+            let mut t = pending(&format!("t{i}"), "", res(100, 10));
+            t.spread_by = "zone".into();
+            t
+        })
+        .collect();
+    // One task of the run already runs in zone a.
+    let placed = BTreeMap::from([("run-1".to_owned(), BTreeMap::from([("a1".to_owned(), 1)]))]);
+    let p = plan(&View {
+        pending,
+        agents,
+        placed,
+    });
+    let in_a = 1 + p
+        .assignments
+        .iter()
+        .filter(|a| a.agent.starts_with('a'))
+        .count();
+    let in_b = p
+        .assignments
+        .iter()
+        .filter(|a| a.agent.starts_with('b'))
+        .count();
+    // The first goes to the empty zone; after that the zones stay within one task of each other.
+    assert_eq!(p.assignments[0].agent, "b1");
+    assert_eq!(in_a + in_b, 5);
+    assert!(in_a.abs_diff(in_b) <= 1, "a={in_a} b={in_b}");
+}
+
+#[test]
+fn unplaceable_tasks_say_why() {
+    // Guards: every unplaced task carries a reason naming the missing class, label or resource.
+    let view = View {
+        pending: vec![
+            pending("gpu", "gpu", res(1, 1)),
+            pending("huge", "", res(1, 8192)),
+        ],
+        agents: vec![agent("a", "default", res(2000, 4096), &[])],
+        ..Default::default()
+    };
+    let p = plan(&view);
+    assert!(p.assignments.is_empty());
+    assert_eq!(
+        p.unplaced[0].1,
+        "no agent in class gpu (connected classes: default)"
+    );
+    assert_eq!(
+        p.unplaced[1].1,
+        "1 agent in class default, none with enough free memory 8Gi (most free: 4Gi)"
+    );
+    let none = plan(&View {
+        pending: vec![pending("x", "", res(1, 1))],
+        ..Default::default()
+    });
+    assert_eq!(none.unplaced[0].1, "no agents are connected and active");
+}
+
+// ------------------------------------------------------------------ properties
+
+fn arb_view() -> impl PropStrategy<Value = View> {
+    let zones = prop::sample::select(vec!["a", "b", "c"]);
+    let classes = prop::sample::select(vec!["default", "gpu"]);
+    let agent_shape = (classes.clone(), zones.clone(), 0u64..4000, 0u64..4096);
+    let task_shape = (
+        classes,
+        prop::option::of(zones),
+        1u64..2000,
+        1u64..2048,
+        -3i32..3,
+        any::<bool>(),
+    );
+    (
+        prop::collection::vec(agent_shape, 0..8),
+        prop::collection::vec(task_shape, 0..40),
+    )
+        .prop_map(|(agents, tasks)| {
+            let mut pending: Vec<(i32, PendingTask)> = tasks
+                .into_iter()
+                .enumerate()
+                .map(|(i, (class, zone, cpu, mem, priority, spread))| {
+                    let mut t = pending(&format!("t{i:02}"), class, res(cpu, mem));
+                    t.required = zone.map(|z| vec![eq("zone", z)]).unwrap_or_default();
+                    if spread {
+                        t.strategy = Fit::Spread;
+                    }
+                    (priority, t)
+                })
+                .collect();
+            // The leader hands tasks over in queue order: priority first, then submission.
+            pending.sort_by_key(|(p, _)| -p);
+            View {
+                pending: pending.into_iter().map(|(_, t)| t).collect(),
+                agents: agents
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (class, zone, cpu, mem))| {
+                        agent(&format!("ag{i}"), class, res(cpu, mem), &[("zone", zone)])
+                    })
+                    .collect(),
+                placed: BTreeMap::new(),
+            }
+        })
+}
+
+proptest! {
+    #[test]
+    fn never_overcommits_never_breaks_a_requirement_and_is_deterministic(view in arb_view()) {
+        // Guards: the scheduler's safety properties over arbitrary views.
+        let p = plan(&view);
+        prop_assert_eq!(&p, &plan(&view));
+        let mut used: BTreeMap<&str, Resources> = BTreeMap::new();
+        for a in &p.assignments {
+            let t = view.pending.iter().find(|t| t.id == a.task_id).unwrap();
+            let ag = view.agents.iter().find(|g| g.name == a.agent).unwrap();
+            prop_assert_eq!(&ag.class, if t.class.is_empty() { DEFAULT_CLASS } else { &t.class });
+            prop_assert!(t.required.iter().all(|e| e.matches(&ag.labels)));
+            let u = used.entry(&ag.name).or_default();
+            *u = u.plus(&t.resources);
+            prop_assert!(u.fits_in(&ag.free), "agent {} over-committed", ag.name);
+        }
+        // Every task is either placed or explained, never both.
+        prop_assert_eq!(p.assignments.len() + p.unplaced.len(), view.pending.len());
+    }
+
+    #[test]
+    fn a_task_is_never_passed_over_for_an_identical_lower_priority_one(view in arb_view()) {
+        // Guards: queue order: capacity goes to higher priority among tasks asking the same thing.
+        let p = plan(&view);
+        let placed: std::collections::BTreeSet<&str> = p.assignments.iter().map(|a| a.task_id.as_str()).collect();
+        for (i, hi) in view.pending.iter().enumerate() {
+            if placed.contains(hi.id.as_str()) {
+                continue;
+            }
+            for lo in &view.pending[i + 1..] {
+                let same = lo.class == hi.class && lo.required == hi.required && lo.resources == hi.resources;
+                prop_assert!(!(same && placed.contains(lo.id.as_str())), "{} placed before {}", lo.id, hi.id);
+            }
+        }
+    }
+}
