@@ -246,6 +246,38 @@ impl Cluster {
         .await
     }
 
+    /// Prometheus text from node `i`'s HTTP port.
+    pub fn metrics_of(&self, i: usize) -> String {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.nodes[i].http_port)) else {
+            return String::new();
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ =
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    }
+
+    /// The value of a metric line (`name value`) on node `i`.
+    pub fn metric(&self, i: usize, name: &str) -> Option<f64> {
+        self.metrics_of(i).lines().find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+    }
+
+    /// SIGKILLs the agent started under `name`.
+    pub fn kill_agent(&mut self, name: &str) {
+        if let Some(pos) = self.agents.iter().position(|(n, _)| n == name) {
+            let (_, mut child) = self.agents.remove(pos);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Starts an agent process; returns its PID.
     pub fn start_agent(&mut self, name: &str, extra: &[&str]) -> u32 {
         let work = self.dir.path().join(format!("agent-{name}"));
@@ -269,6 +301,17 @@ impl Cluster {
         let pid = child.id();
         self.agents.push((name.to_owned(), child));
         pid
+    }
+
+    pub async fn agent(&self, name: &str) -> Option<pb::GetAgentResponse> {
+        let client = self.client();
+        client
+            .call(|mut c| {
+                let name = name.to_owned();
+                async move { c.get_agent(pb::GetAgentRequest { name }).await }
+            })
+            .await
+            .ok()
     }
 
     pub async fn wait_agent_connected(&self, name: &str, deadline: Duration) {
@@ -352,6 +395,28 @@ pub async fn submit_cmd(client: &ClusterClient, argv: &[&str]) -> String {
         .await
         .expect("submit")
         .run_id
+}
+
+/// Submits a run made of one task spec.
+pub async fn submit_task(client: &ClusterClient, task: pb::TaskSpec) -> String {
+    let spec = pb::RunSpec {
+        name: "test".into(),
+        tasks: vec![task],
+        ..Default::default()
+    };
+    droverctl::cli::submit(client, spec)
+        .await
+        .expect("submit")
+        .run_id
+}
+
+/// A task running `sh -c SCRIPT`.
+pub fn shell_task(script: &str) -> pb::TaskSpec {
+    pb::TaskSpec {
+        name: "main".into(),
+        shell: script.into(),
+        ..Default::default()
+    }
 }
 
 /// Waits until the run is terminal and returns it.
