@@ -107,9 +107,14 @@ fn submit_batch(n: usize, offset: usize) -> Request {
 }
 
 fn benches(c: &mut Criterion) {
-    let v = view(1_000, 100);
-    c.bench_function("scheduler_plan_1000_tasks_100_agents", |b| {
+    // Issue 3's target: one round placing 10,000 tasks onto 1,000 agents in under 50 ms.
+    let v = view(10_000, 1_000);
+    c.bench_function("scheduler_plan_10000_tasks_1000_agents", |b| {
         b.iter(|| scheduler::plan(&v))
+    });
+    let small = view(1_000, 100);
+    c.bench_function("scheduler_plan_1000_tasks_100_agents", |b| {
+        b.iter(|| scheduler::plan(&small))
     });
 
     let batch = submit_batch(1_000, 0);

@@ -69,7 +69,7 @@ pub enum Program {
     Shell(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum LabelOp {
     Eq,
     NotEq,
@@ -80,7 +80,7 @@ pub enum LabelOp {
 }
 
 /// A condition on an agent's labels.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct LabelExpr {
     pub key: String,
     pub op: LabelOp,

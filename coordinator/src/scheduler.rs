@@ -65,10 +65,12 @@ pub fn plan(view: &View) -> Plan {
     for (i, a) in agents.iter().enumerate() {
         by_class.entry(a.class.clone()).or_default().push(i);
     }
-    // Agents passing (class, required) filters, computed once per distinct filter.
-    let mut eligible: HashMap<(String, String), Vec<usize>> = HashMap::new();
+    // Work that depends only on a task's shape is done once per distinct shape, not per task:
+    // the agents passing (class, required), and each agent's preferred-weight sum.
+    let mut eligible: HashMap<(&str, &[LabelExpr]), Vec<usize>> = HashMap::new();
+    let mut preference: HashMap<&[(i32, LabelExpr)], Vec<i64>> = HashMap::new();
     // (run, label key) -> label value -> tasks of the run on agents with that value.
-    let mut spread_counts: HashMap<(String, String), HashMap<String, u32>> = HashMap::new();
+    let mut spread_counts: HashMap<(&str, &str), HashMap<String, u32>> = HashMap::new();
     let mut out = Plan::default();
 
     for task in &view.pending {
@@ -77,41 +79,60 @@ pub fn plan(view: &View) -> Plan {
         } else {
             task.class.as_str()
         };
-        let filter_key = (
-            class.to_owned(),
-            task.required
-                .iter()
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>()
-                .join(";"),
-        );
-        let candidates = eligible.entry(filter_key).or_insert_with(|| {
-            by_class
-                .get(class)
-                .map(|v| {
-                    v.iter()
-                        .copied()
-                        .filter(|&i| task.required.iter().all(|e| e.matches(&agents[i].labels)))
-                        .collect()
-                })
-                .unwrap_or_default()
-        });
+        let candidates = eligible
+            .entry((class, task.required.as_slice()))
+            .or_insert_with(|| {
+                by_class
+                    .get(class)
+                    .map(|v| {
+                        v.iter()
+                            .copied()
+                            .filter(|&i| task.required.iter().all(|e| e.matches(&agents[i].labels)))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            });
+        let preferred = if task.preferred.is_empty() {
+            None
+        } else {
+            Some(
+                &*preference
+                    .entry(task.preferred.as_slice())
+                    .or_insert_with(|| {
+                        agents
+                            .iter()
+                            .map(|a| {
+                                task.preferred
+                                    .iter()
+                                    .filter(|(_, e)| e.matches(&a.labels))
+                                    .map(|(w, _)| i64::from(*w))
+                                    .sum()
+                            })
+                            .collect()
+                    }),
+            )
+        };
         let counts = if task.spread_by.is_empty() {
             None
         } else {
-            let key = (task.run_id.clone(), task.spread_by.clone());
-            Some(spread_counts.entry(key).or_insert_with(|| {
-                let mut m: HashMap<String, u32> = HashMap::new();
-                if let Some(on) = view.placed.get(&task.run_id) {
-                    for a in &agents {
-                        if let Some(n) = on.get(&a.name) {
-                            *m.entry(a.labels.get(&task.spread_by).cloned().unwrap_or_default())
-                                .or_default() += n;
+            Some(
+                &*spread_counts
+                    .entry((task.run_id.as_str(), task.spread_by.as_str()))
+                    .or_insert_with(|| {
+                        let mut m: HashMap<String, u32> = HashMap::new();
+                        if let Some(on) = view.placed.get(&task.run_id) {
+                            for a in &agents {
+                                if let Some(n) = on.get(&a.name) {
+                                    *m.entry(
+                                        a.labels.get(&task.spread_by).cloned().unwrap_or_default(),
+                                    )
+                                    .or_default() += n;
+                                }
+                            }
                         }
-                    }
-                }
-                m
-            }))
+                        m
+                    }),
+            )
         };
         let mut best: Option<(i128, usize)> = None;
         for &i in candidates.iter() {
@@ -120,7 +141,7 @@ pub fn plan(view: &View) -> Plan {
                 continue;
             }
             let mut score: i128 = 0;
-            if let Some(counts) = counts.as_ref() {
+            if let Some(counts) = counts {
                 let value = a
                     .labels
                     .get(&task.spread_by)
@@ -128,13 +149,9 @@ pub fn plan(view: &View) -> Plan {
                     .unwrap_or("");
                 score -= SPREAD_WEIGHT * i128::from(counts.get(value).copied().unwrap_or(0));
             }
-            let preferred: i64 = task
-                .preferred
-                .iter()
-                .filter(|(_, e)| e.matches(&a.labels))
-                .map(|(w, _)| i64::from(*w))
-                .sum();
-            score += PREFERRED_WEIGHT * i128::from(preferred);
+            if let Some(p) = preferred {
+                score += PREFERRED_WEIGHT * i128::from(p[i]);
+            }
             let room = leftover(&a.free, &task.resources);
             score += match task.strategy {
                 Strategy::BinPack => -room,
@@ -149,7 +166,7 @@ pub fn plan(view: &View) -> Plan {
                 let agent = &mut agents[i];
                 agent.free = agent.free.minus(&task.resources);
                 if let Some(counts) =
-                    spread_counts.get_mut(&(task.run_id.clone(), task.spread_by.clone()))
+                    spread_counts.get_mut(&(task.run_id.as_str(), task.spread_by.as_str()))
                 {
                     *counts
                         .entry(
