@@ -75,13 +75,40 @@ pub async fn execute(
             return;
         }
     }
-    let outcome = run_process(&work_dir, &table, cgroups.as_deref(), &assign).await;
-    tracing::info!(task = %task_id, attempt, exit_code = ?outcome.exit_code, signal = ?outcome.signal, reason = %outcome.reason, "task finished");
+    let noop = assign
+        .spec
+        .as_ref()
+        .filter(|s| s.kind == "noop")
+        .map(|s| s.noop_duration_ms);
+    let outcome = match noop {
+        Some(ms) => run_noop(&table, &assign, ms).await,
+        None => run_process(&work_dir, &table, cgroups.as_deref(), &assign).await,
+    };
+    tracing::debug!(task = %task_id, attempt, exit_code = ?outcome.exit_code, signal = ?outcome.signal, reason = %outcome.reason, "task finished");
     table.finished(pb::TaskFinished {
         task_id,
         attempt,
         outcome: Some(outcome),
     });
+}
+
+/// A task the agent completes itself: no process, no log files. Measures the fabric alone.
+async fn run_noop(table: &TaskTable, assign: &pb::Assign, duration_ms: u64) -> pb::TaskOutcome {
+    if duration_ms > 0 {
+        table.started(pb::TaskStarted {
+            task_id: assign.task_id.clone(),
+            attempt: assign.attempt,
+            started_at_ms: now_ms(),
+            pid: 0,
+        });
+        tokio::time::sleep(Duration::from_millis(duration_ms)).await;
+    }
+    pb::TaskOutcome {
+        succeeded: true,
+        exit_code: Some(0),
+        duration_ms,
+        ..Default::default()
+    }
 }
 
 async fn run_process(

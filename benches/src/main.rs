@@ -1,159 +1,265 @@
-//! drover-bench: end-to-end load against a real cluster.
+//! drover-bench: end-to-end measurements against a real cluster.
 //!
-//! `drover-bench load --spawn-cluster --runs 2000 --concurrency 64` starts 3 coordinators (fsync and
-//! mTLS on: the real configuration) and an agent as processes, submits N single-task `true` runs
-//! from C concurrent submitters, waits for all to finish, and reports throughput and latencies.
-//! `--addr` and `--tls-dir` point it at an existing cluster instead.
+//! `drover-bench load --spawn-cluster --runs 5000 --concurrency 64 --kind noop` starts 3
+//! coordinators (fsync and mTLS on: the real configuration) and an agent as processes, submits
+//! runs, waits for all of them, and reports throughput, latencies, errors and correctness.
+//! `drover-bench fleet --spawn-cluster --agents 2000` connects simulated agents and measures the
+//! leader's CPU, failure detection and false losses across a leader failover.
+//! Without `--spawn-cluster`, `--addr` and `--tls-dir` point at an existing cluster.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use drover_benches::fleet::Fleet;
+use drover_benches::load::{self, Kind, LoadOptions};
 use drover_proto::client::ClusterClient;
 use drover_proto::pb;
 use drover_proto::tls::TlsFiles;
+use drover_tests::{Cluster, ClusterOptions};
 
 #[derive(Parser)]
-#[command(name = "drover-bench", about = "End-to-end load generator for Drover")]
+#[command(name = "drover-bench", about = "End-to-end measurements for Drover")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
 }
 
+#[derive(Args, Clone)]
+struct Target {
+    /// Start a 3-node cluster as processes for the measurement.
+    #[arg(long)]
+    spawn_cluster: bool,
+    #[arg(long, env = "DROVER_ADDR", value_delimiter = ',')]
+    addr: Vec<String>,
+    #[arg(long, env = "DROVER_TLS_DIR")]
+    tls_dir: Option<std::path::PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
-    /// Submit runs and measure accepted/s, completed/s and latency percentiles.
+    /// Submit runs and measure accepted/s, completed/s, latency percentiles and correctness.
     Load {
+        #[command(flatten)]
+        target: Target,
         #[arg(long, default_value_t = 1000)]
         runs: usize,
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
-        /// Start a 3-node cluster and one agent as processes for the measurement.
+        /// Submissions per second (default: as fast as they are accepted).
         #[arg(long)]
-        spawn_cluster: bool,
-        #[arg(long, env = "DROVER_ADDR", value_delimiter = ',')]
-        addr: Vec<String>,
-        #[arg(long, env = "DROVER_TLS_DIR")]
-        tls_dir: Option<std::path::PathBuf>,
-        /// Command each task runs.
+        rate: Option<f64>,
+        /// noop (completed inside the agent) or process.
+        #[arg(long, default_value = "process")]
+        kind: String,
+        /// Command for process tasks.
         #[arg(long, default_value = "true")]
         command: String,
+        /// Agents to start with --spawn-cluster.
+        #[arg(long, default_value_t = 1)]
+        agents: usize,
+    },
+    /// Connect simulated agents; measure leader CPU, loss detection and failover behaviour.
+    Fleet {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, default_value_t = 1000)]
+        agents: usize,
+        /// noop runs to push through the fleet (0 = none).
+        #[arg(long, default_value_t = 2000)]
+        runs: usize,
+        /// Seconds of steady heartbeats over which the leader's CPU is measured.
+        #[arg(long, default_value_t = 10)]
+        steady_secs: u64,
     },
 }
 
-fn pct(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
+async fn connect(
+    target: &Target,
+    agents: usize,
+) -> anyhow::Result<(
+    Option<Cluster>,
+    ClusterClient,
+    Vec<String>,
+    drover_proto::tls::TlsMaterial,
+)> {
+    if target.spawn_cluster {
+        let mut cluster = Cluster::start(ClusterOptions::default()).await;
+        for i in 0..agents {
+            let name = format!("bench-agent-{i}");
+            cluster.start_agent(&name, &[]);
+            cluster
+                .wait_agent_connected(&name, Duration::from_secs(30))
+                .await;
+        }
+        let client = cluster.client();
+        let addrs = cluster.addrs();
+        let tls = TlsFiles::in_dir(&cluster.tls_dir, "agent").load()?;
+        return Ok((Some(cluster), client, addrs, tls));
     }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+    let dir = target
+        .tls_dir
+        .clone()
+        .context("--tls-dir (or DROVER_TLS_DIR) is needed without --spawn-cluster")?;
+    if target.addr.is_empty() {
+        bail!("--addr (or DROVER_ADDR) is needed without --spawn-cluster");
+    }
+    let client = ClusterClient::new(target.addr.clone(), TlsFiles::in_dir(&dir, "admin").load()?);
+    Ok((
+        None,
+        client,
+        target.addr.clone(),
+        TlsFiles::in_dir(&dir, "agent").load()?,
+    ))
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     drover_proto::tls::install_crypto_provider();
-    let Cmd::Load {
-        runs,
-        concurrency,
-        spawn_cluster,
-        addr,
-        tls_dir,
-        command,
-    } = Cli::parse().cmd;
-    let (_cluster, client) = if spawn_cluster {
-        let mut cluster =
-            drover_tests::Cluster::start(drover_tests::ClusterOptions::default()).await;
-        cluster.start_agent("bench-agent", &[]);
-        cluster
-            .wait_agent_connected("bench-agent", Duration::from_secs(30))
-            .await;
-        let client = cluster.client();
-        (Some(cluster), client)
-    } else {
-        let dir =
-            tls_dir.context("--tls-dir (or DROVER_TLS_DIR) is needed without --spawn-cluster")?;
-        if addr.is_empty() {
-            bail!("--addr (or DROVER_ADDR) is needed without --spawn-cluster");
-        }
-        (
-            None,
-            ClusterClient::new(addr, TlsFiles::in_dir(&dir, "admin").load()?),
-        )
-    };
-    let client = Arc::new(client);
-    let spec = pb::RunSpec {
-        name: "bench".into(),
-        tasks: vec![pb::TaskSpec {
-            name: "main".into(),
-            argv: vec![command],
-            ..Default::default()
-        }],
-        labels: Default::default(),
-        strategy: String::new(),
-    };
-    let started = Instant::now();
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut workers = Vec::new();
-    for _ in 0..concurrency {
-        let (client, spec, next) = (client.clone(), spec.clone(), next.clone());
-        workers.push(tokio::spawn(async move {
-            let mut ids = Vec::new();
-            let mut errors = std::collections::BTreeMap::<String, u64>::new();
-            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < runs {
-                match droverctl::cli::submit(&client, spec.clone()).await {
-                    Ok(r) => ids.push(r.run_id),
-                    Err(e) => *errors.entry(format!("{:?}", e.code())).or_default() += 1,
-                }
+    match Cli::parse().cmd {
+        Cmd::Load {
+            target,
+            runs,
+            concurrency,
+            rate,
+            kind,
+            command,
+            agents,
+        } => {
+            let (_cluster, client, _, _) = connect(&target, agents).await?;
+            let kind = match kind.as_str() {
+                "noop" => Kind::Noop,
+                "process" => Kind::Process(command.split_whitespace().map(str::to_owned).collect()),
+                other => bail!("--kind {other}: expected noop or process"),
+            };
+            let opts = LoadOptions {
+                runs,
+                concurrency,
+                rate,
+                kind,
+                finish_timeout: Duration::from_secs(600),
+            };
+            let report = load::run(Arc::new(client), &opts).await?;
+            print!("{report}");
+            if !report.is_clean() {
+                bail!("correctness check failed: runs lost, failed or re-run");
             }
-            (ids, errors)
-        }));
-    }
-    let mut ids = Vec::new();
-    let mut errors = std::collections::BTreeMap::<String, u64>::new();
-    for w in workers {
-        let (i, e) = w.await?;
-        ids.extend(i);
-        for (k, v) in e {
-            *errors.entry(k).or_default() += v;
         }
-    }
-    let accepted_secs = started.elapsed().as_secs_f64();
-    let mut start_lat = Vec::new();
-    let mut finish_lat = Vec::new();
-    let mut failed = 0;
-    let (mut first_created, mut last_finished) = (u64::MAX, 0u64);
-    for id in &ids {
-        let run = droverctl::cli::wait_run(&client, id, Duration::from_secs(600)).await?;
-        let t = &run.tasks[0];
-        if run.state != pb::RunState::Succeeded as i32 {
-            failed += 1;
+        Cmd::Fleet {
+            target,
+            agents,
+            runs,
+            steady_secs,
+        } => {
+            let (cluster, client, addrs, tls) = connect(&target, 0).await?;
+            let started = Instant::now();
+            let fleet = Fleet::start(addrs, tls, agents, "sim", 0).await;
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while fleet
+                .stats
+                .registered
+                .load(std::sync::atomic::Ordering::Relaxed)
+                < agents as u64
+            {
+                if Instant::now() > deadline {
+                    bail!(
+                        "only {} of {agents} agents registered",
+                        fleet
+                            .stats
+                            .registered
+                            .load(std::sync::atomic::Ordering::Relaxed)
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            println!(
+                "{agents} simulated agents registered in {:.1}s",
+                started.elapsed().as_secs_f64()
+            );
+            let client = Arc::new(client);
+            if let Some(cluster) = &cluster {
+                let leader = cluster.wait_leader(Duration::from_secs(10)).await;
+                let pid = cluster.coordinator_pid(leader).context("leader pid")?;
+                let before = drover_benches::cpu_seconds(pid).unwrap_or(0.0);
+                tokio::time::sleep(Duration::from_secs(steady_secs)).await;
+                let used = drover_benches::cpu_seconds(pid).unwrap_or(0.0) - before;
+                println!(
+                    "leader CPU with {agents} agents heartbeating: {:.2} cores (RSS {} MiB)",
+                    used / steady_secs as f64,
+                    drover_benches::rss_bytes(pid).unwrap_or(0) >> 20
+                );
+            }
+            if runs > 0 {
+                let opts = LoadOptions {
+                    runs,
+                    concurrency: 64,
+                    rate: None,
+                    kind: Kind::Noop,
+                    finish_timeout: Duration::from_secs(600),
+                };
+                let report = load::run(client.clone(), &opts).await?;
+                println!("noop runs through the fleet:");
+                print!("{report}");
+            }
+            // A killed agent: how long until it is declared lost.
+            let victim = format!("sim-{}", agents / 2);
+            fleet.kill(agents / 2);
+            let killed_at = Instant::now();
+            loop {
+                let state = get_agent_state(&client, &victim).await;
+                if state == Some(pb::AgentState::Lost as i32) {
+                    println!(
+                        "killed agent detected as lost after {:.2}s",
+                        killed_at.elapsed().as_secs_f64()
+                    );
+                    break;
+                }
+                if killed_at.elapsed() > Duration::from_secs(60) {
+                    println!("killed agent NOT detected within 60s");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if let Some(mut cluster) = cluster {
+                let leader = cluster.wait_leader(Duration::from_secs(10)).await;
+                cluster.kill(leader);
+                let killed = Instant::now();
+                cluster.wait_leader(Duration::from_secs(30)).await;
+                println!(
+                    "leader SIGKILL -> new leader in {:.2}s",
+                    killed.elapsed().as_secs_f64()
+                );
+                // A whole lease past the failover.
+                tokio::time::sleep(Duration::from_secs(7)).await;
+                let list = client
+                    .call(|mut c| async move { c.list_agents(pb::ListAgentsRequest {}).await })
+                    .await
+                    .map_err(|e| anyhow::anyhow!(e.to_string()))?;
+                let falsely_lost = list
+                    .agents
+                    .iter()
+                    .filter(|a| a.state == pb::AgentState::Lost as i32 && a.name != victim)
+                    .count();
+                println!("agents falsely declared lost across the failover: {falsely_lost}");
+                fleet.stop().await;
+                drop(cluster);
+            } else {
+                fleet.stop().await;
+            }
         }
-        first_created = first_created.min(t.created_at_ms);
-        last_finished = last_finished.max(t.finished_at_ms);
-        start_lat.push(t.started_at_ms.saturating_sub(t.created_at_ms));
-        finish_lat.push(t.finished_at_ms.saturating_sub(t.created_at_ms));
-    }
-    // The leader's own stamps: first run created to last run finished.
-    let completed_secs = (last_finished.saturating_sub(first_created) as f64 / 1000.0).max(0.001);
-    start_lat.sort_unstable();
-    finish_lat.sort_unstable();
-    println!(
-        "runs submitted: {} (errors by code: {errors:?}), failed runs: {failed}",
-        ids.len()
-    );
-    println!("accepted/s:  {:.0}", ids.len() as f64 / accepted_secs);
-    println!("completed/s: {:.0}", ids.len() as f64 / completed_secs);
-    for (name, v) in [
-        ("submit->start ", &start_lat),
-        ("submit->finish", &finish_lat),
-    ] {
-        println!(
-            "{name} ms: p50 {} p90 {} p99 {} max {}",
-            pct(v, 0.5),
-            pct(v, 0.9),
-            pct(v, 0.99),
-            v.last().copied().unwrap_or(0)
-        );
     }
     Ok(())
+}
+
+async fn get_agent_state(client: &ClusterClient, name: &str) -> Option<i32> {
+    client
+        .call(|mut c| {
+            let name = name.to_owned();
+            async move { c.get_agent(pb::GetAgentRequest { name }).await }
+        })
+        .await
+        .ok()
+        .and_then(|r| r.agent)
+        .map(|a| a.state)
 }

@@ -213,49 +213,69 @@ pub fn run_spec_from_proto(spec: Option<&pb::RunSpec>) -> Result<RunSpec, Coordi
                 format!("'{tname}' is used by two tasks"),
             ));
         }
-        let program = match (t.argv.is_empty(), t.shell.is_empty()) {
-            (false, true) => {
-                if t.argv.len() > limits::ARGS_MAX {
-                    return Err(CoordinatorError::invalid(
-                        format!("{field}.argv"),
-                        format!("at most {} arguments", limits::ARGS_MAX),
-                    ));
-                }
-                if t.argv[0].is_empty() {
-                    return Err(CoordinatorError::invalid(
-                        format!("{field}.argv[0]"),
-                        "the program name is empty",
-                    ));
-                }
-                for (j, a) in t.argv.iter().enumerate() {
-                    if a.len() > limits::ARG_BYTES_MAX || a.contains('\0') {
+        let program = match (t.kind.as_str(), t.argv.is_empty(), t.shell.is_empty()) {
+            ("noop", true, true) => Program::Noop {
+                duration_ms: t.noop_duration_ms,
+            },
+            ("noop", _, _) => {
+                return Err(CoordinatorError::invalid(
+                    format!("{field}.command"),
+                    "a noop task takes no command or shell",
+                ));
+            }
+            ("" | "process", argv_empty, shell_empty) => match (argv_empty, shell_empty) {
+                (false, true) => {
+                    if t.argv.len() > limits::ARGS_MAX {
                         return Err(CoordinatorError::invalid(
-                            format!("{field}.argv[{j}]"),
+                            format!("{field}.argv"),
+                            format!("at most {} arguments", limits::ARGS_MAX),
+                        ));
+                    }
+                    if t.argv[0].is_empty() {
+                        return Err(CoordinatorError::invalid(
+                            format!("{field}.argv[0]"),
+                            "the program name is empty",
+                        ));
+                    }
+                    for (j, a) in t.argv.iter().enumerate() {
+                        if a.len() > limits::ARG_BYTES_MAX || a.contains('\0') {
+                            return Err(CoordinatorError::invalid(
+                                format!("{field}.argv[{j}]"),
+                                format!(
+                                    "must be under {} bytes, without NUL",
+                                    limits::ARG_BYTES_MAX
+                                ),
+                            ));
+                        }
+                    }
+                    Program::Argv(t.argv.clone())
+                }
+                (true, false) => {
+                    if t.shell.len() > limits::ARG_BYTES_MAX || t.shell.contains('\0') {
+                        return Err(CoordinatorError::invalid(
+                            format!("{field}.shell"),
                             format!("must be under {} bytes, without NUL", limits::ARG_BYTES_MAX),
                         ));
                     }
+                    Program::Shell(t.shell.clone())
                 }
-                Program::Argv(t.argv.clone())
-            }
-            (true, false) => {
-                if t.shell.len() > limits::ARG_BYTES_MAX || t.shell.contains('\0') {
+                (true, true) => {
                     return Err(CoordinatorError::invalid(
-                        format!("{field}.shell"),
-                        format!("must be under {} bytes, without NUL", limits::ARG_BYTES_MAX),
+                        format!("{field}.command"),
+                        "set either a command (argv list) or shell (a string for sh -c)",
                     ));
                 }
-                Program::Shell(t.shell.clone())
-            }
-            (true, true) => {
+                (false, false) => {
+                    return Err(CoordinatorError::invalid(
+                        format!("{field}.command"),
+                        "set only one of command (argv list) and shell, not both",
+                    ));
+                }
+            },
+            (other, _, _) => {
                 return Err(CoordinatorError::invalid(
-                    format!("{field}.command"),
-                    "set either a command (argv list) or shell (a string for sh -c)",
-                ));
-            }
-            (false, false) => {
-                return Err(CoordinatorError::invalid(
-                    format!("{field}.command"),
-                    "set only one of command (argv list) and shell, not both",
+                    format!("{field}.kind"),
+                    format!("'{other}' is not process or noop"),
                 ));
             }
         };
@@ -350,9 +370,12 @@ pub fn run_spec_from_proto(spec: Option<&pb::RunSpec>) -> Result<RunSpec, Coordi
 }
 
 pub fn task_spec_to_proto(t: &TaskSpec) -> pb::TaskSpec {
-    let (argv, shell) = match &t.program {
-        Program::Argv(a) => (a.clone(), String::new()),
-        Program::Shell(s) => (Vec::new(), s.clone()),
+    let (argv, shell, kind, noop_duration_ms) = match &t.program {
+        Program::Argv(a) => (a.clone(), String::new(), String::new(), 0),
+        Program::Shell(s) => (Vec::new(), s.clone(), String::new(), 0),
+        Program::Noop { duration_ms } => {
+            (Vec::new(), String::new(), "noop".to_owned(), *duration_ms)
+        }
     };
     pb::TaskSpec {
         name: t.name.clone(),
@@ -375,6 +398,8 @@ pub fn task_spec_to_proto(t: &TaskSpec) -> pb::TaskSpec {
         spread_by: t.spread_by.clone(),
         priority: t.priority,
         queue: t.queue.clone(),
+        kind,
+        noop_duration_ms,
     }
 }
 

@@ -67,6 +67,8 @@ pub enum Program {
     Argv(Vec<String>),
     /// Executed as `sh -c`.
     Shell(String),
+    /// Completed by the agent itself after this many milliseconds; no process.
+    Noop { duration_ms: u64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -41,6 +41,9 @@ struct RunFile {
     spread_by: Option<String>,
     priority: Option<i32>,
     queue: Option<String>,
+    /// process (default) or noop.
+    kind: Option<String>,
+    noop_duration: Option<DurationMs>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -61,6 +64,9 @@ struct TaskFile {
     spread_by: Option<String>,
     priority: Option<i32>,
     queue: Option<String>,
+    /// process (default) or noop.
+    kind: Option<String>,
+    noop_duration: Option<DurationMs>,
 }
 
 impl RunFile {
@@ -76,7 +82,9 @@ impl RunFile {
             || self.affinity.is_some()
             || self.spread_by.is_some()
             || self.priority.is_some()
-            || self.queue.is_some();
+            || self.queue.is_some()
+            || self.kind.is_some()
+            || self.noop_duration.is_some();
         any.then(|| TaskFile {
             name: Some("main".into()),
             command: self.command.take(),
@@ -90,6 +98,8 @@ impl RunFile {
             spread_by: self.spread_by.take(),
             priority: self.priority.take(),
             queue: self.queue.take(),
+            kind: self.kind.take(),
+            noop_duration: self.noop_duration.take(),
         })
     }
 }
@@ -229,6 +239,8 @@ fn task_to_proto(name: String, f: TaskFile) -> pb::TaskSpec {
         spread_by: f.spread_by.unwrap_or_default(),
         priority: f.priority.unwrap_or(0),
         queue: f.queue.unwrap_or_default(),
+        kind: f.kind.unwrap_or_default(),
+        noop_duration_ms: f.noop_duration.map_or(0, |d| d.0),
     }
 }
 

@@ -202,6 +202,11 @@ impl Cluster {
         self.coordinators[i] = Some(child);
     }
 
+    /// PID of coordinator `i`, if running.
+    pub fn coordinator_pid(&self, i: usize) -> Option<u32> {
+        self.coordinators[i].as_ref().map(|c| c.id())
+    }
+
     pub fn is_running(&self, i: usize) -> bool {
         self.coordinators[i].is_some()
     }

@@ -1,0 +1,195 @@
+//! `drover-bench fleet`: many lightweight simulated agents from one process. Each holds a real
+//! gRPC session with the leader (streams multiplexed over a pool of mTLS connections), heartbeats
+//! at the interval the leader asks for, and completes every assignment itself (a noop executor,
+//! optionally after a delay). Scheduling and liveness are measured at fleet scale this way.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use drover_proto::client::{connect, leader_hint};
+use drover_proto::pb::agent_message::Msg as In;
+use drover_proto::pb::coordinator_message::Msg as Out;
+use drover_proto::pb::{self, agent_service_client::AgentServiceClient};
+use drover_proto::tls::TlsMaterial;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// Sessions multiplexed on one connection (HTTP/2 streams); keeps well under server stream limits.
+const SESSIONS_PER_CONNECTION: usize = 100;
+
+#[derive(Default)]
+pub struct FleetStats {
+    pub registered: AtomicU64,
+    pub assignments: AtomicU64,
+    pub reconnects: AtomicU64,
+}
+
+pub struct Fleet {
+    pub stats: Arc<FleetStats>,
+    stops: Vec<Arc<AtomicBool>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Fleet {
+    /// Starts `n` simulated agents named `PREFIX-N`.
+    pub async fn start(
+        addrs: Vec<String>,
+        tls: TlsMaterial,
+        n: usize,
+        prefix: &str,
+        noop_ms: u64,
+    ) -> Fleet {
+        let stats = Arc::new(FleetStats::default());
+        let addrs = Arc::new(addrs);
+        let mut stops = Vec::with_capacity(n);
+        let mut tasks = Vec::with_capacity(n);
+        let pools = n.div_ceil(SESSIONS_PER_CONNECTION);
+        for p in 0..pools {
+            let tls = tls.clone();
+            for i in (p * SESSIONS_PER_CONNECTION)..((p + 1) * SESSIONS_PER_CONNECTION).min(n) {
+                let stop = Arc::new(AtomicBool::new(false));
+                stops.push(stop.clone());
+                let sim = Sim {
+                    name: format!("{prefix}-{i}"),
+                    addrs: addrs.clone(),
+                    tls: tls.clone(),
+                    stats: stats.clone(),
+                    stop,
+                    noop_ms,
+                    first: p % addrs.len(),
+                };
+                tasks.push(tokio::spawn(sim.run()));
+            }
+        }
+        Fleet {
+            stats,
+            stops,
+            tasks,
+        }
+    }
+
+    /// Stops one simulated agent abruptly (as if its host died): its session just ends.
+    pub fn kill(&self, i: usize) {
+        self.stops[i].store(true, Ordering::Relaxed);
+    }
+
+    pub async fn stop(self) {
+        for s in &self.stops {
+            s.store(true, Ordering::Relaxed);
+        }
+        for t in self.tasks {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
+struct Sim {
+    name: String,
+    addrs: Arc<Vec<String>>,
+    tls: TlsMaterial,
+    stats: Arc<FleetStats>,
+    stop: Arc<AtomicBool>,
+    noop_ms: u64,
+    first: usize,
+}
+
+impl Sim {
+    async fn run(self) {
+        let mut next: Option<String> = None;
+        let mut index = self.first;
+        let mut connected_once = false;
+        while !self.stop.load(Ordering::Relaxed) {
+            let addr = next.take().unwrap_or_else(|| {
+                index += 1;
+                self.addrs[index % self.addrs.len()].clone()
+            });
+            if connected_once {
+                self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+            }
+            match self.session(&addr, &mut connected_once).await {
+                Some(leader) => next = Some(leader),
+                None => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
+    /// Runs one session; returns the leader to follow, if told.
+    async fn session(&self, addr: &str, connected_once: &mut bool) -> Option<String> {
+        let channel = connect(addr, &self.tls).await.ok()?;
+        let (tx, rx) = mpsc::channel(256);
+        let register = pb::Register {
+            name: self.name.clone(),
+            resources: Some(pb::Resources {
+                cpu_millis: 4_000,
+                memory_bytes: 8 << 30,
+                ..Default::default()
+            }),
+            class: "default".into(),
+            pool: "sim".into(),
+            version: "sim".into(),
+            ..Default::default()
+        };
+        tx.send(pb::AgentMessage {
+            msg: Some(In::Register(register)),
+        })
+        .await
+        .ok()?;
+        let mut inbound = match AgentServiceClient::new(channel)
+            .session(ReceiverStream::new(rx))
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(status) => return leader_hint(&status),
+        };
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            tokio::select! {
+                msg = inbound.message() => {
+                    let msg = match msg {
+                        Ok(Some(m)) => m,
+                        Ok(None) => return None,
+                        Err(status) => return leader_hint(&status),
+                    };
+                    match msg.msg {
+                        Some(Out::Registered(r)) => {
+                            if !*connected_once {
+                                self.stats.registered.fetch_add(1, Ordering::Relaxed);
+                                *connected_once = true;
+                            }
+                            heartbeat = tokio::time::interval(Duration::from_millis(r.heartbeat_interval_ms.max(100)));
+                        }
+                        Some(Out::Assign(a)) => {
+                            self.stats.assignments.fetch_add(1, Ordering::Relaxed);
+                            let tx = tx.clone();
+                            let delay = self.noop_ms;
+                            tokio::spawn(async move {
+                                if delay > 0 {
+                                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                                }
+                                let done = pb::TaskFinished {
+                                    task_id: a.task_id,
+                                    attempt: a.attempt,
+                                    outcome: Some(pb::TaskOutcome { succeeded: true, exit_code: Some(0), duration_ms: delay, ..Default::default() }),
+                                };
+                                let _ = tx.send(pb::AgentMessage { msg: Some(In::Finished(done)) }).await;
+                            });
+                        }
+                        _ => {}
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    if tx.send(pb::AgentMessage { msg: Some(In::Heartbeat(pb::Heartbeat {})) }).await.is_err() {
+                        return None;
+                    }
+                }
+                // Wake now and then to notice `stop` even when the session is quiet.
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! A few seconds of load through the real tools: proves they work and that under load no accepted
+//! run is lost, fails or runs twice. It asserts correctness, never speed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_benches::fleet::Fleet;
+use drover_benches::load::{self, Kind, LoadOptions};
+use drover_tests::{Cluster, ClusterOptions};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_load_loses_nothing_and_runs_nothing_twice() {
+    // Guards: drover-bench load's correctness checks, with noop and process tasks and a simulated fleet.
+    tokio::time::timeout(Duration::from_secs(150), async {
+        let mut cluster = Cluster::start(ClusterOptions::default()).await;
+        cluster.start_agent("smoke-agent", &[]);
+        cluster
+            .wait_agent_connected("smoke-agent", Duration::from_secs(20))
+            .await;
+        let client = Arc::new(cluster.client());
+
+        for (kind, runs) in [(Kind::Noop, 400), (Kind::Process(vec!["true".into()]), 60)] {
+            let opts = LoadOptions {
+                runs,
+                concurrency: 16,
+                rate: None,
+                kind,
+                finish_timeout: Duration::from_secs(60),
+            };
+            let report = load::run(client.clone(), &opts).await.unwrap();
+            assert!(report.errors.is_empty(), "{report}");
+            assert_eq!(report.submitted, runs, "{report}");
+            assert!(report.is_clean(), "{report}");
+        }
+
+        // Simulated agents take work too, through real sessions.
+        let tls = drover_proto::tls::TlsFiles::in_dir(&cluster.tls_dir, "agent")
+            .load()
+            .unwrap();
+        let fleet = Fleet::start(cluster.addrs(), tls, 20, "smoke-sim", 0).await;
+        drover_tests::wait_for("20 simulated agents", Duration::from_secs(30), || async {
+            (fleet
+                .stats
+                .registered
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == 20)
+                .then_some(())
+        })
+        .await;
+        let opts = LoadOptions {
+            runs: 300,
+            concurrency: 16,
+            rate: Some(500.0),
+            kind: Kind::Noop,
+            finish_timeout: Duration::from_secs(60),
+        };
+        let report = load::run(client.clone(), &opts).await.unwrap();
+        assert!(report.is_clean(), "{report}");
+        assert!(
+            fleet
+                .stats
+                .assignments
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0,
+            "the simulated agents got work"
+        );
+        fleet.stop().await;
+    })
+    .await
+    .expect("test deadline");
+}
