@@ -24,6 +24,9 @@ const TICK: Duration = Duration::from_millis(100);
 pub async fn run(ctx: Arc<Ctx>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let mut metrics_rx = ctx.raft.metrics();
     let mut led_term: Option<u64> = None;
+    // Lease and drain checks walk every agent; under load the loop wakes on every apply, so they
+    // run at most once per tick.
+    let mut last_housekeeping = tokio::time::Instant::now() - TICK;
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
@@ -32,7 +35,6 @@ pub async fn run(ctx: Arc<Ctx>, mut shutdown: tokio::sync::watch::Receiver<bool>
             _ = tokio::time::sleep(TICK) => {}
         }
         let m = metrics_rx.borrow_and_update().clone();
-        ctx.refresh_gauges(&m);
         let leading = m.state == ServerState::Leader && m.current_leader == Some(ctx.node_id);
         if !leading {
             if led_term.take().is_some() {
@@ -61,8 +63,11 @@ pub async fn run(ctx: Arc<Ctx>, mut shutdown: tokio::sync::watch::Receiver<bool>
             });
             ctx.sessions.grant_leases(names.iter().map(String::as_str));
         }
-        expire_leases(&ctx).await;
-        enforce_drain_deadlines(&ctx).await;
+        if last_housekeeping.elapsed() >= TICK {
+            last_housekeeping = tokio::time::Instant::now();
+            expire_leases(&ctx).await;
+            enforce_drain_deadlines(&ctx).await;
+        }
         schedule_round(&ctx, m.current_term).await;
     }
 }

@@ -17,6 +17,7 @@ use openraft::metrics::RaftMetrics;
 use openraft::{BasicNode, ServerState, SnapshotPolicy};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::agent_service::AgentRpc;
@@ -355,7 +356,14 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         );
     let mut grpc_shutdown = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
-        let incoming = TcpListenerStream::new(grpc_listener);
+        // tonic's tcp_nodelay applies only to listeners it binds itself; these sockets are ours.
+        // Without it, Nagle plus delayed ACKs stall small Raft and session messages by tens of ms.
+        let incoming = TcpListenerStream::new(grpc_listener).map(|conn| {
+            if let Ok(s) = &conn {
+                let _ = s.set_nodelay(true);
+            }
+            conn
+        });
         let stop = async move {
             let _ = grpc_shutdown.changed().await;
         };
