@@ -60,6 +60,12 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         agents: usize,
     },
+    /// SIGKILL the leader repeatedly under a steady submitter: time until writes are accepted again,
+    /// and a check that no acknowledged submission was lost.
+    Failover {
+        #[arg(long, default_value_t = 20)]
+        kills: usize,
+    },
     /// Connect simulated agents; measure leader CPU, loss detection and failover behaviour.
     Fleet {
         #[command(flatten)]
@@ -146,6 +152,7 @@ async fn main() -> anyhow::Result<()> {
                 bail!("correctness check failed: runs lost, failed or re-run");
             }
         }
+        Cmd::Failover { kills } => failover(kills).await?,
         Cmd::Fleet {
             target,
             agents,
@@ -262,4 +269,93 @@ async fn get_agent_state(client: &ClusterClient, name: &str) -> Option<i32> {
         .ok()
         .and_then(|r| r.agent)
         .map(|a| a.state)
+}
+
+/// Kills the leader `kills` times while a client submits continuously.
+async fn failover(kills: usize) -> anyhow::Result<()> {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut cluster = Cluster::start(ClusterOptions::default()).await;
+    let client = Arc::new(cluster.client_as("admin", cluster.addrs()));
+    // Every acknowledged submission, with the time it was acknowledged.
+    let acked: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let submitter = {
+        let (client, acked, stop) = (client.clone(), acked.clone(), stop.clone());
+        tokio::spawn(async move {
+            let spec = pb::RunSpec {
+                name: "failover".into(),
+                tasks: vec![pb::TaskSpec {
+                    name: "main".into(),
+                    kind: "noop".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(r) = droverctl::cli::submit(&client, spec.clone()).await {
+                    acked.lock().unwrap().push((r.run_id, Instant::now()));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let mut recoveries = Vec::new();
+    for k in 0..kills {
+        let leader = cluster.wait_leader(Duration::from_secs(30)).await;
+        // Let every node catch up before the next kill, so any two nodes form a quorum with all data.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let killed_at = Instant::now();
+        cluster.kill(leader);
+        let recovered = loop {
+            if let Some((_, t)) = acked.lock().unwrap().last()
+                && *t > killed_at
+            {
+                break *t;
+            }
+            if killed_at.elapsed() > Duration::from_secs(30) {
+                bail!("writes not accepted within 30 s after kill {k}");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        let ms = recovered.duration_since(killed_at).as_millis() as u64;
+        println!(
+            "kill {:>2}: node {} killed, writes accepted again after {ms} ms",
+            k + 1,
+            leader + 1
+        );
+        recoveries.push(ms);
+        cluster.restart(leader);
+    }
+    stop.store(true, Ordering::Relaxed);
+    submitter.await?;
+    recoveries.sort_unstable();
+    println!(
+        "leader SIGKILL -> writes accepted again over {kills} kills: median {} ms, p99 {} ms, max {} ms",
+        drover_benches::percentile(&recoveries, 0.5),
+        drover_benches::percentile(&recoveries, 0.99),
+        recoveries.last().copied().unwrap_or(0)
+    );
+    // No acknowledged submission lost.
+    cluster.wait_leader(Duration::from_secs(30)).await;
+    let acked: Vec<String> = acked
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(id, _)| id.clone())
+        .collect();
+    let mut missing = 0;
+    for id in &acked {
+        if droverctl::cli::get_run(&client, id).await.is_err() {
+            missing += 1;
+        }
+    }
+    println!(
+        "acknowledged submissions: {}, missing afterwards: {missing}",
+        acked.len()
+    );
+    if missing > 0 {
+        bail!("{missing} acknowledged submissions were lost");
+    }
+    Ok(())
 }
