@@ -5,7 +5,9 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
 use std::time::Duration;
+use tokio::sync::Notify;
 
 use drover_proto::client::{connect, leader_hint};
 use drover_proto::pb::agent_message::Msg as In;
@@ -25,9 +27,27 @@ pub struct FleetStats {
     pub reconnects: AtomicU64,
 }
 
+/// Tells one simulated agent to stop; it notices at once, without polling.
+#[derive(Default)]
+struct Stop {
+    flag: AtomicBool,
+    wake: Notify,
+}
+
+impl Stop {
+    fn set(&self) {
+        self.flag.store(true, Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+
+    fn is_set(&self) -> bool {
+        self.flag.load(Ordering::Relaxed)
+    }
+}
+
 pub struct Fleet {
     pub stats: Arc<FleetStats>,
-    stops: Vec<Arc<AtomicBool>>,
+    stops: Vec<Arc<Stop>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -48,7 +68,7 @@ impl Fleet {
         for p in 0..pools {
             let tls = tls.clone();
             for i in (p * SESSIONS_PER_CONNECTION)..((p + 1) * SESSIONS_PER_CONNECTION).min(n) {
-                let stop = Arc::new(AtomicBool::new(false));
+                let stop = Arc::new(Stop::default());
                 stops.push(stop.clone());
                 let sim = Sim {
                     name: format!("{prefix}-{i}"),
@@ -71,12 +91,12 @@ impl Fleet {
 
     /// Stops one simulated agent abruptly (as if its host died): its session just ends.
     pub fn kill(&self, i: usize) {
-        self.stops[i].store(true, Ordering::Relaxed);
+        self.stops[i].set();
     }
 
     pub async fn stop(self) {
         for s in &self.stops {
-            s.store(true, Ordering::Relaxed);
+            s.set();
         }
         for t in self.tasks {
             t.abort();
@@ -90,7 +110,7 @@ struct Sim {
     addrs: Arc<Vec<String>>,
     tls: TlsMaterial,
     stats: Arc<FleetStats>,
-    stop: Arc<AtomicBool>,
+    stop: Arc<Stop>,
     noop_ms: u64,
     first: usize,
 }
@@ -100,7 +120,7 @@ impl Sim {
         let mut next: Option<String> = None;
         let mut index = self.first;
         let mut connected_once = false;
-        while !self.stop.load(Ordering::Relaxed) {
+        while !self.stop.is_set() {
             let addr = next.take().unwrap_or_else(|| {
                 index += 1;
                 self.addrs[index % self.addrs.len()].clone()
@@ -145,10 +165,11 @@ impl Sim {
         };
         let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
         loop {
-            if self.stop.load(Ordering::Relaxed) {
+            if self.stop.is_set() {
                 return None;
             }
             tokio::select! {
+                _ = self.stop.wake.notified() => return None,
                 msg = inbound.message() => {
                     let msg = match msg {
                         Ok(Some(m)) => m,
@@ -187,8 +208,6 @@ impl Sim {
                         return None;
                     }
                 }
-                // Wake now and then to notice `stop` even when the session is quiet.
-                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
             }
         }
     }

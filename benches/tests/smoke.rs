@@ -13,10 +13,7 @@ async fn a_short_load_loses_nothing_and_runs_nothing_twice() {
     // Guards: drover-bench load's correctness checks, with noop and process tasks and a simulated fleet.
     tokio::time::timeout(Duration::from_secs(150), async {
         let mut cluster = Cluster::start(ClusterOptions::default()).await;
-        cluster.start_agent("smoke-agent", &[]);
-        cluster
-            .wait_agent_connected("smoke-agent", Duration::from_secs(20))
-            .await;
+        cluster.add_agent("smoke-agent", &[]).await;
         let client = Arc::new(cluster.client());
 
         for (kind, runs) in [(Kind::Noop, 400), (Kind::Process(vec!["true".into()]), 60)] {

@@ -27,6 +27,7 @@ pub async fn run(ctx: Arc<Ctx>, mut shutdown: tokio::sync::watch::Receiver<bool>
     // Lease and drain checks walk every agent; under load the loop wakes on every apply, so they
     // run at most once per tick.
     let mut last_housekeeping = tokio::time::Instant::now() - TICK;
+    let mut took_office = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
@@ -49,6 +50,7 @@ pub async fn run(ctx: Arc<Ctx>, mut shutdown: tokio::sync::watch::Receiver<bool>
         }
         if led_term != Some(m.current_term) {
             led_term = Some(m.current_term);
+            took_office = tokio::time::Instant::now();
             tracing::info!(
                 term = m.current_term,
                 "became leader; granting every agent a full lease"
@@ -65,25 +67,37 @@ pub async fn run(ctx: Arc<Ctx>, mut shutdown: tokio::sync::watch::Receiver<bool>
         }
         if last_housekeeping.elapsed() >= TICK {
             last_housekeeping = tokio::time::Instant::now();
-            expire_leases(&ctx).await;
+            expire_leases(&ctx, took_office).await;
             enforce_drain_deadlines(&ctx).await;
         }
         schedule_round(&ctx, m.current_term).await;
     }
 }
 
-async fn expire_leases(ctx: &Ctx) {
-    let ttl_ms = ctx.timing.lease_ttl.as_millis() as u64;
+/// How many leases a reconnect storm may hold off judgement of agents not yet heard from.
+const STORM_GRACE_LEASES: u32 = 6;
+
+async fn expire_leases(ctx: &Ctx, took_office: tokio::time::Instant) {
+    let ttl = ctx.timing.lease_ttl;
+    let ttl_ms = ttl.as_millis() as u64;
+    // After a failover every agent reconnects at once. While sessions keep opening (one within the
+    // last lease) and for at most STORM_GRACE_LEASES leases, agents this leader has not heard from
+    // yet are still queueing to reconnect, not dead: don't judge them. Agents it has heard from
+    // and then lost are judged normally.
+    let storm = took_office.elapsed() < ttl * STORM_GRACE_LEASES
+        && ctx
+            .sessions
+            .last_session_opened()
+            .is_some_and(|t| t.elapsed() < ttl);
     let expired: Vec<String> = ctx.shared.read(|a| {
         a.state
             .agents
             .values()
             .filter(|a| a.state != AgentState::Lost)
-            .filter(|a| {
-                ctx.sessions
-                    .heard_ago_ms(&a.name)
-                    .is_none_or(|ago| ago > ttl_ms)
-            })
+            // An agent this leader never tracked (just registered, or just took office) is
+            // granted a full lease now rather than judged.
+            .filter(|a| ctx.sessions.lease_age_ms(&a.name) > ttl_ms)
+            .filter(|a| !storm || ctx.sessions.heard_since_office(&a.name))
             .map(|a| a.name.clone())
             .collect()
     });

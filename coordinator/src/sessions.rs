@@ -25,6 +25,10 @@ struct Inner {
     sessions: HashMap<AgentName, Session>,
     /// When the leader last heard from each agent (or granted it a fresh lease).
     last_seen: HashMap<AgentName, Instant>,
+    /// Agents heard from since this node took office (as opposed to only granted a lease).
+    heard: std::collections::HashSet<AgentName>,
+    /// When the latest session was opened: a reconnect storm is still going while this is recent.
+    last_open: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -54,6 +58,8 @@ impl Sessions {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         inner.sessions.insert(name.to_owned(), Session { id, tx });
         inner.last_seen.insert(name.to_owned(), Instant::now());
+        inner.heard.insert(name.to_owned());
+        inner.last_open = Some(Instant::now());
         Ok(id)
     }
 
@@ -75,17 +81,28 @@ impl Sessions {
     }
 
     pub fn touch(&self, name: &str) {
-        self.inner
-            .lock()
-            .unwrap()
-            .last_seen
-            .insert(name.to_owned(), Instant::now());
+        let mut inner = self.inner.lock().unwrap();
+        inner.last_seen.insert(name.to_owned(), Instant::now());
+        if !inner.heard.contains(name) {
+            inner.heard.insert(name.to_owned());
+        }
+    }
+
+    /// Whether this leader has heard from the agent since taking office.
+    pub fn heard_since_office(&self, name: &str) -> bool {
+        self.inner.lock().unwrap().heard.contains(name)
+    }
+
+    /// When the most recent session was opened on this leader.
+    pub fn last_session_opened(&self) -> Option<Instant> {
+        self.inner.lock().unwrap().last_open
     }
 
     /// A new leader gives every known agent one full lease before judging anyone.
     pub fn grant_leases<'a>(&self, names: impl Iterator<Item = &'a str>) {
         let now = Instant::now();
         let mut inner = self.inner.lock().unwrap();
+        inner.heard.clear();
         for n in names {
             inner.last_seen.insert(n.to_owned(), now);
         }

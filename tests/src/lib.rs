@@ -319,6 +319,13 @@ impl Cluster {
             .ok()
     }
 
+    /// Starts an agent and waits until it holds a session with the leader.
+    pub async fn add_agent(&mut self, name: &str, extra: &[&str]) {
+        self.start_agent(name, extra);
+        self.wait_agent_connected(name, Duration::from_secs(20))
+            .await;
+    }
+
     pub async fn wait_agent_connected(&self, name: &str, deadline: Duration) {
         let client = self.client();
         wait_for(&format!("agent {name} to connect"), deadline, || async {

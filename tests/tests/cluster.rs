@@ -17,11 +17,20 @@ async fn echo_hello_runs_to_success_with_its_output() {
     // Guards: submit -> schedule -> agent runs a process -> result replicated, on 3 nodes + 1 agent.
     tokio::time::timeout(TEST_DEADLINE, async {
         let mut cluster = Cluster::start(ClusterOptions::default()).await;
-        cluster.start_agent("worker-1", &["--labels", "zone=a"]);
+        // Settings from a config file (keys are DROVER_* names without the prefix); flags win.
+        let config = cluster.path().join("agent.yaml");
+        std::fs::write(
+            &config,
+            "labels: [zone=a, disk=ssd]\npool: blue\nagent-name: ignored\n",
+        )
+        .unwrap();
         cluster
-            .wait_agent_connected("worker-1", Duration::from_secs(20))
+            .add_agent("worker-1", &["--config", config.to_str().unwrap()])
             .await;
         let client = cluster.client();
+        let agent = cluster.agent("worker-1").await.unwrap().agent.unwrap();
+        assert_eq!(agent.labels.get("disk").map(String::as_str), Some("ssd"));
+        assert_eq!(agent.pool, "blue");
         let run_id = submit_cmd(&client, &["echo", "hello"]).await;
         let run = wait_done(&client, &run_id, Duration::from_secs(30)).await;
         assert_eq!(run.state, pb::RunState::Succeeded as i32, "{run:?}");
@@ -73,10 +82,7 @@ async fn killing_the_leader_elects_a_new_one_and_keeps_every_run() {
     // Guards: leader SIGKILL -> new leader, committed runs survive, new submissions still complete.
     tokio::time::timeout(TEST_DEADLINE, async {
         let mut cluster = Cluster::start(ClusterOptions::default()).await;
-        cluster.start_agent("worker-1", &[]);
-        cluster
-            .wait_agent_connected("worker-1", Duration::from_secs(20))
-            .await;
+        cluster.add_agent("worker-1", &[]).await;
         let client = cluster.client();
         let before = submit_cmd(&client, &["echo", "before"]).await;
         wait_done(&client, &before, Duration::from_secs(30)).await;
@@ -111,10 +117,7 @@ async fn a_full_cluster_restart_recovers_every_run_and_result() {
             ..Default::default()
         };
         let mut cluster = Cluster::start(opts).await;
-        cluster.start_agent("worker-1", &[]);
-        cluster
-            .wait_agent_connected("worker-1", Duration::from_secs(20))
-            .await;
+        cluster.add_agent("worker-1", &[]).await;
         let client = cluster.client();
         let mut ids = Vec::new();
         for i in 0..15 {
@@ -240,10 +243,7 @@ async fn a_task_running_across_a_leader_failover_keeps_its_attempt_and_result() 
     // Guards: the agent reconnects to the new leader, keeps its running task and delivers the result.
     tokio::time::timeout(TEST_DEADLINE, async {
         let mut cluster = Cluster::start(ClusterOptions::default()).await;
-        cluster.start_agent("worker-1", &[]);
-        cluster
-            .wait_agent_connected("worker-1", Duration::from_secs(20))
-            .await;
+        cluster.add_agent("worker-1", &[]).await;
         let client = cluster.client();
         let run_id = submit_cmd(&client, &["sh", "-c", "sleep 2; echo survived"]).await;
         wait_for(

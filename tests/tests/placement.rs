@@ -33,14 +33,8 @@ async fn required_labels_place_tasks_only_on_matching_agents() {
     // Guards: affinity.required is honoured end to end, with reasons for what cannot match.
     tokio::time::timeout(TEST_DEADLINE, async {
         let mut cluster = Cluster::start(ClusterOptions::default()).await;
-        cluster.start_agent("in-a", &["--labels", "zone=a"]);
-        cluster.start_agent("in-b", &["--labels", "zone=b"]);
-        cluster
-            .wait_agent_connected("in-a", Duration::from_secs(20))
-            .await;
-        cluster
-            .wait_agent_connected("in-b", Duration::from_secs(20))
-            .await;
+        cluster.add_agent("in-a", &["--labels", "zone=a"]).await;
+        cluster.add_agent("in-b", &["--labels", "zone=b"]).await;
         let client = cluster.client();
         let mut ids = Vec::new();
         for _ in 0..6 {
@@ -80,9 +74,8 @@ async fn a_task_too_big_for_every_agent_waits_with_a_reason_and_runs_when_one_fi
     // Guards: unplaceable tasks stay pending (not failed), explained, and are placed when capacity joins.
     tokio::time::timeout(TEST_DEADLINE, async {
         let mut cluster = Cluster::start(ClusterOptions::default()).await;
-        cluster.start_agent("small", &["--resources", "cpu=2,memory=1Gi"]);
         cluster
-            .wait_agent_connected("small", Duration::from_secs(20))
+            .add_agent("small", &["--resources", "cpu=2,memory=1Gi"])
             .await;
         let client = cluster.client();
         let mut t = shell_task("echo big");
@@ -121,10 +114,7 @@ async fn a_killed_agents_task_reruns_elsewhere_and_its_late_result_is_refused() 
     // Guards: lease expiry -> lost -> re-queued as attempt 2; the attempt is a fencing token.
     tokio::time::timeout(TEST_DEADLINE, async {
         let mut cluster = Cluster::start(fast_leases()).await;
-        cluster.start_agent("doomed", &[]);
-        cluster
-            .wait_agent_connected("doomed", Duration::from_secs(20))
-            .await;
+        cluster.add_agent("doomed", &[]).await;
         let client = cluster.client();
         // Attempt 1 sleeps (and ends by itself within 4 s once orphaned); attempt 2 finishes at once.
         let id = submit_task(
@@ -244,13 +234,11 @@ async fn a_leader_failover_with_busy_agents_loses_no_agent_and_runs_nothing_twic
     // Guards: the new leader grants full leases; running tasks keep their attempt across failover.
     tokio::time::timeout(TEST_DEADLINE, async {
         let mut cluster = Cluster::start(fast_leases()).await;
-        cluster.start_agent("busy-1", &["--resources", "cpu=2,memory=1Gi"]);
-        cluster.start_agent("busy-2", &["--resources", "cpu=2,memory=1Gi"]);
         cluster
-            .wait_agent_connected("busy-1", Duration::from_secs(20))
+            .add_agent("busy-1", &["--resources", "cpu=2,memory=1Gi"])
             .await;
         cluster
-            .wait_agent_connected("busy-2", Duration::from_secs(20))
+            .add_agent("busy-2", &["--resources", "cpu=2,memory=1Gi"])
             .await;
         let client = cluster.client();
         let mut ids = Vec::new();
@@ -309,14 +297,8 @@ async fn draining_lets_running_tasks_finish_places_nothing_new_and_enforces_its_
     // Guards: drain / undrain, and a drain deadline stopping and re-queueing what still runs.
     tokio::time::timeout(TEST_DEADLINE, async {
         let mut cluster = Cluster::start(ClusterOptions::default()).await;
-        cluster.start_agent("w1", &["--labels", "node=w1"]);
-        cluster.start_agent("w2", &["--labels", "node=w2"]);
-        cluster
-            .wait_agent_connected("w1", Duration::from_secs(20))
-            .await;
-        cluster
-            .wait_agent_connected("w2", Duration::from_secs(20))
-            .await;
+        cluster.add_agent("w1", &["--labels", "node=w1"]).await;
+        cluster.add_agent("w2", &["--labels", "node=w2"]).await;
         let client = cluster.client();
         let mut on_w1 = shell_task("sleep 1.5; echo finished");
         on_w1.required = vec![expr("node = w1")];
@@ -448,10 +430,7 @@ async fn a_task_over_its_memory_limit_fails_with_oom_where_cgroups_v2_exist() {
     }
     tokio::time::timeout(TEST_DEADLINE, async {
         let mut cluster = Cluster::start(ClusterOptions::default()).await;
-        cluster.start_agent("limited", &[]);
-        cluster
-            .wait_agent_connected("limited", Duration::from_secs(20))
-            .await;
+        cluster.add_agent("limited", &[]).await;
         let client = cluster.client();
         let mut t = shell_task("head -c 400000000 /dev/zero | tail > /dev/null");
         t.resources = Some(pb::Resources {
