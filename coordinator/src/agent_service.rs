@@ -98,28 +98,34 @@ impl AgentRpc {
             .collect();
         // The lease starts now, before the registration commits, so no round can judge it first.
         self.ctx.sessions.touch(&name);
-        let result = self
+        let cmd = Command::RegisterAgent {
+            name: name.clone(),
+            labels: reg.labels.into_iter().collect(),
+            total: convert::resources_from_proto(reg.resources.as_ref()),
+            class: if reg.class.is_empty() {
+                crate::scheduler::DEFAULT_CLASS.into()
+            } else {
+                reg.class
+            },
+            version: reg.version,
+            held,
+            pool: if reg.pool.is_empty() {
+                "default".into()
+            } else {
+                reg.pool
+            },
+            isolation: reg.isolation,
+        };
+        // A reconnect that changes nothing (the common case after a leader failover) is answered
+        // from applied state, so a fleet reconnecting at once does not become a storm of writes.
+        let unchanged = self
             .ctx
-            .proposer
-            .propose(Command::RegisterAgent {
-                name: name.clone(),
-                labels: reg.labels.into_iter().collect(),
-                total: convert::resources_from_proto(reg.resources.as_ref()),
-                class: if reg.class.is_empty() {
-                    crate::scheduler::DEFAULT_CLASS.into()
-                } else {
-                    reg.class
-                },
-                version: reg.version,
-                held,
-                pool: if reg.pool.is_empty() {
-                    "default".into()
-                } else {
-                    reg.pool
-                },
-                isolation: reg.isolation,
-            })
-            .await?;
+            .shared
+            .read(|a| a.state.unchanged_registration(&cmd));
+        let result = match unchanged {
+            Some(r) => r,
+            None => self.ctx.proposer.propose(cmd).await?,
+        };
         let CommandResult::Registered {
             stale,
             resend,

@@ -101,6 +101,22 @@ async fn expire_leases(ctx: &Ctx, took_office: tokio::time::Instant) {
             .map(|a| a.name.clone())
             .collect()
     });
+    // Lost in state but still connected (a registration answered from state raced the loss):
+    // end the session so the agent registers again, this time with a write.
+    let lost_but_connected: Vec<String> = ctx.shared.read(|a| {
+        a.state
+            .agents
+            .values()
+            .filter(|a| a.state == AgentState::Lost && ctx.sessions.is_connected(&a.name))
+            .map(|a| a.name.clone())
+            .collect()
+    });
+    for name in lost_but_connected {
+        ctx.sessions.close_with(
+            &name,
+            Status::unavailable("this agent was declared lost; register again"),
+        );
+    }
     for name in expired {
         tracing::warn!(agent = %name, ttl_ms, "agent lease expired; declaring it lost");
         let result = ctx

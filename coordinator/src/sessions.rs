@@ -80,6 +80,13 @@ impl Sessions {
         inner.last_seen.clear();
     }
 
+    /// Ends one agent's session with `status` (it reconnects and registers again).
+    pub fn close_with(&self, name: &str, status: Status) {
+        if let Some(s) = self.inner.lock().unwrap().sessions.remove(name) {
+            let _ = s.tx.try_send(Err(status));
+        }
+    }
+
     pub fn touch(&self, name: &str) {
         let mut inner = self.inner.lock().unwrap();
         inner.last_seen.insert(name.to_owned(), Instant::now());

@@ -249,6 +249,78 @@ impl State {
     }
 
     #[allow(clippy::too_many_arguments)]
+    /// What a registration holding `held` means against the current state: attempts the agent must
+    /// stop (stale), assignments it never received (resend), and running tasks it no longer has
+    /// (vanished). Read-only; shared by `apply` and the leader's no-write fast path.
+    pub fn registration_check(
+        &self,
+        name: &str,
+        held: &[HeldTask],
+    ) -> (Vec<HeldTask>, Vec<TaskId>, Vec<TaskId>) {
+        let stale = held
+            .iter()
+            .filter(|h| {
+                !self
+                    .tasks
+                    .get(&h.task_id)
+                    .is_some_and(|t| t.attempt == h.attempt && t.agent.as_deref() == Some(name))
+            })
+            .cloned()
+            .collect();
+        let held_ids: BTreeSet<&str> = held.iter().map(|h| h.task_id.as_str()).collect();
+        let mut resend = Vec::new();
+        let mut vanished = Vec::new();
+        if let Some(agent) = self.agents.get(name) {
+            for tid in agent
+                .tasks
+                .iter()
+                .filter(|t| !held_ids.contains(t.as_str()))
+            {
+                match self.tasks.get(tid).map(|t| t.state) {
+                    Some(TaskState::Assigned) => resend.push(tid.clone()),
+                    Some(TaskState::Running) => vanished.push(tid.clone()),
+                    _ => {}
+                }
+            }
+        }
+        (stale, resend, vanished)
+    }
+
+    /// The answer to a registration that would change nothing (known, not lost, same attributes,
+    /// no vanished tasks), so the leader can skip the Raft write. None when a write is needed.
+    pub fn unchanged_registration(&self, cmd: &Command) -> Option<CommandResult> {
+        let Command::RegisterAgent {
+            name,
+            labels,
+            total,
+            class,
+            version,
+            held,
+            pool,
+            isolation,
+        } = cmd
+        else {
+            return None;
+        };
+        let a = self.agents.get(name)?;
+        let same = a.state != AgentState::Lost
+            && &a.labels == labels
+            && &a.total == total
+            && &a.class == class
+            && &a.version == version
+            && &a.pool == pool
+            && &a.isolation == isolation;
+        if !same {
+            return None;
+        }
+        let (stale, resend, vanished) = self.registration_check(name, held);
+        vanished.is_empty().then_some(CommandResult::Registered {
+            stale,
+            resend,
+            requeued: vec![],
+        })
+    }
+
     fn register_agent(
         &mut self,
         now_ms: u64,
@@ -282,29 +354,7 @@ impl State {
             agent.state = AgentState::Active;
         }
 
-        let mut stale = Vec::new();
-        for h in held {
-            let current = self
-                .tasks
-                .get(&h.task_id)
-                .is_some_and(|t| t.attempt == h.attempt && t.agent.as_deref() == Some(name));
-            if !current {
-                stale.push(h.clone());
-            }
-        }
-        let held_ids: BTreeSet<&str> = held.iter().map(|h| h.task_id.as_str()).collect();
-        let mut resend = Vec::new();
-        let mut vanished = Vec::new();
-        for tid in &agent.tasks {
-            if held_ids.contains(tid.as_str()) {
-                continue;
-            }
-            match self.tasks.get(tid).map(|t| t.state) {
-                Some(TaskState::Assigned) => resend.push(tid.clone()),
-                Some(TaskState::Running) => vanished.push(tid.clone()),
-                _ => {}
-            }
-        }
+        let (stale, resend, vanished) = self.registration_check(name, held);
         let mut requeued = Vec::new();
         for tid in vanished {
             self.requeue(&tid, &format!("agent {name} restarted without it"));

@@ -371,3 +371,77 @@ fn the_pending_queue_has_a_limit_that_names_itself() {
         "{r:?}"
     );
 }
+
+#[test]
+fn an_unchanged_reregistration_needs_no_write_but_any_change_does() {
+    // Guards: the leader's no-write answer to reconnects matches what apply would have answered.
+    let mut s = State::default();
+    register(&mut s, "a", 1000, vec![]);
+    let run = submit(&mut s, "", &["sent", "running"], 100);
+    let (sent, running) = (task_id(&run, "sent"), task_id(&run, "running"));
+    assign(&mut s, 1, &sent, 1, "a");
+    assign(&mut s, 1, &running, 1, "a");
+    one(
+        &mut s,
+        1,
+        Command::TaskStarted {
+            agent: "a".into(),
+            task_id: running.clone(),
+            attempt: 1,
+        },
+    );
+    let cmd = |cpu: u64, held: Vec<HeldTask>| Command::RegisterAgent {
+        name: "a".into(),
+        labels: BTreeMap::new(),
+        total: Resources {
+            cpu_millis: cpu,
+            ..Default::default()
+        },
+        class: "default".into(),
+        version: "t".into(),
+        held,
+        pool: String::new(),
+        isolation: String::new(),
+    };
+    let holds_running = vec![
+        HeldTask {
+            task_id: running.clone(),
+            attempt: 1,
+        },
+        HeldTask {
+            task_id: "run-9/x".into(),
+            attempt: 3,
+        },
+    ];
+    // Same attributes, holding the running task: answered without a write, and the same as apply.
+    let fast = s
+        .unchanged_registration(&cmd(1000, holds_running.clone()))
+        .expect("no write needed");
+    let mut applied = s.clone();
+    assert_eq!(one(&mut applied, 1, cmd(1000, holds_running)), fast);
+    assert!(
+        matches!(&fast, CommandResult::Registered { stale, resend, requeued } if stale.len() == 1 && resend == &vec![sent.clone()] && requeued.is_empty())
+    );
+    // The running task vanished (agent restarted): a write is needed to re-queue it.
+    assert_eq!(s.unchanged_registration(&cmd(1000, vec![])), None);
+    // Different capacity, unknown agent, or a lost agent: a write is needed.
+    assert_eq!(
+        s.unchanged_registration(&cmd(
+            2000,
+            vec![HeldTask {
+                task_id: running.clone(),
+                attempt: 1
+            }]
+        )),
+        None
+    );
+    one(
+        &mut s,
+        1,
+        Command::AgentLost {
+            name: "a".into(),
+            reason: "t".into(),
+        },
+    );
+    assert_eq!(s.unchanged_registration(&cmd(1000, vec![])), None);
+}
