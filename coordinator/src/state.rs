@@ -248,7 +248,6 @@ impl State {
         self.idempotency.retain(|_, seq| runs.contains_key(seq));
     }
 
-    #[allow(clippy::too_many_arguments)]
     /// What a registration holding `held` means against the current state: attempts the agent must
     /// stop (stale), assignments it never received (resend), and running tasks it no longer has
     /// (vanished). Read-only; shared by `apply` and the leader's no-write fast path.
@@ -321,6 +320,7 @@ impl State {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn register_agent(
         &mut self,
         now_ms: u64,
