@@ -46,6 +46,13 @@ impl AgentHandle {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         self.table.stop_all("agent shutting down");
+        // Executors are detached tasks; wait for them to take their process groups down (SIGTERM,
+        // then SIGKILL after the grace) before the runtime, and with it the executors, goes away.
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(limits::KILL_GRACE_MS + 3_000);
+        while self.table.running() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }

@@ -193,12 +193,14 @@ impl TaskTable {
             .map(|h| h.finished.is_some())
     }
 
-    pub fn len(&self) -> usize {
-        self.inner.lock().unwrap().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// Attempts whose process has not ended yet.
+    pub fn running(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|h| h.finished.is_none())
+            .count()
     }
 
     /// Stops every running task (agent shutdown).

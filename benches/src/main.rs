@@ -214,7 +214,10 @@ async fn main() -> anyhow::Result<()> {
             fleet.kill(agents / 2);
             let killed_at = Instant::now();
             loop {
-                let state = get_agent_state(&client, &victim).await;
+                let state = drover_tests::get_agent(&client, &victim)
+                    .await
+                    .and_then(|r| r.agent)
+                    .map(|a| a.state);
                 if state == Some(pb::AgentState::Lost as i32) {
                     println!(
                         "killed agent detected as lost after {:.2}s",
@@ -257,18 +260,6 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-async fn get_agent_state(client: &ClusterClient, name: &str) -> Option<i32> {
-    client
-        .call(|mut c| {
-            let name = name.to_owned();
-            async move { c.get_agent(pb::GetAgentRequest { name }).await }
-        })
-        .await
-        .ok()
-        .and_then(|r| r.agent)
-        .map(|a| a.state)
 }
 
 /// Kills the leader `kills` times while a client submits continuously.

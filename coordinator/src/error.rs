@@ -3,7 +3,7 @@
 use drover_proto::LEADER_ADDR_METADATA;
 use tonic::Status;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum CoordinatorError {
     #[error("this node is not the leader")]
     NotLeader { leader_addr: Option<String> },

@@ -146,18 +146,8 @@ async fn write_batch(
                 RaftError::Fatal(f) => CoordinatorError::Unknown(format!("raft stopped: {f}")),
             };
             for reply in replies {
-                let _ = reply.send(Err(clone_err(&err)));
+                let _ = reply.send(Err(err.clone()));
             }
         }
-    }
-}
-
-fn clone_err(e: &CoordinatorError) -> CoordinatorError {
-    match e {
-        CoordinatorError::NotLeader { leader_addr } => CoordinatorError::NotLeader {
-            leader_addr: leader_addr.clone(),
-        },
-        CoordinatorError::Unknown(m) => CoordinatorError::Unknown(m.clone()),
-        other => CoordinatorError::Internal(other.to_string()),
     }
 }

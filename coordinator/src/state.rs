@@ -71,23 +71,7 @@ impl State {
                 spec,
                 submitted_by,
             } => self.submit_run(now_ms, idempotency_key, spec, submitted_by),
-            Command::RegisterAgent {
-                name,
-                labels,
-                total,
-                class,
-                version,
-                held,
-                pool,
-                isolation,
-            } => {
-                let r = self.register_agent(now_ms, name, labels, total, class, version, held);
-                if let Some(a) = self.agents.get_mut(name) {
-                    a.pool.clone_from(pool);
-                    a.isolation.clone_from(isolation);
-                }
-                r
-            }
+            Command::RegisterAgent { .. } => self.register_agent(now_ms, cmd),
             Command::ApplyPlan {
                 term: plan_term,
                 assignments,
@@ -320,17 +304,21 @@ impl State {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn register_agent(
-        &mut self,
-        now_ms: u64,
-        name: &str,
-        labels: &BTreeMap<String, String>,
-        total: &Resources,
-        class: &str,
-        version: &str,
-        held: &[HeldTask],
-    ) -> CommandResult {
+    fn register_agent(&mut self, now_ms: u64, cmd: &Command) -> CommandResult {
+        let Command::RegisterAgent {
+            name,
+            labels,
+            total,
+            class,
+            version,
+            held,
+            pool,
+            isolation,
+        } = cmd
+        else {
+            unreachable!("apply_one routes only RegisterAgent here");
+        };
+        let (name, held) = (name.as_str(), held.as_slice());
         let agent = self.agents.entry(name.to_owned()).or_insert_with(|| Agent {
             name: name.to_owned(),
             labels: BTreeMap::new(),
@@ -349,6 +337,8 @@ impl State {
         agent.total = total.clone();
         agent.class = class.to_owned();
         agent.version = version.to_owned();
+        agent.pool.clone_from(pool);
+        agent.isolation.clone_from(isolation);
         agent.registered_at_ms = now_ms;
         if agent.state == AgentState::Lost {
             agent.state = AgentState::Active;

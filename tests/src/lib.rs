@@ -309,14 +309,7 @@ impl Cluster {
     }
 
     pub async fn agent(&self, name: &str) -> Option<pb::GetAgentResponse> {
-        let client = self.client();
-        client
-            .call(|mut c| {
-                let name = name.to_owned();
-                async move { c.get_agent(pb::GetAgentRequest { name }).await }
-            })
-            .await
-            .ok()
+        get_agent(&self.client(), name).await
     }
 
     /// Starts an agent and waits until it holds a session with the leader.
@@ -349,10 +342,6 @@ impl Cluster {
             .env("DROVER_TLS_NAME", "admin")
             .stdin(Stdio::null());
         cmd
-    }
-
-    pub fn log_of(&self, file: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join(file)).unwrap_or_default()
     }
 
     pub fn path(&self) -> &Path {
@@ -407,6 +396,17 @@ pub async fn submit_cmd(client: &ClusterClient, argv: &[&str]) -> String {
         .await
         .expect("submit")
         .run_id
+}
+
+/// One agent and its tasks, or None if the call failed.
+pub async fn get_agent(client: &ClusterClient, name: &str) -> Option<pb::GetAgentResponse> {
+    client
+        .call(|mut c| {
+            let name = name.to_owned();
+            async move { c.get_agent(pb::GetAgentRequest { name }).await }
+        })
+        .await
+        .ok()
 }
 
 /// Submits a run made of one task spec.

@@ -162,18 +162,17 @@ async fn a_follower_that_missed_500_runs_catches_up_and_serves_them() {
         let leader = cluster.wait_leader(Duration::from_secs(10)).await;
         let follower = (leader + 1) % 3;
         cluster.kill(follower);
-        let client = cluster.client();
+        let client = std::sync::Arc::new(cluster.client());
         let mut submitted = Vec::new();
         for chunk in 0..10 {
-            let futures: Vec<_> = (0..50)
-                .map(|i| {
-                    let client = &client;
-                    async move { submit_cmd(client, &["echo", &format!("{chunk}-{i}")]).await }
-                })
-                .collect();
-            for id in futures_join(futures).await {
-                submitted.push(id);
+            let mut batch = tokio::task::JoinSet::new();
+            for i in 0..50 {
+                let client = client.clone();
+                batch.spawn(async move {
+                    submit_cmd(&client, &["echo", &format!("{chunk}-{i}")]).await
+                });
             }
+            submitted.extend(batch.join_all().await);
         }
         assert_eq!(submitted.len(), 500);
         cluster.restart(follower);
@@ -208,34 +207,6 @@ async fn a_follower_that_missed_500_runs_catches_up_and_serves_them() {
     })
     .await
     .expect("test deadline");
-}
-
-/// Runs futures concurrently on this task (no extra dependency for a join_all).
-async fn futures_join<F: std::future::Future<Output = String>>(futs: Vec<F>) -> Vec<String> {
-    let mut set = Vec::new();
-    let mut pinned: Vec<_> = futs.into_iter().map(Box::pin).collect();
-    let mut done = vec![None; pinned.len()];
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (i, f) in pinned.iter_mut().enumerate() {
-            if done[i].is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => done[i] = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    for d in done {
-        set.push(d.expect("all done"));
-    }
-    set
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
