@@ -268,10 +268,12 @@ fn build_view(ctx: &Ctx) -> (View, Vec<(String, String)>) {
 }
 
 async fn schedule_round(ctx: &Ctx, term: u64) {
-    let (view, previous) = build_view(ctx);
-    if view.pending.is_empty() {
+    // The loop wakes on every Raft metrics change; with nothing queued, skip building a view of
+    // every agent.
+    if ctx.shared.read(|a| a.state.pending.is_empty()) {
         return;
     }
+    let (view, previous) = build_view(ctx);
     let plan = scheduler::plan(&view);
     ctx.metrics.schedule_rounds.inc();
     let previous: std::collections::HashMap<String, String> = previous.into_iter().collect();

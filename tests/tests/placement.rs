@@ -115,12 +115,16 @@ async fn a_killed_agents_task_reruns_elsewhere_and_its_late_result_is_refused() 
     tokio::time::timeout(TEST_DEADLINE, async {
         let mut cluster = Cluster::start(fast_leases()).await;
         cluster.add_agent("doomed", &[]).await;
+        let orphan_pid_file = cluster.path().join("attempt-1.pid");
         let client = cluster.client();
-        // Attempt 1 sleeps (and ends by itself within 4 s once orphaned); attempt 2 finishes at once.
+        // Attempt 1 sleeps (its PID is recorded so the test can stop it); attempt 2 finishes at once.
         let id = submit_task(
             &client,
             shell_task(
-                r#"if [ "$DROVER_ATTEMPT" = 1 ]; then sleep 4; fi; echo "attempt $DROVER_ATTEMPT""#,
+                &format!(
+                    r#"if [ "$DROVER_ATTEMPT" = 1 ]; then echo $$ > {}; exec sleep 4; fi; echo "attempt $DROVER_ATTEMPT""#,
+                    orphan_pid_file.display()
+                ),
             ),
         )
         .await;
@@ -224,6 +228,12 @@ async fn a_killed_agents_task_reruns_elsewhere_and_its_late_result_is_refused() 
             stale_after >= stale_before + 1.0,
             "stale reports {stale_before} -> {stale_after}"
         );
+        // Attempt 1 outlived its SIGKILLed agent (tasks have their own process group): stop it.
+        let pid: i32 = std::fs::read_to_string(&orphan_pid_file).unwrap().trim().parse().unwrap();
+        // SAFETY: kill(2) on a PID this test's task recorded; ESRCH if it already ended is fine.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
     })
     .await
     .expect("test deadline");
@@ -275,15 +285,19 @@ async fn a_leader_failover_with_busy_agents_loses_no_agent_and_runs_nothing_twic
                 format!("task {i} attempt 1\n")
             );
         }
-        // Past a whole lease on the new leader: nobody was declared lost.
-        tokio::time::sleep(Duration::from_millis(2_500)).await;
-        for name in ["busy-1", "busy-2"] {
-            let a = cluster.agent(name).await.unwrap().agent.unwrap();
-            assert_eq!(
-                a.state,
-                pb::AgentState::Active as i32,
-                "{name} was declared lost"
-            );
+        // For a whole lease (2 s) past the failover nobody is declared lost: watched throughout,
+        // failing at the first loss rather than after a blind sleep.
+        let window = tokio::time::Instant::now() + Duration::from_millis(2_500);
+        while tokio::time::Instant::now() < window {
+            for name in ["busy-1", "busy-2"] {
+                let a = cluster.agent(name).await.unwrap().agent.unwrap();
+                assert_eq!(
+                    a.state,
+                    pb::AgentState::Active as i32,
+                    "{name} was declared lost"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let new_leader = cluster.wait_leader(Duration::from_secs(5)).await;
         assert_eq!(cluster.metric(new_leader, "drover_agents_lost"), Some(0.0));
