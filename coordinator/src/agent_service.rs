@@ -4,7 +4,6 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use drover_proto::identity::{Role, require_role};
 use drover_proto::pb::agent_message::Msg as In;
@@ -22,11 +21,6 @@ use crate::convert;
 use crate::limits;
 use crate::model::HeldTask;
 use crate::node::Ctx;
-
-/// How long a new stream may take to send its `register`.
-const REGISTER_WAIT: Duration = Duration::from_secs(10);
-/// Reports from one agent being committed at once; more wait, which slows the agent's stream.
-const REPORTS_IN_FLIGHT_PER_SESSION: usize = 1_024;
 
 pub struct AgentRpc {
     pub ctx: Arc<Ctx>,
@@ -69,7 +63,7 @@ impl AgentRpc {
         require_role(&req, "an agent session", &[Role::Agent])?;
         self.ctx.require_leader()?;
         let mut inbound = req.into_inner();
-        let first = tokio::time::timeout(REGISTER_WAIT, inbound.message())
+        let first = tokio::time::timeout(limits::REGISTER_WAIT, inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no register message within 10 s"))??;
         let Some(AgentMessage {
@@ -182,7 +176,7 @@ async fn read_session(
     mut inbound: Streaming<AgentMessage>,
     tx: mpsc::Sender<Result<CoordinatorMessage, Status>>,
 ) {
-    let reports = Arc::new(Semaphore::new(REPORTS_IN_FLIGHT_PER_SESSION));
+    let reports = Arc::new(Semaphore::new(limits::REPORTS_IN_FLIGHT_PER_SESSION));
     loop {
         let msg = match inbound.message().await {
             Ok(Some(m)) => m,

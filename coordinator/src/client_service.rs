@@ -2,7 +2,6 @@
 //! must reach the leader, and a follower answers them with the leader's address.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use drover_proto::identity::{Role, require_role};
 use drover_proto::pb::client_service_server::ClientService;
@@ -22,11 +21,6 @@ use crate::state::run_seq;
 const READERS: &[Role] = &[Role::Admin, Role::Operator, Role::Submitter, Role::Viewer];
 const SUBMITTERS: &[Role] = &[Role::Admin, Role::Operator, Role::Submitter];
 const OPERATORS: &[Role] = &[Role::Admin, Role::Operator];
-/// Longest drain deadline accepted (a week); longer means "drain without a deadline".
-const DRAIN_DEADLINE_MAX_MS: u64 = 7 * 24 * 3600 * 1000;
-/// How long a log read waits for the agent to answer.
-const LOG_READ_WAIT: Duration = Duration::from_secs(5);
-const IDEMPOTENCY_KEY_BYTES_MAX: usize = 128;
 
 pub struct ClientRpc {
     pub ctx: Arc<Ctx>,
@@ -51,10 +45,13 @@ impl ClientRpc {
         let who = require_role(&req, "submitting a run", SUBMITTERS)?;
         let req = req.into_inner();
         let spec = convert::run_spec_from_proto(req.spec.as_ref())?;
-        if req.idempotency_key.len() > IDEMPOTENCY_KEY_BYTES_MAX {
+        if req.idempotency_key.len() > limits::IDEMPOTENCY_KEY_BYTES_MAX {
             return Err(CoordinatorError::invalid(
                 "idempotency_key",
-                format!("at most {IDEMPOTENCY_KEY_BYTES_MAX} bytes"),
+                format!(
+                    "at most {idempotency_key_bytes_max} bytes",
+                    idempotency_key_bytes_max = limits::IDEMPOTENCY_KEY_BYTES_MAX
+                ),
             )
             .into());
         }
@@ -143,10 +140,13 @@ impl ClientRpc {
         draining: bool,
         deadline_ms: u64,
     ) -> Result<pb::DrainAgentResponse, Status> {
-        if deadline_ms > DRAIN_DEADLINE_MAX_MS {
+        if deadline_ms > limits::DRAIN_DEADLINE_MAX_MS {
             return Err(CoordinatorError::invalid(
                 "deadline_ms",
-                format!("at most {DRAIN_DEADLINE_MAX_MS} (7 days); use 0 for no deadline"),
+                format!(
+                    "at most {drain_deadline_max_ms} (7 days); use 0 for no deadline",
+                    drain_deadline_max_ms = limits::DRAIN_DEADLINE_MAX_MS
+                ),
             )
             .into());
         }
@@ -255,7 +255,7 @@ impl ClientRpc {
                 "agent {agent} is not connected; showing the replicated tail"
             )));
         }
-        match tokio::time::timeout(LOG_READ_WAIT, rx).await {
+        match tokio::time::timeout(limits::LOG_READ_WAIT, rx).await {
             Ok(Ok(data)) if data.error.is_empty() => Ok(pb::GetTaskLogsResponse {
                 next_offset: data.next_offset,
                 data: data.data,

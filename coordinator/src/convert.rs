@@ -71,11 +71,6 @@ fn check_map(
     Ok(())
 }
 
-/// Largest |weight| of a preferred expression and |priority| of a task.
-const WEIGHT_ABS_MAX: i32 = 1_000;
-const PRIORITY_ABS_MAX: i32 = 1_000_000;
-const EXPRESSIONS_MAX: usize = 32;
-
 pub fn label_expr_from_proto(
     field: &str,
     e: &pb::LabelExpression,
@@ -286,10 +281,14 @@ pub fn run_spec_from_proto(spec: Option<&pb::RunSpec>) -> Result<RunSpec, Coordi
                 format!("'{}' is not a valid class name", t.class),
             ));
         }
-        if t.required.len() > EXPRESSIONS_MAX || t.preferred.len() > EXPRESSIONS_MAX {
+        if t.required.len() > limits::EXPRESSIONS_MAX || t.preferred.len() > limits::EXPRESSIONS_MAX
+        {
             return Err(CoordinatorError::invalid(
                 format!("{field}.affinity"),
-                format!("at most {EXPRESSIONS_MAX} expressions each"),
+                format!(
+                    "at most {expressions_max} expressions each",
+                    expressions_max = limits::EXPRESSIONS_MAX
+                ),
             ));
         }
         let required = t
@@ -301,10 +300,13 @@ pub fn run_spec_from_proto(spec: Option<&pb::RunSpec>) -> Result<RunSpec, Coordi
         let mut preferred = Vec::with_capacity(t.preferred.len());
         for (j, w) in t.preferred.iter().enumerate() {
             let f = format!("{field}.affinity.preferred[{j}]");
-            if w.weight.abs() > WEIGHT_ABS_MAX {
+            if w.weight.abs() > limits::WEIGHT_ABS_MAX {
                 return Err(CoordinatorError::invalid(
                     format!("{f}.weight"),
-                    format!("must be within -{WEIGHT_ABS_MAX}..={WEIGHT_ABS_MAX}"),
+                    format!(
+                        "must be within -{weight_abs_max}..={weight_abs_max}",
+                        weight_abs_max = limits::WEIGHT_ABS_MAX
+                    ),
                 ));
             }
             let e = w
@@ -313,10 +315,13 @@ pub fn run_spec_from_proto(spec: Option<&pb::RunSpec>) -> Result<RunSpec, Coordi
                 .ok_or_else(|| CoordinatorError::invalid(format!("{f}.expression"), "missing"))?;
             preferred.push((w.weight, label_expr_from_proto(&f, e)?));
         }
-        if t.priority.abs() > PRIORITY_ABS_MAX {
+        if t.priority.abs() > limits::PRIORITY_ABS_MAX {
             return Err(CoordinatorError::invalid(
                 format!("{field}.priority"),
-                format!("must be within -{PRIORITY_ABS_MAX}..={PRIORITY_ABS_MAX}"),
+                format!(
+                    "must be within -{priority_abs_max}..={priority_abs_max}",
+                    priority_abs_max = limits::PRIORITY_ABS_MAX
+                ),
             ));
         }
         if !t.spread_by.is_empty()

@@ -1,6 +1,8 @@
 //! Every bound the coordinator enforces, in one place. Hitting one is an error the caller sees,
 //! naming the limit (RESOURCE_EXHAUSTED), never a silent drop or block.
 
+use std::time::Duration;
+
 /// Tasks waiting for placement across all runs. One million pending tasks fit in well under
 /// 1.5 GiB of state; past that a cluster is better served by back-pressure on submitters.
 pub const PENDING_TASKS_MAX: usize = 1_000_000;
@@ -52,3 +54,32 @@ pub const LABELS_MAX: usize = 64;
 
 /// Bytes of stdout/stderr tail kept in a replicated result (per stream).
 pub const OUTPUT_TAIL_BYTES_MAX: usize = 4 * 1024;
+
+/// How long a new agent stream may take to send its `register`.
+pub const REGISTER_WAIT: Duration = Duration::from_secs(10);
+
+/// Reports from one agent being committed at once; more wait, which slows that agent's stream
+/// (gRPC flow control) instead of growing the leader's memory.
+pub const REPORTS_IN_FLIGHT_PER_SESSION: usize = 1_024;
+
+/// Longest drain deadline accepted (a week); longer means "drain without a deadline".
+pub const DRAIN_DEADLINE_MAX_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// How long a log read waits for the agent to answer before falling back to the replicated tail.
+pub const LOG_READ_WAIT: Duration = Duration::from_secs(5);
+
+/// Bytes of a client's idempotency key (a UUID or a hash fits several times over).
+pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 128;
+
+/// Largest |weight| of a preferred expression: enough range to rank, small enough that sums
+/// of 32 expressions never overflow the scheduler's score.
+pub const WEIGHT_ABS_MAX: i32 = 1_000;
+
+/// Largest |priority| of a task.
+pub const PRIORITY_ABS_MAX: i32 = 1_000_000;
+
+/// Required or preferred expressions per task; each one is evaluated against every candidate agent.
+pub const EXPRESSIONS_MAX: usize = 32;
+
+/// How long a caller waits for its command to commit before the outcome is "unknown".
+pub const COMMIT_WAIT: Duration = Duration::from_secs(10);

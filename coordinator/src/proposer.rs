@@ -2,7 +2,7 @@
 //! submissions and status reports. Callers wait for their own command's result.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -22,9 +22,6 @@ type Reply = oneshot::Sender<Result<CommandResult, CoordinatorError>>;
 pub struct Proposer {
     tx: mpsc::Sender<(Command, Reply)>,
 }
-
-/// How long a caller waits for its command to commit before the outcome is "unknown".
-const COMMIT_WAIT: Duration = Duration::from_secs(10);
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -58,7 +55,7 @@ impl Proposer {
             },
             mpsc::error::TrySendError::Closed(_) => CoordinatorError::ShuttingDown,
         })?;
-        match tokio::time::timeout(COMMIT_WAIT, reply_rx).await {
+        match tokio::time::timeout(limits::COMMIT_WAIT, reply_rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(CoordinatorError::Unknown("proposer stopped".into())),
             Err(_) => Err(CoordinatorError::Unknown(
