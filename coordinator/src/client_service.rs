@@ -27,6 +27,20 @@ pub struct ClientRpc {
 }
 
 impl ClientRpc {
+    /// NOT_FOUND is answered only by a leader that has applied everything committed. A follower,
+    /// or a leader just elected, may not have applied an acknowledged write yet; saying "not found"
+    /// there would break read-your-writes after a failover. Followers redirect to the leader, and
+    /// without one the answer is UNAVAILABLE; clients retry both.
+    fn not_found(&self, what: String) -> Status {
+        match self.ctx.require_leader() {
+            Err(e) => e.into(),
+            Ok(()) if !self.ctx.readiness().0 => {
+                Status::unavailable("the leader is still applying committed entries; retry shortly")
+            }
+            Ok(()) => Status::not_found(what),
+        }
+    }
+
     fn observe<T>(&self, method: &str, r: Result<T, Status>) -> Result<Response<T>, Status> {
         self.ctx.metrics.count_rpc(
             method,
@@ -88,7 +102,7 @@ impl ClientRpc {
             let run = a
                 .state
                 .run_by_id(run_id)
-                .ok_or_else(|| Status::not_found(format!("run {run_id} not found")))?;
+                .ok_or_else(|| self.not_found(format!("run {run_id} not found")))?;
             let tid = if task.is_empty() {
                 if run.task_ids.len() != 1 {
                     let names: Vec<&str> = run
@@ -110,7 +124,7 @@ impl ClientRpc {
                 .tasks
                 .get(&tid)
                 .cloned()
-                .ok_or_else(|| Status::not_found(format!("task {task} not found in run {run_id}")))
+                .ok_or_else(|| self.not_found(format!("task {task} not found in run {run_id}")))
         })
     }
 
@@ -120,7 +134,7 @@ impl ClientRpc {
                 .state
                 .agents
                 .get(name)
-                .ok_or_else(|| Status::not_found(format!("agent {name} not found")))?;
+                .ok_or_else(|| self.not_found(format!("agent {name} not found")))?;
             let age = if ag.state == AgentState::Lost {
                 None
             } else {
@@ -297,7 +311,7 @@ impl ClientService for ClientRpc {
                 a.state
                     .run_by_id(id)
                     .map(|run| convert::run_to_proto(&a.state, run))
-                    .ok_or_else(|| Status::not_found(format!("run {id} not found")))
+                    .ok_or_else(|| self.not_found(format!("run {id} not found")))
             })
         })();
         self.observe("ClientService/GetRun", r)
