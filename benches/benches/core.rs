@@ -101,6 +101,7 @@ fn submit_batch(n: usize, offset: usize) -> Request {
                     labels: BTreeMap::new(),
                 },
                 submitted_by: "bench".into(),
+                placement: None,
             })
             .collect(),
     }

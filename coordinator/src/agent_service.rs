@@ -158,7 +158,7 @@ impl AgentRpc {
                 })
                 .collect()
         });
-        crate::leader::dispatch(&self.ctx, &resend);
+        crate::leader::dispatch(&self.ctx.shared, &self.ctx.sessions, &resend);
 
         let ctx = self.ctx.clone();
         tokio::spawn(async move {

@@ -77,12 +77,14 @@ impl ClientRpc {
                 idempotency_key: req.idempotency_key,
                 spec,
                 submitted_by: who.name,
+                placement: None,
             })
             .await?;
         match result {
             CommandResult::Submitted {
                 run_id,
                 deduplicated,
+                ..
             } => Ok(pb::SubmitRunResponse {
                 run_id,
                 deduplicated,

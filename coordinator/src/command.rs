@@ -15,12 +15,23 @@ pub struct Request {
     pub commands: Vec<Command>,
 }
 
+/// A submission's placement: per task (index-aligned with the spec's tasks), the agent chosen,
+/// by the leader of `term`; apply refuses it from another term, like a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub term: u64,
+    pub agents: Vec<Option<AgentName>>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     SubmitRun {
         idempotency_key: String,
         spec: RunSpec,
         submitted_by: String,
+        /// Where the leader placed the tasks before proposing (placement at submission).
+        #[serde(default)]
+        placement: Option<Placement>,
     },
     RegisterAgent {
         name: AgentName,
@@ -71,6 +82,61 @@ pub enum Command {
 }
 
 impl Command {
+    /// A generous estimate of the command's encoded size, so a batch can be closed before its
+    /// entry grows past the Raft message budget. Byte strings count four times (JSON arrays).
+    pub fn approx_bytes(&self) -> usize {
+        fn map(m: &BTreeMap<String, String>) -> usize {
+            m.iter().map(|(k, v)| k.len() + v.len() + 8).sum()
+        }
+        match self {
+            Command::SubmitRun { spec, .. } => {
+                256 + map(&spec.labels)
+                    + spec
+                        .tasks
+                        .iter()
+                        .map(|t| {
+                            let program = match &t.program {
+                                crate::model::Program::Argv(a) => {
+                                    a.iter().map(|s| s.len() + 4).sum()
+                                }
+                                crate::model::Program::Shell(s) => s.len(),
+                                crate::model::Program::Noop { .. } => 0,
+                            };
+                            let exprs: usize = t
+                                .required
+                                .iter()
+                                .chain(t.preferred.iter().map(|(_, e)| e))
+                                .map(|e| {
+                                    e.key.len()
+                                        + e.values.iter().map(|v| v.len() + 4).sum::<usize>()
+                                })
+                                .sum();
+                            512 + program + map(&t.env) + t.workdir.len() + exprs * 2
+                        })
+                        .sum::<usize>()
+            }
+            Command::RegisterAgent { labels, held, .. } => 512 + map(labels) + held.len() * 96,
+            Command::ApplyPlan {
+                assignments,
+                unplaced,
+                ..
+            } => {
+                64 + assignments.len() * 128
+                    + unplaced
+                        .iter()
+                        .map(|(t, r)| t.len() + r.len() + 8)
+                        .sum::<usize>()
+            }
+            Command::TaskFinished { outcome, .. } => {
+                512 + outcome.reason.len()
+                    + 4 * (outcome.stdout_tail.len() + outcome.stderr_tail.len())
+            }
+            Command::RequeueTasks { tasks, reason, .. } => 128 + reason.len() + tasks.len() * 96,
+            Command::AgentLost { reason, .. } => 128 + reason.len(),
+            Command::TaskStarted { .. } | Command::SetDrain { .. } => 160,
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Command::SubmitRun { .. } => "submit_run",
@@ -91,6 +157,9 @@ pub enum CommandResult {
     Submitted {
         run_id: String,
         deduplicated: bool,
+        /// Assignments that committed with the submission (its placement, as far as it held).
+        #[serde(default)]
+        assigned: Vec<Assignment>,
     },
     Registered {
         /// Tasks the agent holds that are no longer its current attempt: it must kill them.

@@ -62,12 +62,17 @@ pub struct Config {
     pub lease_ttl_ms: u64,
 
     /// Raft leader heartbeat interval.
-    #[arg(long, env = "DROVER_RAFT_HEARTBEAT_MS", default_value_t = 100)]
+    #[arg(long, env = "DROVER_RAFT_HEARTBEAT_MS", default_value_t = 50)]
     pub raft_heartbeat_ms: u64,
 
-    /// Minimum Raft election timeout; the maximum is twice this.
-    #[arg(long, env = "DROVER_ELECTION_TIMEOUT_MS", default_value_t = 600)]
+    /// Minimum Raft election timeout. A follower campaigns after hearing nothing from the leader
+    /// for the leader lease (the maximum below) plus a random timeout between minimum and maximum.
+    #[arg(long, env = "DROVER_ELECTION_TIMEOUT_MS", default_value_t = 150)]
     pub election_timeout_ms: u64,
+
+    /// Maximum Raft election timeout (default: the minimum plus a third).
+    #[arg(long, env = "DROVER_ELECTION_TIMEOUT_MAX_MS")]
+    pub election_timeout_max_ms: Option<u64>,
 
     /// Build a snapshot (and compact the log) after this many entries since the last one.
     #[arg(long, env = "DROVER_SNAPSHOT_LOGS", default_value_t = 5000)]
@@ -87,6 +92,7 @@ pub const ENV_VARS: &[&str] = &[
     "DROVER_LEASE_TTL_MS",
     "DROVER_RAFT_HEARTBEAT_MS",
     "DROVER_ELECTION_TIMEOUT_MS",
+    "DROVER_ELECTION_TIMEOUT_MAX_MS",
     "DROVER_SNAPSHOT_LOGS",
 ];
 
@@ -102,6 +108,10 @@ pub enum ConfigError {
         "--lease-ttl-ms ({lease}) must be at least twice --heartbeat-interval-ms ({heartbeat})"
     )]
     LeaseTooShort { lease: u64, heartbeat: u64 },
+    #[error(
+        "election timeouts: need --raft-heartbeat-ms ({heartbeat}) < --election-timeout-ms ({min}) < --election-timeout-max-ms ({max})"
+    )]
+    BadElectionTimeouts { heartbeat: u64, min: u64, max: u64 },
 }
 
 impl Config {
@@ -135,7 +145,21 @@ impl Config {
                 heartbeat: self.heartbeat_interval_ms,
             });
         }
+        let (min, max) = self.election_timeouts();
+        if !(self.raft_heartbeat_ms < min && min < max) {
+            return Err(ConfigError::BadElectionTimeouts {
+                heartbeat: self.raft_heartbeat_ms,
+                min,
+                max,
+            });
+        }
         Ok(out)
+    }
+
+    /// (minimum, maximum) Raft election timeouts in milliseconds.
+    pub fn election_timeouts(&self) -> (u64, u64) {
+        let min = self.election_timeout_ms;
+        (min, self.election_timeout_max_ms.unwrap_or(min + min / 3))
     }
 
     pub fn tls_name(&self) -> String {

@@ -16,7 +16,9 @@ use crate::convert;
 use crate::limits;
 use crate::model::{AgentState, Assignment, HeldTask, TaskState};
 use crate::node::Ctx;
+use crate::raft::state_machine::Shared;
 use crate::scheduler::{self, AgentSlot, PendingTask, View};
+use crate::sessions::Sessions;
 
 /// How often the loop wakes when nothing else wakes it.
 const TICK: Duration = Duration::from_millis(100);
@@ -209,17 +211,7 @@ fn build_view(ctx: &Ctx) -> (View, Vec<(String, String)>) {
             .filter_map(|(_, _, tid)| s.tasks.get(tid))
             .map(|t| {
                 previous_reasons.push((t.id.clone(), t.pending_reason.clone()));
-                PendingTask {
-                    id: t.id.clone(),
-                    attempt: t.attempt,
-                    run_id: t.run_id.clone(),
-                    class: t.spec.class.clone(),
-                    resources: t.spec.resources.clone(),
-                    required: t.spec.required.clone(),
-                    preferred: t.spec.preferred.clone(),
-                    spread_by: t.spec.spread_by.clone(),
-                    strategy: t.spec.strategy,
-                }
+                PendingTask::new(t.id.clone(), t.attempt, t.run_id.clone(), &t.spec)
             })
             .collect();
         // Where the spreading runs already have tasks.
@@ -245,6 +237,8 @@ fn build_view(ctx: &Ctx) -> (View, Vec<(String, String)>) {
                 }
             }
         }
+        // Capacity net of assignments in entries not applied yet (placement at submission).
+        let reserved = ctx.placement.reserved();
         let agents = s
             .agents
             .values()
@@ -253,7 +247,10 @@ fn build_view(ctx: &Ctx) -> (View, Vec<(String, String)>) {
                 name: a.name.clone(),
                 class: a.class.clone(),
                 labels: a.labels.clone(),
-                free: a.free(),
+                free: match reserved.get(&a.name) {
+                    Some(r) => a.free().minus(r),
+                    None => a.free(),
+                },
             })
             .collect();
         (
@@ -301,7 +298,7 @@ async fn schedule_round(ctx: &Ctx, term: u64) {
                 tracing::debug!(dropped, "stale assignments dropped at apply");
             }
             ctx.metrics.tasks_placed.inc_by(accepted.len() as u64);
-            dispatch(ctx, &accepted);
+            dispatch(&ctx.shared, &ctx.sessions, &accepted);
         }
         Ok(other) => tracing::debug!(?other, "plan not applied"),
         Err(e) => tracing::warn!(error = %e, "could not commit plan"),
@@ -310,9 +307,9 @@ async fn schedule_round(ctx: &Ctx, term: u64) {
 
 /// Sends committed assignments to their agents. An agent that is not connected gets them when it
 /// registers again (`resend`), or loses them to a lease expiry.
-pub fn dispatch(ctx: &Ctx, assignments: &[Assignment]) {
+pub fn dispatch(shared: &Shared, sessions: &Sessions, assignments: &[Assignment]) {
     for a in assignments {
-        let msg = ctx.shared.read(|s| {
+        let msg = shared.read(|s| {
             s.state
                 .tasks
                 .get(&a.task_id)
@@ -327,7 +324,7 @@ pub fn dispatch(ctx: &Ctx, assignments: &[Assignment]) {
                 })
         });
         if let Some(msg) = msg
-            && let Err(e) = ctx.sessions.send(&a.agent, msg)
+            && let Err(e) = sessions.send(&a.agent, msg)
         {
             tracing::debug!(agent = %a.agent, task = %a.task_id, ?e, "assignment not delivered now; will resend on reconnect");
         }

@@ -18,6 +18,7 @@ pub mod raft;
 pub mod scheduler;
 pub mod sessions;
 pub mod state;
+pub mod submit_placement;
 
 pub use config::Config;
 pub use node::{NodeHandle, start};

@@ -23,6 +23,15 @@ pub const PROPOSAL_QUEUE_MAX: usize = 65_536;
 /// keeps an entry under a few MiB.
 pub const PROPOSAL_BATCH_MAX: usize = 2_048;
 
+/// Estimated bytes of one Raft entry: a batch closes before passing it (a single larger command,
+/// up to the gRPC message limit, gets an entry of its own). With `RAFT_APPEND_ENTRIES_MAX` entries
+/// per append, replication messages stay within the Raft channel's message limit.
+pub const PROPOSAL_BATCH_BYTES_MAX: usize = 2 * 1024 * 1024;
+
+/// Entries in one Raft append: times the largest entry (a command at the gRPC message limit,
+/// 8 MiB), within the Raft channel's 64 MiB message limit.
+pub const RAFT_APPEND_ENTRIES_MAX: u64 = 8;
+
 /// Raft entries in flight at once from the proposer. A few overlap the fsync of one batch with
 /// the collection of the next.
 pub const PROPOSALS_IN_FLIGHT_MAX: usize = 4;

@@ -41,6 +41,9 @@ pub struct Metrics {
     pub agents_lost: Gauge<u64, AtomicU64>,
     pub schedule_rounds: Counter,
     pub tasks_placed: Counter,
+    pub snapshot_build_seconds: Histogram,
+    pub snapshot_install_seconds: Histogram,
+    pub snapshot_bytes: Gauge,
 }
 
 impl Metrics {
@@ -146,6 +149,24 @@ impl Metrics {
             "Assignments committed by this node as leader",
             tasks_placed.clone(),
         );
+        let snapshot_build_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "snapshot_build_seconds",
+            "Time to encode and store a snapshot of the state",
+            snapshot_build_seconds.clone(),
+        );
+        let snapshot_install_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "snapshot_install_seconds",
+            "Time to decode and store a snapshot received from the leader",
+            snapshot_install_seconds.clone(),
+        );
+        let snapshot_bytes = Gauge::default();
+        registry.register(
+            "snapshot_bytes",
+            "Size of the newest snapshot built or installed",
+            snapshot_bytes.clone(),
+        );
         Self {
             registry,
             rpc_total,
@@ -166,6 +187,9 @@ impl Metrics {
             agents_lost,
             schedule_rounds,
             tasks_placed,
+            snapshot_build_seconds,
+            snapshot_install_seconds,
+            snapshot_bytes,
         }
     }
 

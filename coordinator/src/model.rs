@@ -47,6 +47,13 @@ impl Resources {
         }
     }
 
+    pub fn is_zero(&self) -> bool {
+        self.cpu_millis == 0
+            && self.memory_bytes == 0
+            && self.gpus == 0
+            && self.extended.values().all(|v| *v == 0)
+    }
+
     pub fn plus(&self, other: &Resources) -> Resources {
         let mut extended = self.extended.clone();
         for (k, v) in &other.extended {

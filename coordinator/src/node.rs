@@ -33,6 +33,7 @@ use crate::raft::network::NetworkFactory;
 use crate::raft::service::RaftRpc;
 use crate::raft::state_machine::{Shared, StateMachineStore};
 use crate::sessions::{LogRequests, Sessions};
+use crate::submit_placement::SubmitPlacement;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -65,7 +66,8 @@ pub struct Ctx {
     pub shared: Arc<Shared>,
     pub proposer: Proposer,
     pub peers: Arc<Vec<(NodeId, String)>>,
-    pub sessions: Sessions,
+    pub sessions: Arc<Sessions>,
+    pub placement: Arc<SubmitPlacement>,
     pub log_requests: LogRequests,
     pub metrics: Arc<Metrics>,
     pub timing: Timing,
@@ -257,16 +259,18 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
     let fresh = log_store
         .is_fresh()
         .map_err(|e| storage_err(e.to_string()))?;
-    let sm = StateMachineStore::open(&db).map_err(storage_err)?;
+    let metrics = Arc::new(Metrics::new());
+    let sm = StateMachineStore::open(&db, metrics.clone()).map_err(storage_err)?;
     let shared = sm.shared.clone();
 
     let raft_config = openraft::Config {
         cluster_name: "drover".into(),
         heartbeat_interval: config.raft_heartbeat_ms,
-        election_timeout_min: config.election_timeout_ms,
-        election_timeout_max: config.election_timeout_ms * 2,
+        election_timeout_min: config.election_timeouts().0,
+        election_timeout_max: config.election_timeouts().1,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_logs),
         max_in_snapshot_log_to_keep: config.snapshot_logs / 2,
+        max_payload_entries: crate::limits::RAFT_APPEND_ENTRIES_MAX,
         ..Default::default()
     }
     .validate()
@@ -307,12 +311,19 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         })?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let metrics = Arc::new(Metrics::new());
     let mut tasks = Vec::new();
+    let sessions = Arc::new(Sessions::default());
+    let placement = Arc::new(SubmitPlacement::new(
+        config.node_id,
+        raft.clone(),
+        shared.clone(),
+        sessions.clone(),
+    ));
     let (proposer, proposer_task) = Proposer::start(
         raft.clone(),
         peers.clone(),
         metrics.clone(),
+        placement.clone(),
         shutdown_rx.clone(),
     );
     tasks.push(proposer_task);
@@ -322,7 +333,8 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         shared,
         proposer,
         peers: peers.clone(),
-        sessions: Sessions::default(),
+        sessions,
+        placement,
         log_requests: LogRequests::default(),
         metrics,
         timing: Timing {

@@ -14,6 +14,7 @@ use crate::limits;
 use crate::metrics::Metrics;
 use crate::model::NodeId;
 use crate::raft::Raft;
+use crate::submit_placement::SubmitPlacement;
 
 type Reply = oneshot::Sender<Result<CommandResult, CoordinatorError>>;
 
@@ -35,10 +36,11 @@ impl Proposer {
         raft: Raft,
         peers: Arc<Vec<(NodeId, String)>>,
         metrics: Arc<Metrics>,
+        placement: Arc<SubmitPlacement>,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(limits::PROPOSAL_QUEUE_MAX);
-        let handle = tokio::spawn(run(raft, peers, metrics, rx, shutdown));
+        let handle = tokio::spawn(run(raft, peers, metrics, placement, rx, shutdown));
         (Self { tx }, handle)
     }
 
@@ -69,33 +71,51 @@ async fn run(
     raft: Raft,
     peers: Arc<Vec<(NodeId, String)>>,
     metrics: Arc<Metrics>,
+    placement: Arc<SubmitPlacement>,
     mut rx: mpsc::Receiver<(Command, Reply)>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let in_flight = Arc::new(Semaphore::new(limits::PROPOSALS_IN_FLIGHT_MAX));
+    // A command that did not fit the previous batch opens the next one.
+    let mut carried: Option<(Command, Reply)> = None;
     loop {
-        let first = tokio::select! {
-            m = rx.recv() => match m { Some(m) => m, None => return },
-            _ = shutdown.changed() => return,
+        let first = match carried.take() {
+            Some(m) => m,
+            None => tokio::select! {
+                m = rx.recv() => match m { Some(m) => m, None => return },
+                _ = shutdown.changed() => return,
+            },
         };
         // Wait for a slot first: while all slots are busy, more commands pile up into this batch.
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
+        let mut bytes = first.0.approx_bytes();
         let mut batch = vec![first];
         while batch.len() < limits::PROPOSAL_BATCH_MAX {
             match rx.try_recv() {
-                Ok(m) => batch.push(m),
+                Ok(m) => {
+                    bytes += m.0.approx_bytes();
+                    if bytes > limits::PROPOSAL_BATCH_BYTES_MAX {
+                        carried = Some(m);
+                        break;
+                    }
+                    batch.push(m);
+                }
                 Err(_) => break,
             }
         }
+        let (mut commands, replies): (Vec<Command>, Vec<Reply>) = batch.into_iter().unzip();
+        let reservation = placement.prepare(&mut commands);
         let raft = raft.clone();
         let peers = peers.clone();
         let metrics = metrics.clone();
-        let span = tracing::debug_span!("raft_propose", commands = batch.len());
+        let placement = placement.clone();
+        let span = tracing::debug_span!("raft_propose", commands = commands.len());
         tokio::spawn(
             async move {
-                write_batch(&raft, &peers, &metrics, batch).await;
+                write_batch(&raft, &peers, &metrics, &placement, commands, replies).await;
+                placement.release(reservation);
                 drop(permit);
             }
             .instrument(span),
@@ -107,9 +127,10 @@ async fn write_batch(
     raft: &Raft,
     peers: &[(NodeId, String)],
     metrics: &Metrics,
-    batch: Vec<(Command, Reply)>,
+    placement: &SubmitPlacement,
+    commands: Vec<Command>,
+    replies: Vec<Reply>,
 ) {
-    let (commands, replies): (Vec<Command>, Vec<Reply>) = batch.into_iter().unzip();
     let n = commands.len();
     metrics.proposal_batch_size.observe(n as f64);
     let started = std::time::Instant::now();
@@ -124,6 +145,7 @@ async fn write_batch(
         .observe(started.elapsed().as_secs_f64());
     match result {
         Ok(resp) => {
+            placement.dispatch(&resp.data.results);
             for (reply, r) in replies.into_iter().zip(resp.data.results) {
                 let _ = reply.send(Ok(r));
             }

@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::model::{AgentName, Assignment, LabelExpr, Resources, Strategy, TaskId};
+use crate::model::{AgentName, Assignment, LabelExpr, Resources, Strategy, TaskId, TaskSpec};
 
 #[derive(Debug, Clone)]
 pub struct PendingTask {
@@ -24,6 +24,22 @@ pub struct PendingTask {
     pub preferred: Vec<(i32, LabelExpr)>,
     pub spread_by: String,
     pub strategy: Strategy,
+}
+
+impl PendingTask {
+    pub fn new(id: TaskId, attempt: u64, run_id: String, spec: &TaskSpec) -> Self {
+        Self {
+            id,
+            attempt,
+            run_id,
+            class: spec.class.clone(),
+            resources: spec.resources.clone(),
+            required: spec.required.clone(),
+            preferred: spec.preferred.clone(),
+            spread_by: spec.spread_by.clone(),
+            strategy: spec.strategy,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

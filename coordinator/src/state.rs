@@ -70,7 +70,25 @@ impl State {
                 idempotency_key,
                 spec,
                 submitted_by,
-            } => self.submit_run(now_ms, idempotency_key, spec, submitted_by),
+                placement,
+            } => {
+                let mut result = self.submit_run(now_ms, idempotency_key, spec, submitted_by);
+                if let CommandResult::Submitted {
+                    run_id,
+                    deduplicated: false,
+                    assigned,
+                } = &mut result
+                    && let Some(p) = placement.as_ref().filter(|p| p.term == term)
+                {
+                    let wanted = crate::submit_placement::assignments(run_id, spec, p);
+                    if let CommandResult::PlanApplied { accepted, .. } =
+                        self.apply_plan(now_ms, &wanted, &[])
+                    {
+                        *assigned = accepted;
+                    }
+                }
+                result
+            }
             Command::RegisterAgent { .. } => self.register_agent(now_ms, cmd),
             Command::ApplyPlan {
                 term: plan_term,
@@ -137,6 +155,7 @@ impl State {
             return CommandResult::Submitted {
                 run_id: run_id(*seq),
                 deduplicated: true,
+                assigned: Vec::new(),
             };
         }
         if self.pending.len() + spec.tasks.len() > limits::PENDING_TASKS_MAX {
@@ -201,6 +220,7 @@ impl State {
         CommandResult::Submitted {
             run_id: id,
             deduplicated: false,
+            assigned: Vec::new(),
         }
     }
 

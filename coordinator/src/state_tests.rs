@@ -72,6 +72,7 @@ fn submit(state: &mut State, key: &str, tasks: &[&str], cpu: u64) -> String {
             idempotency_key: key.into(),
             spec: spec(tasks, cpu),
             submitted_by: "t".into(),
+            placement: None,
         },
     ) {
         CommandResult::Submitted { run_id, .. } => run_id,
@@ -156,13 +157,15 @@ fn the_same_idempotency_key_never_creates_a_second_run() {
             idempotency_key: "same".into(),
             spec: spec(&["main"], 0),
             submitted_by: "t".into(),
+            placement: None,
         },
     );
     assert_eq!(
         again,
         CommandResult::Submitted {
             run_id: first,
-            deduplicated: true
+            deduplicated: true,
+            assigned: vec![],
         }
     );
     assert_eq!(s.runs.len(), 1);
@@ -364,6 +367,7 @@ fn the_pending_queue_has_a_limit_that_names_itself() {
             idempotency_key: String::new(),
             spec: spec(&["main"], 0),
             submitted_by: "t".into(),
+            placement: None,
         },
     );
     assert!(
@@ -444,4 +448,70 @@ fn an_unchanged_reregistration_needs_no_write_but_any_change_does() {
         },
     );
     assert_eq!(s.unchanged_registration(&cmd(1000, vec![])), None);
+}
+
+fn submit_placed(
+    state: &mut State,
+    term: u64,
+    plan_term: u64,
+    tasks: &[&str],
+    cpu: u64,
+    on: &str,
+) -> CommandResult {
+    one(
+        state,
+        term,
+        Command::SubmitRun {
+            idempotency_key: String::new(),
+            spec: spec(tasks, cpu),
+            submitted_by: "t".into(),
+            placement: Some(crate::command::Placement {
+                term: plan_term,
+                agents: tasks.iter().map(|_| Some(on.to_owned())).collect(),
+            }),
+        },
+    )
+}
+
+#[test]
+fn a_placement_at_submission_commits_with_the_run_and_is_rechecked() {
+    let mut s = State::default();
+    register(&mut s, "a1", 1_000, vec![]);
+    // Fits: both tasks assigned in the same apply as the submission.
+    let CommandResult::Submitted {
+        run_id, assigned, ..
+    } = submit_placed(&mut s, 1, 1, &["x", "y"], 400, "a1")
+    else {
+        panic!()
+    };
+    assert_eq!(assigned.len(), 2);
+    assert!(s.pending.is_empty());
+    assert_eq!(s.tasks[&task_id(&run_id, "x")].state, TaskState::Assigned);
+    assert_eq!(s.agents["a1"].used.cpu_millis, 800);
+    // Over capacity: apply refuses the placement, the task waits for a round.
+    let CommandResult::Submitted {
+        run_id, assigned, ..
+    } = submit_placed(&mut s, 1, 1, &["z"], 400, "a1")
+    else {
+        panic!()
+    };
+    assert!(assigned.is_empty());
+    assert_eq!(s.tasks[&task_id(&run_id, "z")].state, TaskState::Pending);
+    assert_eq!(s.counters.assignments_dropped, 1);
+    // Planned by the leader of an older term: ignored, the run is still accepted.
+    let CommandResult::Submitted {
+        run_id, assigned, ..
+    } = submit_placed(&mut s, 2, 1, &["w"], 100, "a1")
+    else {
+        panic!()
+    };
+    assert!(assigned.is_empty());
+    assert_eq!(s.tasks[&task_id(&run_id, "w")].state, TaskState::Pending);
+    assert_eq!(s.agents["a1"].used.cpu_millis, 800);
+    // An unknown agent is refused the same way.
+    let CommandResult::Submitted { assigned, .. } = submit_placed(&mut s, 2, 2, &["v"], 1, "nope")
+    else {
+        panic!()
+    };
+    assert!(assigned.is_empty());
 }

@@ -18,7 +18,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
             .open()
             .expect("open sled");
         let log = LogStore::open(&db).expect("log store");
-        let sm = StateMachineStore::open(&db).expect("state machine");
+        let sm = StateMachineStore::open(&db, Default::default()).expect("state machine");
         Ok((dir, log, sm))
     }
 }

@@ -84,8 +84,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<i32> {
             tls_name: None,
             heartbeat_interval_ms: 1000,
             lease_ttl_ms: 5000,
-            raft_heartbeat_ms: 100,
-            election_timeout_ms: 600,
+            raft_heartbeat_ms: 50,
+            election_timeout_ms: 150,
+            election_timeout_max_ms: None,
             snapshot_logs: 5000,
         };
         nodes.push(

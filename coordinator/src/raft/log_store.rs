@@ -52,12 +52,12 @@ impl LogStore {
     fn get_meta<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
         match self.meta.get(key).map_err(read_err)? {
             None => Ok(None),
-            Some(v) => serde_json::from_slice(&v).map(Some).map_err(read_err),
+            Some(v) => super::codec::decode(&v).map(Some).map_err(read_err),
         }
     }
 
     fn put_meta<T: Serialize>(&self, key: &[u8], value: &T) -> Result<(), StorageError> {
-        let bytes = serde_json::to_vec(value).map_err(write_err)?;
+        let bytes = super::codec::encode(value).map_err(write_err)?;
         self.meta.insert(key, bytes).map_err(write_err)?;
         Ok(())
     }
@@ -86,7 +86,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let mut out = Vec::new();
         for item in self.log.range((Bound::Included(index_key(start)), end)) {
             let (_, v) = item.map_err(read_err)?;
-            let entry: Entry<TypeConfig> = serde_json::from_slice(&v).map_err(read_err)?;
+            let entry: Entry<TypeConfig> = super::codec::decode(&v).map_err(read_err)?;
             out.push(entry);
         }
         Ok(out)
@@ -100,7 +100,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let last_purged: Option<LogId> = self.get_meta(KEY_LAST_PURGED)?;
         let last = match self.log.last().map_err(read_err)? {
             Some((_, v)) => {
-                let entry: Entry<TypeConfig> = serde_json::from_slice(&v).map_err(read_err)?;
+                let entry: Entry<TypeConfig> = super::codec::decode(&v).map_err(read_err)?;
                 Some(entry.log_id)
             }
             None => last_purged,
@@ -155,7 +155,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut batch = sled::Batch::default();
         for entry in entries {
-            let bytes = serde_json::to_vec(&entry).map_err(write_err)?;
+            let bytes = super::codec::encode(&entry).map_err(write_err)?;
             batch.insert(&index_key(entry.log_id.index), bytes);
         }
         self.log.apply_batch(batch).map_err(write_err)?;
@@ -187,7 +187,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         // Record the purge point first, so a crash mid-purge never leaves a hole before it.
-        self.put_meta(KEY_LAST_PURGED, &Some(log_id))?;
+        self.put_meta(KEY_LAST_PURGED, &log_id)?;
         self.db.flush_async().await.map_err(write_err)?;
         let keys: Vec<_> = self
             .log

@@ -11,6 +11,7 @@ use crate::model::NodeId;
 
 // openraft's storage traits fix the error type (StorageError, ~224 bytes); our helpers return the
 // same type so `?` flows through without conversion.
+pub mod codec;
 #[allow(clippy::result_large_err)]
 pub mod log_store;
 pub mod network;

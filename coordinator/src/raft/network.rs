@@ -65,7 +65,8 @@ impl PeerClient {
         E: std::error::Error + DeserializeOwned,
         Result<Resp, E>: DeserializeOwned,
     {
-        let data = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let data =
+            super::codec::encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         if self.client.is_none() {
             let channel = drover_proto::client::connect(&self.addr, &self.tls)
                 .await
@@ -95,7 +96,7 @@ impl PeerClient {
                 });
             }
         };
-        let decoded: Result<Resp, E> = serde_json::from_slice(&resp.data)
+        let decoded: Result<Resp, E> = super::codec::decode(&resp.data)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         decoded.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }

@@ -14,12 +14,12 @@ pub struct RaftRpc {
 }
 
 fn decode<T: DeserializeOwned>(req: &Request<RaftPayload>) -> Result<T, Status> {
-    serde_json::from_slice(&req.get_ref().data)
+    super::codec::decode(&req.get_ref().data)
         .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Response<RaftPayload>, Status> {
-    let data = serde_json::to_vec(value)
+    let data = super::codec::encode(value)
         .map_err(|e| Status::internal(format!("encoding raft reply: {e}")))?;
     Ok(Response::new(RaftPayload { data }))
 }

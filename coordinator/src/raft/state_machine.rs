@@ -15,6 +15,7 @@ use tokio::sync::Notify;
 
 use super::{LogId, StorageError, TypeConfig};
 use crate::command::Response;
+use crate::metrics::Metrics;
 use crate::model::NodeId;
 use crate::state::State;
 
@@ -46,6 +47,7 @@ impl Shared {
 #[derive(Clone)]
 pub struct StateMachineStore {
     pub shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
     snapshots: sled::Tree,
     snapshot_counter: Arc<AtomicU64>,
 }
@@ -56,13 +58,13 @@ fn snap_err(e: impl std::error::Error + 'static) -> StorageError {
 
 impl StateMachineStore {
     /// Opens the snapshot tree and loads the latest snapshot, if any, as the starting state.
-    pub fn open(db: &sled::Db) -> Result<Self, String> {
+    pub fn open(db: &sled::Db, metrics: Arc<Metrics>) -> Result<Self, String> {
         let snapshots = db.open_tree("snapshot").map_err(|e| e.to_string())?;
         let applied = match snapshots
             .get(KEY_SNAPSHOT_DATA)
             .map_err(|e| e.to_string())?
         {
-            Some(bytes) => serde_json::from_slice::<Applied>(&bytes)
+            Some(bytes) => decode_snapshot(&bytes)
                 .map_err(|e| format!("stored snapshot is unreadable: {e}"))?,
             None => Applied::default(),
         };
@@ -71,6 +73,7 @@ impl StateMachineStore {
                 data: RwLock::new(applied),
                 applied: Notify::new(),
             }),
+            metrics,
             snapshots,
             snapshot_counter: Arc::new(AtomicU64::new(0)),
         })
@@ -81,7 +84,7 @@ impl StateMachineStore {
         meta: &SnapshotMeta<NodeId, BasicNode>,
         data: &[u8],
     ) -> Result<(), StorageError> {
-        let meta_bytes = serde_json::to_vec(meta)
+        let meta_bytes = super::codec::encode(meta)
             .map_err(|e| StorageError::from(StorageIOError::write_snapshot(None, &e)))?;
         let mut batch = sled::Batch::default();
         batch.insert(KEY_SNAPSHOT_META, meta_bytes);
@@ -96,12 +99,22 @@ impl StateMachineStore {
     }
 }
 
+/// The snapshot's bytes: the whole applied state.
+pub fn encode_snapshot(applied: &Applied) -> Result<Vec<u8>, super::codec::CodecError> {
+    super::codec::encode(applied)
+}
+
+pub fn decode_snapshot(bytes: &[u8]) -> Result<Applied, super::codec::CodecError> {
+    super::codec::decode(bytes)
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let _span = tracing::info_span!("build_snapshot").entered();
+        let started = std::time::Instant::now();
         let (data, last_applied, last_membership) = self.shared.read(|a| {
             (
-                serde_json::to_vec(a),
+                encode_snapshot(a),
                 a.last_applied,
                 a.last_membership.clone(),
             )
@@ -118,7 +131,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             snapshot_id,
         };
         self.persist_snapshot(&meta, &data)?;
-        tracing::info!(bytes = data.len(), index = ?last_applied.map(|l| l.index), "snapshot built");
+        let secs = started.elapsed().as_secs_f64();
+        self.metrics.snapshot_build_seconds.observe(secs);
+        self.metrics.snapshot_bytes.set(data.len() as i64);
+        tracing::info!(bytes = data.len(), secs, index = ?last_applied.map(|l| l.index), "snapshot built");
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -184,13 +200,18 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let _span = tracing::info_span!("install_snapshot", id = %meta.snapshot_id).entered();
+        let started = std::time::Instant::now();
         let bytes = snapshot.into_inner();
-        let mut applied: Applied = serde_json::from_slice(&bytes).map_err(snap_err)?;
+        let mut applied = decode_snapshot(&bytes).map_err(snap_err)?;
         applied.last_applied = meta.last_log_id;
         applied.last_membership = meta.last_membership.clone();
         self.persist_snapshot(meta, &bytes)?;
         *self.shared.data.write().expect("state lock poisoned") = applied;
         self.shared.applied.notify_one();
+        let secs = started.elapsed().as_secs_f64();
+        self.metrics.snapshot_install_seconds.observe(secs);
+        self.metrics.snapshot_bytes.set(bytes.len() as i64);
+        tracing::info!(bytes = bytes.len(), secs, "snapshot installed");
         Ok(())
     }
 
@@ -200,7 +221,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         match (meta, data) {
             (Some(meta), Some(data)) => {
                 let meta: SnapshotMeta<NodeId, BasicNode> =
-                    serde_json::from_slice(&meta).map_err(snap_err)?;
+                    super::codec::decode(&meta).map_err(snap_err)?;
                 Ok(Some(Snapshot {
                     meta,
                     snapshot: Box::new(Cursor::new(data.to_vec())),
