@@ -1,6 +1,7 @@
 //! The end-to-end measuring tools behind `drover-bench`, as a library so the test suite can run a
 //! short smoke load through the same code.
 
+pub mod backlog;
 pub mod fleet;
 pub mod load;
 

@@ -66,6 +66,19 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         kills: usize,
     },
+    /// A large queue: state size, snapshot and restore, in process and (with --spawn-cluster) in a
+    /// real cluster with no agents.
+    Backlog {
+        #[arg(long, default_value_t = 1_000_000)]
+        tasks: usize,
+        #[arg(long, default_value_t = 1000)]
+        tasks_per_run: usize,
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Also fill a real 3-node cluster (started by the tool) and restart a follower.
+        #[arg(long)]
+        spawn_cluster: bool,
+    },
     /// Connect simulated agents; measure leader CPU, loss detection and failover behaviour.
     Fleet {
         #[command(flatten)]
@@ -153,6 +166,12 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Failover { kills } => failover(kills).await?,
+        Cmd::Backlog {
+            tasks,
+            tasks_per_run,
+            concurrency,
+            spawn_cluster,
+        } => backlog(tasks, tasks_per_run, concurrency, spawn_cluster).await?,
         Cmd::Fleet {
             target,
             agents,
@@ -263,13 +282,75 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Kills the leader `kills` times while a client submits continuously.
+async fn backlog(
+    tasks: usize,
+    per_run: usize,
+    concurrency: usize,
+    spawn_cluster: bool,
+) -> anyhow::Result<()> {
+    use drover_benches::backlog;
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let p = tokio::task::spawn_blocking(move || backlog::in_process(tasks, per_run)).await??;
+    println!(
+        "in process: {} pending tasks applied in {:.2}s; state RSS {:.0} MiB; snapshot {:.0} MiB encoded in {:.2}s, decoded in {:.2}s (round trip {:.2}s)",
+        p.tasks,
+        p.apply_secs,
+        mib(p.state_rss_bytes),
+        mib(p.snapshot_bytes as u64),
+        p.encode_secs,
+        p.decode_secs,
+        p.encode_secs + p.decode_secs
+    );
+    if !spawn_cluster {
+        return Ok(());
+    }
+    // Snapshots every few entries, so the follower restarts from a snapshot holding the backlog.
+    let mut cluster = Cluster::start(ClusterOptions {
+        snapshot_logs: 20,
+        ..ClusterOptions::default()
+    })
+    .await;
+    let client = Arc::new(cluster.client());
+    let started = Instant::now();
+    let (accepted, errors) = backlog::fill(client, tasks, per_run, concurrency).await;
+    let fill_secs = started.elapsed().as_secs_f64();
+    let leader = cluster.wait_leader(Duration::from_secs(30)).await;
+    let pid = cluster.coordinator_pid(leader).context("leader pid")?;
+    println!(
+        "cluster: {accepted} tasks accepted in {fill_secs:.1}s ({:.0} tasks/s; errors {errors:?}); leader RSS {:.0} MiB",
+        accepted as f64 / fill_secs,
+        mib(drover_benches::rss_bytes(pid).unwrap_or(0))
+    );
+    let applied = |c: &Cluster, i: usize| c.metric(i, "drover_raft_applied_index").unwrap_or(0.0);
+    let target = applied(&cluster, leader);
+    let follower = (0..3).find(|&i| i != leader).expect("a follower");
+    let restarted = Instant::now();
+    cluster.restart(follower);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while applied(&cluster, follower) < target {
+        if Instant::now() > deadline {
+            bail!("follower not caught up within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sum = |i: usize, m: &str| cluster.metric(i, m).unwrap_or(0.0);
+    let builds = sum(leader, "drover_snapshot_build_seconds_count");
+    println!(
+        "snapshots built by the leader: {builds} (mean {:.2}s, newest {:.0} MiB); follower restarted and applied everything again in {:.2}s",
+        sum(leader, "drover_snapshot_build_seconds_sum") / builds.max(1.0),
+        sum(leader, "drover_snapshot_bytes") / (1024.0 * 1024.0),
+        restarted.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 async fn failover(kills: usize) -> anyhow::Result<()> {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicBool, Ordering};
     let mut cluster = Cluster::start(ClusterOptions::default()).await;
     let client = Arc::new(cluster.client_as("admin", cluster.addrs()));
     // Every acknowledged submission, with the time it was acknowledged.
-    let acked: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let acked: Arc<Mutex<Vec<(String, Instant, Instant)>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let submitter = {
         let (client, acked, stop) = (client.clone(), acked.clone(), stop.clone());
@@ -284,8 +365,9 @@ async fn failover(kills: usize) -> anyhow::Result<()> {
                 ..Default::default()
             };
             while !stop.load(Ordering::Relaxed) {
+                let sent = Instant::now();
                 if let Ok(r) = droverctl::cli::submit(&client, spec.clone()).await {
-                    acked.lock().unwrap().push((r.run_id, Instant::now()));
+                    acked.lock().unwrap().push((r.run_id, sent, Instant::now()));
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -298,9 +380,11 @@ async fn failover(kills: usize) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let killed_at = Instant::now();
         cluster.kill(leader);
+        // The first submission sent after the kill and acknowledged: one sent before and
+        // acknowledged just after committed before the leader died.
         let recovered = loop {
-            if let Some((_, t)) = acked.lock().unwrap().last()
-                && *t > killed_at
+            if let Some((_, sent, t)) = acked.lock().unwrap().last()
+                && *sent > killed_at
             {
                 break *t;
             }
@@ -333,7 +417,7 @@ async fn failover(kills: usize) -> anyhow::Result<()> {
         .lock()
         .unwrap()
         .iter()
-        .map(|(id, _)| id.clone())
+        .map(|(id, _, _)| id.clone())
         .collect();
     let mut missing = 0;
     for id in &acked {

@@ -478,7 +478,7 @@ pub fn task_to_proto(t: &Task) -> pb::Task {
         attempt: t.attempt,
         agent: t.agent.clone().unwrap_or_default(),
         pending_reason: if t.state == TaskState::Pending {
-            t.pending_reason.clone()
+            t.pending_reason.to_string()
         } else {
             String::new()
         },
@@ -486,7 +486,7 @@ pub fn task_to_proto(t: &Task) -> pb::Task {
         assigned_at_ms: t.assigned_at_ms,
         started_at_ms: t.started_at_ms,
         finished_at_ms: t.finished_at_ms,
-        outcome: t.outcome.as_ref().map(outcome_to_proto),
+        outcome: t.outcome.as_deref().map(outcome_to_proto),
     }
 }
 

@@ -210,7 +210,7 @@ fn build_view(ctx: &Ctx) -> (View, Vec<(String, String)>) {
             .take(limits::SCHEDULE_ROUND_TASKS_MAX)
             .filter_map(|(_, _, tid)| s.tasks.get(tid))
             .map(|t| {
-                previous_reasons.push((t.id.clone(), t.pending_reason.clone()));
+                previous_reasons.push((t.id.clone(), t.pending_reason.to_string()));
                 PendingTask::new(t.id.clone(), t.attempt, t.run_id.clone(), &t.spec)
             })
             .collect();

@@ -32,6 +32,10 @@ pub const PROPOSAL_BATCH_BYTES_MAX: usize = 2 * 1024 * 1024;
 /// 8 MiB), within the Raft channel's 64 MiB message limit.
 pub const RAFT_APPEND_ENTRIES_MAX: u64 = 8;
 
+/// sled's page cache. Its default (1 GiB) would sit on top of the state; the log is read back
+/// mostly right after it is written (replication), and snapshots once per restart.
+pub const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 /// Raft entries in flight at once from the proposer. A few overlap the fsync of one batch with
 /// the collection of the next.
 pub const PROPOSALS_IN_FLIGHT_MAX: usize = 4;

@@ -236,13 +236,15 @@ pub struct Task {
     /// Owner: the leader's plan.
     pub agent: Option<AgentName>,
     /// Owner: the leader's scheduler; why the task is not placed yet.
-    pub pending_reason: String,
+    /// A shared constant for the common reasons (no allocation per queued task).
+    pub pending_reason: std::borrow::Cow<'static, str>,
     pub created_at_ms: u64,
     pub assigned_at_ms: u64,
     pub started_at_ms: u64,
     pub finished_at_ms: u64,
     /// Owner: the agent that ran the current attempt.
-    pub outcome: Option<Outcome>,
+    /// Boxed: most tasks in a large queue have none, and it is the biggest field.
+    pub outcome: Option<Box<Outcome>>,
     /// Submission order, used to keep the queue first-in first-out.
     pub seq: u64,
 }

@@ -252,6 +252,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
     let db = sled::Config::new()
         .path(config.data_dir.join("sled"))
         .flush_every_ms(None)
+        .cache_capacity(crate::limits::SLED_CACHE_BYTES)
         .open()
         .map_err(|e| storage_err(e.to_string()))?;
     let log_store = LogStore::open(&db).map_err(|e| storage_err(e.to_string()))?;

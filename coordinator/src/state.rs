@@ -393,7 +393,7 @@ impl State {
         }
         task.attempt += 1;
         task.state = TaskState::Pending;
-        task.pending_reason = format!("re-queued: {reason}");
+        task.pending_reason = format!("re-queued: {reason}").into();
         task.assigned_at_ms = 0;
         task.started_at_ms = 0;
         self.pending.insert(task.pending_key());
@@ -435,7 +435,7 @@ impl State {
             task.state = TaskState::Assigned;
             task.agent = Some(a.agent.clone());
             task.assigned_at_ms = now_ms;
-            task.pending_reason.clear();
+            task.pending_reason = std::borrow::Cow::Borrowed("");
             self.pending.remove(&task.pending_key());
             accepted.push(a.clone());
         }
@@ -443,7 +443,7 @@ impl State {
             if let Some(task) = self.tasks.get_mut(tid)
                 && task.state == TaskState::Pending
             {
-                task.pending_reason.clone_from(reason);
+                task.pending_reason = reason.clone().into();
             }
         }
         self.counters.assignments_dropped += dropped as u64;
@@ -506,7 +506,7 @@ impl State {
             TaskState::Failed
         };
         task.finished_at_ms = now_ms;
-        task.outcome = Some(outcome.clone());
+        task.outcome = Some(Box::new(outcome.clone()));
         let resources = task.spec.resources.clone();
         let run_id = task.run_id.clone();
         if let Some(a) = self.agents.get_mut(agent) {

@@ -24,8 +24,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 /// Retry pauses while no leader answers: short enough that a client notices the new leader within
 /// ~200 ms of its election (elections take 0.6-1.2 s), cheap because "no leader" answers are tiny.
-const BACKOFF_FIRST: Duration = Duration::from_millis(20);
-const BACKOFF_MAX: Duration = Duration::from_millis(200);
+const BACKOFF_FIRST: Duration = Duration::from_millis(10);
+// Short: an election takes a few hundred milliseconds, and a longer pause only adds to it.
+const BACKOFF_MAX: Duration = Duration::from_millis(100);
 /// Redirects followed in one call; more means the cluster disagrees about its leader.
 const REDIRECTS_MAX: u32 = 8;
 
