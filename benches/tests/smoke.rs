@@ -66,3 +66,47 @@ async fn a_short_load_loses_nothing_and_runs_nothing_twice() {
     .await
     .expect("test deadline");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_survives_snapshots_and_a_follower_restart() {
+    // Guards: drover-bench backlog's paths; large runs batch into entries within the Raft limits,
+    // snapshots hold the queue, and a restarted follower restores all of it.
+    tokio::time::timeout(Duration::from_secs(150), async {
+        let p = drover_benches::backlog::in_process(5_000, 1_000).unwrap();
+        assert_eq!(p.tasks, 5_000);
+        assert!(p.snapshot_bytes > 0);
+
+        let mut cluster = Cluster::start(ClusterOptions {
+            snapshot_logs: 5,
+            ..ClusterOptions::default()
+        })
+        .await;
+        let client = Arc::new(cluster.client());
+        let (accepted, errors) = drover_benches::backlog::fill(client, 20_000, 1_000, 4).await;
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(accepted, 20_000);
+        let leader = cluster.wait_leader(Duration::from_secs(10)).await;
+        let applied = |c: &Cluster, i: usize| c.metric(i, "drover_raft_applied_index");
+        let target = applied(&cluster, leader).unwrap();
+        assert!(
+            cluster
+                .metric(leader, "drover_snapshot_build_seconds_count")
+                .unwrap()
+                >= 1.0
+        );
+        let follower = (0..3).find(|&i| i != leader).unwrap();
+        cluster.restart(follower);
+        drover_tests::wait_for(
+            "the restarted follower applied everything",
+            Duration::from_secs(60),
+            || async { (applied(&cluster, follower)? >= target).then_some(()) },
+        )
+        .await;
+        assert_eq!(
+            cluster.metric(follower, "drover_tasks{state=\"pending\"}"),
+            Some(20_000.0)
+        );
+    })
+    .await
+    .expect("test deadline");
+}
