@@ -77,7 +77,7 @@ fn view(tasks: usize, agents: usize) -> View {
 
 fn submit_batch(n: usize, offset: usize) -> Request {
     Request {
-        now_ms: 1,
+        now_us: 1,
         commands: (0..n)
             .map(|i| Command::SubmitRun {
                 idempotency_key: format!("key-{}", offset + i),

@@ -59,7 +59,7 @@ pub fn in_process(tasks: usize, per_run: usize) -> anyhow::Result<InProcess> {
     let runs = tasks.div_ceil(per_run);
     for chunk in (0..runs).collect::<Vec<_>>().chunks(2) {
         let req = Request {
-            now_ms: 1,
+            now_us: 1,
             commands: chunk
                 .iter()
                 .map(|_| Command::SubmitRun {

@@ -46,8 +46,12 @@ pub struct Report {
     pub submit_secs: f64,
     pub accepted_per_sec: f64,
     pub completed_per_sec: f64,
-    pub start_ms: Vec<u64>,
-    pub finish_ms: Vec<u64>,
+    /// Microseconds from the client sending `SubmitRun` (its clock) to the leader's started /
+    /// finished stamps: the tool and the cluster must share a clock (same host, or synchronised).
+    pub start_us: Vec<u64>,
+    pub finish_us: Vec<u64>,
+    /// The leader's own stamps only: entry proposed to started.
+    pub created_start_us: Vec<u64>,
 }
 
 impl Report {
@@ -72,16 +76,18 @@ impl fmt::Display for Report {
         writeln!(f, "accepted/s:  {:.0}", self.accepted_per_sec)?;
         writeln!(f, "completed/s: {:.0}", self.completed_per_sec)?;
         for (name, v) in [
-            ("submit->start ", &self.start_ms),
-            ("submit->finish", &self.finish_ms),
+            ("submit->start ", &self.start_us),
+            ("submit->finish", &self.finish_us),
+            ("leader created->start", &self.created_start_us),
         ] {
+            let ms = |us: u64| us as f64 / 1000.0;
             writeln!(
                 f,
-                "{name} ms: p50 {} p90 {} p99 {} max {}",
-                percentile(v, 0.5),
-                percentile(v, 0.9),
-                percentile(v, 0.99),
-                v.last().copied().unwrap_or(0)
+                "{name} ms: p50 {:.2} p90 {:.2} p99 {:.2} max {:.2}",
+                ms(percentile(v, 0.5)),
+                ms(percentile(v, 0.9)),
+                ms(percentile(v, 0.99)),
+                ms(v.last().copied().unwrap_or(0))
             )?;
         }
         Ok(())
@@ -133,8 +139,9 @@ pub async fn run(client: Arc<ClusterClient>, opts: &LoadOptions) -> anyhow::Resu
                     let at = started + Duration::from_secs_f64(i as f64 / rate);
                     tokio::time::sleep_until(at.into()).await;
                 }
+                let sent_us = unix_us();
                 match droverctl::cli::submit(&client, spec.clone()).await {
-                    Ok(r) => ids.push(r.run_id),
+                    Ok(r) => ids.push((r.run_id, sent_us)),
                     Err(e) => *errors.entry(format!("{:?}", e.code())).or_default() += 1,
                 }
             }
@@ -143,9 +150,13 @@ pub async fn run(client: Arc<ClusterClient>, opts: &LoadOptions) -> anyhow::Resu
     }
     let mut report = Report::default();
     let mut ids = BTreeSet::new();
+    let mut sent = BTreeMap::new();
     for w in workers {
         let (i, e) = w.await?;
-        ids.extend(i);
+        for (id, at) in i {
+            ids.insert(id.clone());
+            sent.insert(id, at);
+        }
         for (k, v) in e {
             *report.errors.entry(k).or_default() += v;
         }
@@ -182,21 +193,33 @@ pub async fn run(client: Arc<ClusterClient>, opts: &LoadOptions) -> anyhow::Resu
         if t.attempt != 1 {
             report.rerun += 1;
         }
-        first_created = first_created.min(t.created_at_ms);
-        last_finished = last_finished.max(t.finished_at_ms);
+        first_created = first_created.min(t.created_at_us);
+        last_finished = last_finished.max(t.finished_at_us);
+        let sent_us = sent.get(id).copied().unwrap_or(t.created_at_us);
         report
-            .start_ms
-            .push(t.started_at_ms.saturating_sub(t.created_at_ms));
+            .start_us
+            .push(t.started_at_us.saturating_sub(sent_us));
         report
-            .finish_ms
-            .push(t.finished_at_ms.saturating_sub(t.created_at_ms));
+            .finish_us
+            .push(t.finished_at_us.saturating_sub(sent_us));
+        report
+            .created_start_us
+            .push(t.started_at_us.saturating_sub(t.created_at_us));
     }
-    report.start_ms.sort_unstable();
-    report.finish_ms.sort_unstable();
+    report.start_us.sort_unstable();
+    report.finish_us.sort_unstable();
+    report.created_start_us.sort_unstable();
     // The leader's own stamps: first run created to last run finished.
-    let secs = last_finished.saturating_sub(first_created) as f64 / 1000.0;
+    let secs = last_finished.saturating_sub(first_created) as f64 / 1e6;
     report.completed_per_sec = report.succeeded as f64 / secs.max(0.001);
     Ok(report)
+}
+
+fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }
 
 /// Reads the given runs back through ListRuns pages (newest first).

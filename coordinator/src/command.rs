@@ -10,8 +10,8 @@ use crate::model::{AgentName, Assignment, HeldTask, Outcome, Resources, RunSpec,
 /// One Raft entry: a batch of commands stamped with the leader's clock.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
-    /// Leader's wall clock when the batch was proposed, milliseconds since the Unix epoch.
-    pub now_ms: u64,
+    /// Leader's wall clock when the batch was proposed, microseconds since the Unix epoch.
+    pub now_us: u64,
     pub commands: Vec<Command>,
 }
 

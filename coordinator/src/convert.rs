@@ -482,10 +482,14 @@ pub fn task_to_proto(t: &Task) -> pb::Task {
         } else {
             String::new()
         },
-        created_at_ms: t.created_at_ms,
-        assigned_at_ms: t.assigned_at_ms,
-        started_at_ms: t.started_at_ms,
-        finished_at_ms: t.finished_at_ms,
+        created_at_ms: t.created_at_us / 1000,
+        assigned_at_ms: t.assigned_at_us / 1000,
+        started_at_ms: t.started_at_us / 1000,
+        finished_at_ms: t.finished_at_us / 1000,
+        created_at_us: t.created_at_us,
+        assigned_at_us: t.assigned_at_us,
+        started_at_us: t.started_at_us,
+        finished_at_us: t.finished_at_us,
         outcome: t.outcome.as_deref().map(outcome_to_proto),
     }
 }
@@ -501,8 +505,8 @@ pub fn run_to_proto(state: &State, run: &Run) -> pb::Run {
             .filter_map(|t| state.tasks.get(t))
             .map(task_to_proto)
             .collect(),
-        created_at_ms: run.created_at_ms,
-        finished_at_ms: run.finished_at_ms,
+        created_at_ms: run.created_at_us / 1000,
+        finished_at_ms: run.finished_at_us / 1000,
         labels: run
             .labels
             .iter()

@@ -238,10 +238,11 @@ pub struct Task {
     /// Owner: the leader's scheduler; why the task is not placed yet.
     /// A shared constant for the common reasons (no allocation per queued task).
     pub pending_reason: std::borrow::Cow<'static, str>,
-    pub created_at_ms: u64,
-    pub assigned_at_ms: u64,
-    pub started_at_ms: u64,
-    pub finished_at_ms: u64,
+    /// Leader's clock at each step, microseconds since the Unix epoch (0 = not yet).
+    pub created_at_us: u64,
+    pub assigned_at_us: u64,
+    pub started_at_us: u64,
+    pub finished_at_us: u64,
     /// Owner: the agent that ran the current attempt.
     /// Boxed: most tasks in a large queue have none, and it is the biggest field.
     pub outcome: Option<Box<Outcome>>,
@@ -255,8 +256,9 @@ pub struct Run {
     pub name: String,
     pub labels: BTreeMap<String, String>,
     pub task_ids: Vec<TaskId>,
-    pub created_at_ms: u64,
-    pub finished_at_ms: u64,
+    /// Microseconds since the Unix epoch (0 = not finished).
+    pub created_at_us: u64,
+    pub finished_at_us: u64,
     pub submitted_by: String,
     pub seq: u64,
 }

@@ -314,6 +314,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     let sessions = Arc::new(Sessions::default());
+    let contact = Arc::new(crate::raft::watchdog::LeaderContact::default());
     let placement = Arc::new(SubmitPlacement::new(
         config.node_id,
         raft.clone(),
@@ -363,9 +364,12 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
                 .max_encoding_message_size(max),
         )
         .add_service(
-            RaftServiceServer::new(RaftRpc { raft: raft.clone() })
-                .max_decoding_message_size(max * 8)
-                .max_encoding_message_size(max * 8),
+            RaftServiceServer::new(RaftRpc {
+                raft: raft.clone(),
+                contact: contact.clone(),
+            })
+            .max_decoding_message_size(max * 8)
+            .max_encoding_message_size(max * 8),
         );
     let mut grpc_shutdown = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
@@ -397,6 +401,17 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
             tracing::error!(error = %e, "HTTP server failed");
         }
     }));
+    let (min, max) = config.election_timeouts();
+    tasks.push(tokio::spawn(crate::raft::watchdog::run(
+        raft.clone(),
+        config.node_id,
+        contact,
+        Duration::from_millis(max),
+        // A heartbeat's worth: the other voter may have heard from the leader that much later.
+        Duration::from_millis(config.raft_heartbeat_ms + 10),
+        Duration::from_millis(min / 3),
+        shutdown_rx.clone(),
+    )));
     tasks.push(tokio::spawn(crate::leader::run(
         ctx.clone(),
         shutdown_rx.clone(),

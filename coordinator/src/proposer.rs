@@ -24,6 +24,13 @@ pub struct Proposer {
     tx: mpsc::Sender<(Command, Reply)>,
 }
 
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -136,7 +143,7 @@ async fn write_batch(
     let started = std::time::Instant::now();
     let result = raft
         .client_write(Request {
-            now_ms: now_ms(),
+            now_us: now_us(),
             commands,
         })
         .await;

@@ -59,12 +59,12 @@ impl State {
         let results = req
             .commands
             .iter()
-            .map(|c| self.apply_one(term, req.now_ms, c))
+            .map(|c| self.apply_one(term, req.now_us, c))
             .collect();
         Response { results }
     }
 
-    fn apply_one(&mut self, term: u64, now_ms: u64, cmd: &Command) -> CommandResult {
+    fn apply_one(&mut self, term: u64, now_us: u64, cmd: &Command) -> CommandResult {
         match cmd {
             Command::SubmitRun {
                 idempotency_key,
@@ -72,7 +72,7 @@ impl State {
                 submitted_by,
                 placement,
             } => {
-                let mut result = self.submit_run(now_ms, idempotency_key, spec, submitted_by);
+                let mut result = self.submit_run(now_us, idempotency_key, spec, submitted_by);
                 if let CommandResult::Submitted {
                     run_id,
                     deduplicated: false,
@@ -82,14 +82,14 @@ impl State {
                 {
                     let wanted = crate::submit_placement::assignments(run_id, spec, p);
                     if let CommandResult::PlanApplied { accepted, .. } =
-                        self.apply_plan(now_ms, &wanted, &[])
+                        self.apply_plan(now_us, &wanted, &[])
                     {
                         *assigned = accepted;
                     }
                 }
                 result
             }
-            Command::RegisterAgent { .. } => self.register_agent(now_ms, cmd),
+            Command::RegisterAgent { .. } => self.register_agent(now_us, cmd),
             Command::ApplyPlan {
                 term: plan_term,
                 assignments,
@@ -101,19 +101,19 @@ impl State {
                         message: format!("plan from term {plan_term} refused in term {term}"),
                     };
                 }
-                self.apply_plan(now_ms, assignments, unplaced)
+                self.apply_plan(now_us, assignments, unplaced)
             }
             Command::TaskStarted {
                 agent,
                 task_id,
                 attempt,
-            } => self.task_started(now_ms, agent, task_id, *attempt),
+            } => self.task_started(now_us, agent, task_id, *attempt),
             Command::TaskFinished {
                 agent,
                 task_id,
                 attempt,
                 outcome,
-            } => self.task_finished(now_ms, agent, task_id, *attempt, outcome),
+            } => self.task_finished(now_us, agent, task_id, *attempt, outcome),
             Command::AgentLost { name, reason } => self.agent_lost(name, reason),
             Command::SetDrain {
                 name,
@@ -144,7 +144,7 @@ impl State {
 
     fn submit_run(
         &mut self,
-        now_ms: u64,
+        now_us: u64,
         key: &str,
         spec: &RunSpec,
         submitted_by: &str,
@@ -189,10 +189,10 @@ impl State {
                     attempt: 1,
                     agent: None,
                     pending_reason: "waiting for the scheduler".into(),
-                    created_at_ms: now_ms,
-                    assigned_at_ms: 0,
-                    started_at_ms: 0,
-                    finished_at_ms: 0,
+                    created_at_us: now_us,
+                    assigned_at_us: 0,
+                    started_at_us: 0,
+                    finished_at_us: 0,
                     outcome: None,
                     seq: tseq,
                 },
@@ -206,8 +206,8 @@ impl State {
                 name: spec.name.clone(),
                 labels: spec.labels.clone(),
                 task_ids,
-                created_at_ms: now_ms,
-                finished_at_ms: 0,
+                created_at_us: now_us,
+                finished_at_us: 0,
                 submitted_by: submitted_by.to_owned(),
                 seq,
             },
@@ -236,7 +236,7 @@ impl State {
             .runs
             .iter()
             .take(SCAN_MAX)
-            .filter(|(_, r)| r.finished_at_ms != 0)
+            .filter(|(_, r)| r.finished_at_us != 0)
             .map(|(s, _)| *s)
             .take(excess)
             .collect();
@@ -324,7 +324,7 @@ impl State {
         })
     }
 
-    fn register_agent(&mut self, now_ms: u64, cmd: &Command) -> CommandResult {
+    fn register_agent(&mut self, now_us: u64, cmd: &Command) -> CommandResult {
         let Command::RegisterAgent {
             name,
             labels,
@@ -349,7 +349,7 @@ impl State {
             isolation: String::new(),
             state: AgentState::Active,
             drain_deadline_ms: 0,
-            registered_at_ms: now_ms,
+            registered_at_ms: now_us / 1000,
             used: Resources::default(),
             tasks: BTreeSet::new(),
         });
@@ -359,7 +359,7 @@ impl State {
         agent.version = version.to_owned();
         agent.pool.clone_from(pool);
         agent.isolation.clone_from(isolation);
-        agent.registered_at_ms = now_ms;
+        agent.registered_at_ms = now_us / 1000;
         if agent.state == AgentState::Lost {
             agent.state = AgentState::Active;
         }
@@ -394,14 +394,14 @@ impl State {
         task.attempt += 1;
         task.state = TaskState::Pending;
         task.pending_reason = format!("re-queued: {reason}").into();
-        task.assigned_at_ms = 0;
-        task.started_at_ms = 0;
+        task.assigned_at_us = 0;
+        task.started_at_us = 0;
         self.pending.insert(task.pending_key());
     }
 
     fn apply_plan(
         &mut self,
-        now_ms: u64,
+        now_us: u64,
         assignments: &[Assignment],
         unplaced: &[(TaskId, String)],
     ) -> CommandResult {
@@ -434,7 +434,7 @@ impl State {
             agent.tasks.insert(task.id.clone());
             task.state = TaskState::Assigned;
             task.agent = Some(a.agent.clone());
-            task.assigned_at_ms = now_ms;
+            task.assigned_at_us = now_us;
             task.pending_reason = std::borrow::Cow::Borrowed("");
             self.pending.remove(&task.pending_key());
             accepted.push(a.clone());
@@ -467,21 +467,21 @@ impl State {
         }
     }
 
-    fn task_started(&mut self, now_ms: u64, agent: &str, tid: &str, attempt: u64) -> CommandResult {
+    fn task_started(&mut self, now_us: u64, agent: &str, tid: &str, attempt: u64) -> CommandResult {
         if let Err(stale) = self.check_current(agent, tid, attempt) {
             return stale;
         }
         let task = self.tasks.get_mut(tid).expect("checked above");
         if task.state == TaskState::Assigned {
             task.state = TaskState::Running;
-            task.started_at_ms = now_ms;
+            task.started_at_us = now_us;
         }
         CommandResult::Reported
     }
 
     fn task_finished(
         &mut self,
-        now_ms: u64,
+        now_us: u64,
         agent: &str,
         tid: &str,
         attempt: u64,
@@ -495,8 +495,8 @@ impl State {
             // A duplicate delivery of a result already recorded.
             return CommandResult::Reported;
         }
-        if task.started_at_ms == 0 {
-            task.started_at_ms = now_ms;
+        if task.started_at_us == 0 {
+            task.started_at_us = now_us;
         }
         task.state = if outcome.succeeded {
             self.counters.tasks_succeeded += 1;
@@ -505,7 +505,7 @@ impl State {
             self.counters.tasks_failed += 1;
             TaskState::Failed
         };
-        task.finished_at_ms = now_ms;
+        task.finished_at_us = now_us;
         task.outcome = Some(Box::new(outcome.clone()));
         let resources = task.spec.resources.clone();
         let run_id = task.run_id.clone();
@@ -521,7 +521,7 @@ impl State {
                 .iter()
                 .all(|t| self.tasks.get(t).is_none_or(|t| t.state.is_terminal()));
             if all_done {
-                self.runs.get_mut(&seq).expect("present").finished_at_ms = now_ms;
+                self.runs.get_mut(&seq).expect("present").finished_at_us = now_us;
             }
         }
         CommandResult::Reported

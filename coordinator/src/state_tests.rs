@@ -37,7 +37,7 @@ fn one(state: &mut State, term: u64, cmd: Command) -> CommandResult {
     let mut r = state.apply(
         term,
         &Request {
-            now_ms: 1_000,
+            now_us: 1_000_000,
             commands: vec![cmd],
         },
     );
@@ -142,7 +142,7 @@ fn a_run_goes_from_pending_to_succeeded_and_frees_its_capacity() {
     assert_eq!(s.tasks[&tid].state, TaskState::Succeeded);
     assert_eq!(s.agents["a"].free().cpu_millis, 1000);
     assert_eq!(s.run_state(s.run_by_id(&run).unwrap()), RunState::Succeeded);
-    assert_ne!(s.run_by_id(&run).unwrap().finished_at_ms, 0);
+    assert_ne!(s.run_by_id(&run).unwrap().finished_at_us, 0);
 }
 
 #[test]

@@ -44,7 +44,7 @@ mod tests {
     #[test]
     fn round_trips_and_refuses_other_formats() {
         let req = Request {
-            now_ms: 7,
+            now_us: 7,
             commands: vec![Command::AgentLost {
                 name: "a".into(),
                 reason: "r".into(),

@@ -18,6 +18,7 @@ pub mod network;
 pub mod service;
 #[allow(clippy::result_large_err)]
 pub mod state_machine;
+pub mod watchdog;
 
 openraft::declare_raft_types!(
     pub TypeConfig:

@@ -11,6 +11,8 @@ use super::Raft;
 
 pub struct RaftRpc {
     pub raft: Raft,
+    /// Touched on every append accepted from a current leader (see `watchdog`).
+    pub contact: std::sync::Arc<super::watchdog::LeaderContact>,
 }
 
 fn decode<T: DeserializeOwned>(req: &Request<RaftPayload>) -> Result<T, Status> {
@@ -33,7 +35,13 @@ impl RaftService for RaftRpc {
     ) -> Result<Response<RaftPayload>, Status> {
         require_role(&req, "raft append_entries", &[Role::Coordinator])?;
         let rpc = decode(&req)?;
-        encode(&self.raft.append_entries(rpc).await)
+        let resp = self.raft.append_entries(rpc).await;
+        if let Ok(r) = &resp
+            && !matches!(r, openraft::raft::AppendEntriesResponse::HigherVote(_))
+        {
+            self.contact.touch();
+        }
+        encode(&resp)
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
