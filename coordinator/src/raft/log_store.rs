@@ -54,7 +54,11 @@ async fn flush_loop(db: sled::Db, mut rx: tokio::sync::mpsc::Receiver<LogFlushed
         while let Ok(cb) = rx.try_recv() {
             waiting.push(cb);
         }
-        let result = db.flush_async().await.map(|_| ()).map_err(|e| e.to_string());
+        let result = db
+            .flush_async()
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string());
         for cb in waiting {
             cb.log_io_completed(result.clone().map_err(std::io::Error::other));
         }

@@ -11,7 +11,7 @@ use super::Raft;
 
 pub struct RaftRpc {
     pub raft: Raft,
-    /// Touched on every append accepted from a current leader (see `watchdog`).
+    /// Touched on every append and snapshot chunk from a leader (see `watchdog`).
     pub contact: std::sync::Arc<super::watchdog::LeaderContact>,
 }
 
@@ -35,6 +35,8 @@ impl RaftService for RaftRpc {
     ) -> Result<Response<RaftPayload>, Status> {
         require_role(&req, "raft append_entries", &[Role::Coordinator])?;
         let rpc = decode(&req)?;
+        // Touched on arrival as well: a large append can take a while to store.
+        self.contact.touch();
         let resp = self.raft.append_entries(rpc).await;
         if let Ok(r) = &resp
             && !matches!(r, openraft::raft::AppendEntriesResponse::HigherVote(_))
@@ -58,6 +60,10 @@ impl RaftService for RaftRpc {
     ) -> Result<Response<RaftPayload>, Status> {
         require_role(&req, "raft install_snapshot", &[Role::Coordinator])?;
         let rpc = decode(&req)?;
-        encode(&self.raft.install_snapshot(rpc).await)
+        // A leader sending a snapshot is alive, however long the snapshot takes.
+        self.contact.touch();
+        let resp = self.raft.install_snapshot(rpc).await;
+        self.contact.touch();
+        encode(&resp)
     }
 }

@@ -99,6 +99,17 @@ impl StateMachineStore {
     }
 }
 
+/// Hands memory freed inside the heap back to the OS. With a large state, encoding a snapshot
+/// and the entries applied since the last one leave many freed small blocks that glibc keeps;
+/// at a million queued tasks that was ~10% of the leader's RSS.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists; no pointers are passed.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// The snapshot's bytes: the whole applied state.
 pub fn encode_snapshot(applied: &Applied) -> Result<Vec<u8>, super::codec::CodecError> {
     super::codec::encode(applied)
@@ -131,6 +142,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             snapshot_id,
         };
         self.persist_snapshot(&meta, &data)?;
+        release_free_memory();
         let secs = started.elapsed().as_secs_f64();
         self.metrics.snapshot_build_seconds.observe(secs);
         self.metrics.snapshot_bytes.set(data.len() as i64);
