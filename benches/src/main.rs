@@ -375,9 +375,16 @@ async fn failover(kills: usize) -> anyhow::Result<()> {
     };
     let mut recoveries = Vec::new();
     for k in 0..kills {
-        let leader = cluster.wait_leader(Duration::from_secs(30)).await;
         // Let every node catch up before the next kill, so any two nodes form a quorum with all data.
         tokio::time::sleep(Duration::from_millis(500)).await;
+        // The node that says it leads right now (a status read a moment ago may be stale).
+        let leader = loop {
+            let l = cluster.wait_leader(Duration::from_secs(30)).await;
+            if cluster.metric(l, "drover_raft_is_leader") == Some(1.0) {
+                break l;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
         let killed_at = Instant::now();
         cluster.kill(leader);
         // The first submission sent after the kill and acknowledged: one sent before and

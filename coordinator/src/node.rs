@@ -407,7 +407,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         config.node_id,
         contact,
         Duration::from_millis(max),
-        // A heartbeat's worth: the other voter may have heard from the leader that much later.
+        // A heartbeat: the other voter may have heard from the leader that much later.
         Duration::from_millis(config.raft_heartbeat_ms + 10),
         Duration::from_millis(min / 3),
         shutdown_rx.clone(),

@@ -1,9 +1,5 @@
 //! The Raft log and vote in sled. sled only syncs in the background, so every append and vote is
-//! flushed before it is reported durable. Appends are group-committed: `append` writes and
-//! returns, and one flusher task syncs everything written so far and then reports each append
-//! durable in order. openraft replicates an entry once `append` returns, so the leader's own sync
-//! overlaps the followers' instead of preceding it, and appends that arrive during a sync share
-//! the next one.
+//! flushed before it is reported durable: one flush per appended batch, never one per entry.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -27,7 +23,6 @@ pub struct LogStore {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
-    flusher: tokio::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
     /// Highest index openraft has told us is committed; read by readiness and cluster status.
     pub committed_index: Arc<AtomicU64>,
 }
@@ -44,37 +39,12 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError {
     StorageIOError::write_logs(&e).into()
 }
 
-/// Appends waiting for the flusher; more wait in `append` (openraft's own back-pressure).
-const APPENDS_AWAITING_SYNC_MAX: usize = 1024;
-
-/// Syncs sled once for every group of appends waiting, then reports them durable in order.
-async fn flush_loop(db: sled::Db, mut rx: tokio::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
-    while let Some(first) = rx.recv().await {
-        let mut waiting = vec![first];
-        while let Ok(cb) = rx.try_recv() {
-            waiting.push(cb);
-        }
-        let result = db
-            .flush_async()
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string());
-        for cb in waiting {
-            cb.log_io_completed(result.clone().map_err(std::io::Error::other));
-        }
-    }
-}
-
 impl LogStore {
-    /// Opens the log and starts its flusher task (call from within a Tokio runtime).
     pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
-        let (flusher, rx) = tokio::sync::mpsc::channel(APPENDS_AWAITING_SYNC_MAX);
-        tokio::spawn(flush_loop(db.clone(), rx));
         Ok(Self {
             db: db.clone(),
             log: db.open_tree("raft_log")?,
             meta: db.open_tree("raft_meta")?,
-            flusher,
             committed_index: Arc::new(AtomicU64::new(0)),
         })
     }
@@ -189,18 +159,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.insert(&index_key(entry.log_id.index), bytes);
         }
         self.log.apply_batch(batch).map_err(write_err)?;
-        if let Err(tokio::sync::mpsc::error::SendError(callback)) =
-            self.flusher.send(callback).await
-        {
-            // The flusher is gone (runtime shutting down): sync here instead.
-            let flushed = self
-                .db
-                .flush_async()
-                .await
-                .map(|_| ())
-                .map_err(std::io::Error::other);
-            callback.log_io_completed(flushed);
-        }
+        let flushed = self
+            .db
+            .flush_async()
+            .await
+            .map(|_| ())
+            .map_err(std::io::Error::other);
+        callback.log_io_completed(flushed);
         Ok(())
     }
 

@@ -36,12 +36,12 @@ impl RaftService for RaftRpc {
         require_role(&req, "raft append_entries", &[Role::Coordinator])?;
         let rpc = decode(&req)?;
         // Touched on arrival as well: a large append can take a while to store.
-        self.contact.touch();
+        self.contact.heard_from_leader();
         let resp = self.raft.append_entries(rpc).await;
         if let Ok(r) = &resp
             && !matches!(r, openraft::raft::AppendEntriesResponse::HigherVote(_))
         {
-            self.contact.touch();
+            self.contact.heard_from_leader();
         }
         encode(&resp)
     }
@@ -61,9 +61,9 @@ impl RaftService for RaftRpc {
         require_role(&req, "raft install_snapshot", &[Role::Coordinator])?;
         let rpc = decode(&req)?;
         // A leader sending a snapshot is alive, however long the snapshot takes.
-        self.contact.touch();
+        self.contact.heard_from_leader();
         let resp = self.raft.install_snapshot(rpc).await;
-        self.contact.touch();
+        self.contact.heard_from_leader();
         encode(&resp)
     }
 }

@@ -7,7 +7,7 @@
 //! Voters still refuse any candidate while they hear from a live leader (the lease), so a slow
 //! follower cannot depose a healthy leader this way.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use openraft::ServerState;
@@ -15,10 +15,11 @@ use openraft::ServerState;
 use super::Raft;
 use crate::model::NodeId;
 
-/// When this follower last accepted an append from a leader.
+/// When this follower last heard from a leader, and whether it ever has since it started.
 pub struct LeaderContact {
     epoch: Instant,
     last_ms: AtomicU64,
+    heard: AtomicBool,
 }
 
 impl Default for LeaderContact {
@@ -26,11 +27,25 @@ impl Default for LeaderContact {
         Self {
             epoch: Instant::now(),
             last_ms: AtomicU64::new(0),
+            heard: AtomicBool::new(false),
         }
     }
 }
 
 impl LeaderContact {
+    /// An append or snapshot chunk arrived from a leader.
+    pub fn heard_from_leader(&self) {
+        self.heard.store(true, Ordering::Relaxed);
+        self.touch();
+    }
+
+    /// A node that has not heard from any leader since it started leaves elections to openraft:
+    /// a restarted follower campaigning before the leader reaches it would only raise its term
+    /// and, once heard, depose a healthy leader.
+    pub fn has_heard(&self) -> bool {
+        self.heard.load(Ordering::Relaxed)
+    }
+
     pub fn touch(&self) {
         let ms = self.epoch.elapsed().as_millis() as u64;
         self.last_ms.fetch_max(ms, Ordering::Relaxed);
@@ -43,7 +58,8 @@ impl LeaderContact {
 }
 
 /// How long follower `me` waits without an append before campaigning: the lease, a margin, and
-/// a step per voter ahead of it (voters other than the silent leader, by id). None: not a voter.
+/// a step per voter ahead of it (voters other than the silent leader, by id), and its rank in
+/// that order. None: not a voter.
 ///
 /// The margin covers the other voter having heard from the leader later than this one (a
 /// follower catching up gets appends more often than heartbeats): campaigning before its lease
@@ -55,7 +71,7 @@ pub fn patience(
     lease: Duration,
     margin: Duration,
     step: Duration,
-) -> Option<Duration> {
+) -> Option<(Duration, usize)> {
     let mut others: Vec<NodeId> = voters
         .iter()
         .copied()
@@ -63,7 +79,7 @@ pub fn patience(
         .collect();
     others.sort_unstable();
     let rank = others.iter().position(|v| *v == me)?;
-    Some(lease + margin + step * rank as u32)
+    Some((lease + margin + step * rank as u32, rank))
 }
 
 /// How often the watchdog looks.
@@ -90,12 +106,12 @@ pub async fn run(
             let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
             (m.state, m.current_leader, voters)
         };
-        if state != ServerState::Follower {
+        if state != ServerState::Follower || !contact.has_heard() {
             // Leaders and candidates have their own timers; count silence from when this ends.
             contact.touch();
             continue;
         }
-        let Some(wait) = patience(me, &voters, leader, lease, margin, step) else {
+        let Some((wait, rank)) = patience(me, &voters, leader, lease, margin, step) else {
             continue;
         };
         if contact.silent_for() > wait {
@@ -107,6 +123,13 @@ pub async fn run(
             // Wait as long again before another attempt; openraft retries a lost election itself.
             contact.touch();
             if raft.trigger().elect().await.is_err() {
+                return;
+            }
+            // A later voter campaigns only because the first may have lost on a shorter log;
+            // that candidate holds its own vote for the next term, so go one term further at
+            // once instead of waiting out openraft's retry. (The first voter never does this, so
+            // the two do not leapfrog each other.)
+            if rank > 0 && raft.trigger().elect().await.is_err() {
                 return;
             }
         }
@@ -123,10 +146,10 @@ mod tests {
         let margin = Duration::from_millis(60);
         let step = Duration::from_millis(50);
         let p = |me, leader| patience(me, &[1, 2, 3], leader, lease, margin, step);
-        assert_eq!(p(1, Some(2)), Some(Duration::from_millis(260)));
-        assert_eq!(p(3, Some(2)), Some(Duration::from_millis(310)));
-        assert_eq!(p(2, Some(1)), Some(Duration::from_millis(260)));
-        assert_eq!(p(3, None), Some(Duration::from_millis(360)));
+        assert_eq!(p(1, Some(2)), Some((Duration::from_millis(260), 0)));
+        assert_eq!(p(3, Some(2)), Some((Duration::from_millis(310), 1)));
+        assert_eq!(p(2, Some(1)), Some((Duration::from_millis(260), 0)));
+        assert_eq!(p(3, None), Some((Duration::from_millis(360), 2)));
         assert_eq!(p(4, Some(1)), None, "a learner does not campaign");
     }
 
