@@ -262,7 +262,27 @@ impl ClusterClient {
 /// error"; like UNAVAILABLE it says nothing about the request, so it is retried on another node.
 /// (Writes stay safe: they carry an idempotency key.)
 fn is_connection_failure(status: &Status) -> bool {
-    status.code() == Code::Unknown
-        && (status.message().starts_with("transport error")
-            || std::error::Error::source(status).is_some())
+    // CANCELLED reaches a caller that did not cancel only when the connection closed under the
+    // call ("operation was canceled: connection closed", e.g. the leader was killed mid-request).
+    status.code() == Code::Cancelled
+        || (status.code() == Code::Unknown
+            && (status.message().starts_with("transport error")
+                || std::error::Error::source(status).is_some()))
+}
+
+#[cfg(test)]
+mod retry_tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_closing_under_a_call_is_retried_and_refusals_are_not() {
+        assert!(is_connection_failure(&Status::cancelled(
+            "operation was canceled: connection closed"
+        )));
+        assert!(is_connection_failure(&Status::unknown(
+            "transport error: broken pipe"
+        )));
+        assert!(!is_connection_failure(&Status::invalid_argument("spec")));
+        assert!(!is_connection_failure(&Status::unknown("something else")));
+    }
 }
