@@ -44,10 +44,10 @@ fn sanitize(s: &str) -> String {
         .to_owned()
 }
 
-fn now_ms() -> u64 {
+fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
+        .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
 }
 
@@ -80,35 +80,47 @@ pub async fn execute(
         .as_ref()
         .filter(|s| s.kind == "noop")
         .map(|s| s.noop_duration_ms);
-    let outcome = match noop {
+    let (outcome, started_at_us) = match noop {
         Some(ms) => run_noop(&table, &assign, ms).await,
-        None => run_process(&work_dir, &table, cgroups.as_deref(), &assign).await,
+        None => {
+            let outcome = run_process(&work_dir, &table, cgroups.as_deref(), &assign).await;
+            (outcome, table.started_at_us(&task_id, attempt))
+        }
     };
     tracing::debug!(task = %task_id, attempt, exit_code = ?outcome.exit_code, signal = ?outcome.signal, reason = %outcome.reason, "task finished");
     table.finished(pb::TaskFinished {
         task_id,
         attempt,
         outcome: Some(outcome),
+        started_at_us,
     });
 }
 
 /// A task the agent completes itself: no process, no log files. Measures the fabric alone.
-async fn run_noop(table: &TaskTable, assign: &pb::Assign, duration_ms: u64) -> pb::TaskOutcome {
+/// Returns the outcome and when the attempt began (agent clock, microseconds; 0 = never began).
+async fn run_noop(
+    table: &TaskTable,
+    assign: &pb::Assign,
+    duration_ms: u64,
+) -> (pb::TaskOutcome, u64) {
+    let started_at_us = now_us();
     if duration_ms > 0 {
         table.started(pb::TaskStarted {
             task_id: assign.task_id.clone(),
             attempt: assign.attempt,
-            started_at_ms: now_ms(),
+            started_at_ms: started_at_us / 1000,
             pid: 0,
+            started_at_us,
         });
         tokio::time::sleep(Duration::from_millis(duration_ms)).await;
     }
-    pb::TaskOutcome {
+    let outcome = pb::TaskOutcome {
         succeeded: true,
         exit_code: Some(0),
         duration_ms,
         ..Default::default()
-    }
+    };
+    (outcome, started_at_us)
 }
 
 async fn run_process(
@@ -194,11 +206,13 @@ async fn run_process(
     let pid = child.id().unwrap_or(0);
     let (stop_tx, stop_rx) = oneshot::channel();
     table.set_stop(&assign.task_id, assign.attempt, stop_tx);
+    let started_at_us = now_us();
     table.started(pb::TaskStarted {
         task_id: assign.task_id.clone(),
         attempt: assign.attempt,
-        started_at_ms: now_ms(),
+        started_at_ms: started_at_us / 1000,
         pid,
+        started_at_us,
     });
     let out = tokio::spawn(pump(child.stdout.take(), stdout_path));
     let err = tokio::spawn(pump(child.stderr.take(), stderr_path));

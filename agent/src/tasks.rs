@@ -184,6 +184,17 @@ impl TaskTable {
         }
     }
 
+    /// When the attempt's process began (agent clock, microseconds); 0 if it never did.
+    pub fn started_at_us(&self, task_id: &str, attempt: u64) -> u64 {
+        self.inner
+            .lock()
+            .unwrap()
+            .get(task_id)
+            .filter(|h| h.attempt == attempt)
+            .and_then(|h| h.started.as_ref())
+            .map_or(0, |s| s.started_at_us)
+    }
+
     pub fn is_finished(&self, task_id: &str, attempt: u64) -> Option<bool> {
         self.inner
             .lock()

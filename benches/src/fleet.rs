@@ -188,6 +188,9 @@ impl Sim {
                             self.stats.assignments.fetch_add(1, Ordering::Relaxed);
                             let tx = tx.clone();
                             let delay = self.noop_ms;
+                            let started_at_us = std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map_or(0, |d| d.as_micros() as u64);
                             tokio::spawn(async move {
                                 if delay > 0 {
                                     tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -196,6 +199,7 @@ impl Sim {
                                     task_id: a.task_id,
                                     attempt: a.attempt,
                                     outcome: Some(pb::TaskOutcome { succeeded: true, exit_code: Some(0), duration_ms: delay, ..Default::default() }),
+                                    started_at_us,
                                 };
                                 let _ = tx.send(pb::AgentMessage { msg: Some(In::Finished(done)) }).await;
                             });

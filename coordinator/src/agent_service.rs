@@ -203,12 +203,14 @@ async fn read_session(
                 agent: name.clone(),
                 task_id: s.task_id,
                 attempt: s.attempt,
+                started_at_us: s.started_at_us,
             },
             Some(In::Finished(f)) => Command::TaskFinished {
                 agent: name.clone(),
                 task_id: f.task_id,
                 attempt: f.attempt,
                 outcome: convert::outcome_from_proto(f.outcome),
+                started_at_us: f.started_at_us,
             },
         };
         let Ok(permit) = reports.clone().acquire_owned().await else {

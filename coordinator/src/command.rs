@@ -56,12 +56,16 @@ pub enum Command {
         agent: AgentName,
         task_id: TaskId,
         attempt: u64,
+        /// The agent's clock when the attempt began, microseconds (0 = not reported).
+        started_at_us: u64,
     },
     TaskFinished {
         agent: AgentName,
         task_id: TaskId,
         attempt: u64,
         outcome: Outcome,
+        /// As in `TaskStarted`; a finish can be the first report of an attempt.
+        started_at_us: u64,
     },
     AgentLost {
         name: AgentName,

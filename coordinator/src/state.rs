@@ -49,6 +49,16 @@ pub fn run_seq(id: &str) -> Option<u64> {
     id.strip_prefix("run-")?.parse().ok()
 }
 
+/// When a task started: the agent's report (it knows best when the process began), kept between
+/// the assignment and the leader's clock so a skewed agent clock cannot reorder a task's history.
+fn start_time(task: &Task, reported_us: u64, now_us: u64) -> u64 {
+    if reported_us == 0 {
+        return now_us;
+    }
+    let earliest = task.assigned_at_us.max(task.created_at_us).min(now_us);
+    reported_us.clamp(earliest, now_us)
+}
+
 pub fn task_id(run_id: &str, task_name: &str) -> TaskId {
     format!("{run_id}/{task_name}")
 }
@@ -107,13 +117,15 @@ impl State {
                 agent,
                 task_id,
                 attempt,
-            } => self.task_started(now_us, agent, task_id, *attempt),
+                started_at_us,
+            } => self.task_started(now_us, agent, task_id, *attempt, *started_at_us),
             Command::TaskFinished {
                 agent,
                 task_id,
                 attempt,
                 outcome,
-            } => self.task_finished(now_us, agent, task_id, *attempt, outcome),
+                started_at_us,
+            } => self.task_finished(now_us, agent, task_id, *attempt, outcome, *started_at_us),
             Command::AgentLost { name, reason } => self.agent_lost(name, reason),
             Command::SetDrain {
                 name,
@@ -467,14 +479,21 @@ impl State {
         }
     }
 
-    fn task_started(&mut self, now_us: u64, agent: &str, tid: &str, attempt: u64) -> CommandResult {
+    fn task_started(
+        &mut self,
+        now_us: u64,
+        agent: &str,
+        tid: &str,
+        attempt: u64,
+        reported_us: u64,
+    ) -> CommandResult {
         if let Err(stale) = self.check_current(agent, tid, attempt) {
             return stale;
         }
         let task = self.tasks.get_mut(tid).expect("checked above");
         if task.state == TaskState::Assigned {
             task.state = TaskState::Running;
-            task.started_at_us = now_us;
+            task.started_at_us = start_time(task, reported_us, now_us);
         }
         CommandResult::Reported
     }
@@ -486,6 +505,7 @@ impl State {
         tid: &str,
         attempt: u64,
         outcome: &Outcome,
+        reported_us: u64,
     ) -> CommandResult {
         if let Err(stale) = self.check_current(agent, tid, attempt) {
             return stale;
@@ -496,7 +516,7 @@ impl State {
             return CommandResult::Reported;
         }
         if task.started_at_us == 0 {
-            task.started_at_us = now_us;
+            task.started_at_us = start_time(task, reported_us, now_us);
         }
         task.state = if outcome.succeeded {
             self.counters.tasks_succeeded += 1;

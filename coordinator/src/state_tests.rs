@@ -109,6 +109,7 @@ fn finish(state: &mut State, agent: &str, task: &str, attempt: u64, ok: bool) ->
                 succeeded: ok,
                 ..Default::default()
             },
+            started_at_us: 0,
         },
     )
 }
@@ -132,7 +133,8 @@ fn a_run_goes_from_pending_to_succeeded_and_frees_its_capacity() {
             Command::TaskStarted {
                 agent: "a".into(),
                 task_id: tid.clone(),
-                attempt: 1
+                attempt: 1,
+                started_at_us: 0,
             }
         ),
         CommandResult::Reported
@@ -286,6 +288,7 @@ fn reregistration_resends_unreceived_and_requeues_vanished_tasks() {
             agent: "a".into(),
             task_id: running.clone(),
             attempt: 1,
+            started_at_us: 0,
         },
     );
     let r = register(&mut s, "a", 1000, vec![]);
@@ -392,6 +395,7 @@ fn an_unchanged_reregistration_needs_no_write_but_any_change_does() {
             agent: "a".into(),
             task_id: running.clone(),
             attempt: 1,
+            started_at_us: 0,
         },
     );
     let cmd = |cpu: u64, held: Vec<HeldTask>| Command::RegisterAgent {
@@ -514,4 +518,52 @@ fn a_placement_at_submission_commits_with_the_run_and_is_rechecked() {
         panic!()
     };
     assert!(assigned.is_empty());
+}
+
+#[test]
+fn the_agents_start_time_is_kept_within_assignment_and_the_leaders_clock() {
+    // Guards: a task's start is when the agent began it, but a skewed agent clock cannot put it
+    // before the assignment or after the report was committed.
+    let mut s = State::default();
+    let at = |s: &mut State, now_us: u64, cmd: Command| {
+        s.apply(
+            1,
+            &Request {
+                now_us,
+                commands: vec![cmd],
+            },
+        )
+        .results
+        .pop()
+        .unwrap()
+    };
+    register(&mut s, "a", 1000, vec![]);
+    let run = submit(&mut s, "", &["x", "y", "z", "w"], 0);
+    let tids: Vec<String> = ["x", "y", "z", "w"]
+        .iter()
+        .map(|t| task_id(&run, t))
+        .collect();
+    for tid in &tids {
+        let plan = Command::ApplyPlan {
+            term: 1,
+            assignments: vec![Assignment {
+                task_id: tid.clone(),
+                attempt: 1,
+                agent: "a".into(),
+            }],
+            unplaced: vec![],
+        };
+        at(&mut s, 2_000_000, plan);
+    }
+    for (tid, reported) in tids.iter().zip([2_500_000, 500_000, 9_000_000, 0]) {
+        let started = Command::TaskStarted {
+            agent: "a".into(),
+            task_id: tid.clone(),
+            attempt: 1,
+            started_at_us: reported,
+        };
+        assert_eq!(at(&mut s, 3_000_000, started), CommandResult::Reported);
+    }
+    let started: Vec<u64> = tids.iter().map(|t| s.tasks[t].started_at_us).collect();
+    assert_eq!(started, vec![2_500_000, 2_000_000, 3_000_000, 3_000_000]);
 }

@@ -202,6 +202,7 @@ async fn a_killed_agents_task_reruns_elsewhere_and_its_late_result_is_refused() 
                     stdout_tail: b"late\n".to_vec(),
                     ..Default::default()
                 }),
+                started_at_us: 0,
             })),
         })
         .await
