@@ -69,6 +69,7 @@ fn view(tasks: usize, agents: usize) -> View {
                     memory_bytes: 64 << 30,
                     ..Default::default()
                 },
+                slots: drover_coordinator::limits::AGENT_TASKS_MAX,
             })
             .collect(),
         placed: BTreeMap::new(),

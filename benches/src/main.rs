@@ -79,6 +79,16 @@ enum Cmd {
         #[arg(long)]
         spawn_cluster: bool,
     },
+    /// No-op tasks submitted in large runs (few calls, many tasks) through to completion on one
+    /// agent of a cluster the tool starts: the fabric's task rate when submission is batched.
+    Wide {
+        #[arg(long, default_value_t = 200_000)]
+        tasks: usize,
+        #[arg(long, default_value_t = 1000)]
+        tasks_per_run: usize,
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+    },
     /// Connect simulated agents; measure leader CPU, loss detection and failover behaviour.
     Fleet {
         #[command(flatten)]
@@ -166,6 +176,11 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Failover { kills } => failover(kills).await?,
+        Cmd::Wide {
+            tasks,
+            tasks_per_run,
+            concurrency,
+        } => wide(tasks, tasks_per_run, concurrency).await?,
         Cmd::Backlog {
             tasks,
             tasks_per_run,
@@ -282,6 +297,41 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Kills the leader `kills` times while a client submits continuously.
+async fn wide(tasks: usize, per_run: usize, concurrency: usize) -> anyhow::Result<()> {
+    let target = Target {
+        spawn_cluster: true,
+        addr: vec![],
+        tls_dir: None,
+    };
+    let (cluster, client, _, _) = connect(&target, 1).await?;
+    let cluster = cluster.context("spawned cluster")?;
+    let started = Instant::now();
+    let (accepted, errors) =
+        drover_benches::backlog::fill(Arc::new(client), tasks, per_run, concurrency).await;
+    let submit_secs = started.elapsed().as_secs_f64();
+    let succeeded = |c: &Cluster| {
+        (0..3)
+            .filter_map(|i| c.metric(i, "drover_tasks_succeeded"))
+            .fold(0.0, f64::max) as usize
+    };
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while succeeded(&cluster) < accepted {
+        if Instant::now() > deadline {
+            bail!(
+                "only {} of {accepted} tasks succeeded in time",
+                succeeded(&cluster)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{accepted} no-op tasks in runs of {per_run}: accepted in {submit_secs:.1}s, all succeeded after {secs:.1}s: {:.0} tasks/s submit to completion (errors {errors:?})",
+        accepted as f64 / secs
+    );
+    Ok(())
+}
+
 async fn backlog(
     tasks: usize,
     per_run: usize,

@@ -248,9 +248,11 @@ fn build_view(ctx: &Ctx) -> (View, Vec<(String, String)>) {
                 class: a.class.clone(),
                 labels: a.labels.clone(),
                 free: match reserved.get(&a.name) {
-                    Some(r) => a.free().minus(r),
+                    Some((r, _)) => a.free().minus(r),
                     None => a.free(),
                 },
+                slots: limits::AGENT_TASKS_MAX
+                    .saturating_sub(a.tasks.len() + reserved.get(&a.name).map_or(0, |(_, n)| *n)),
             })
             .collect();
         (

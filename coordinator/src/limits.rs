@@ -40,6 +40,11 @@ pub const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// the collection of the next.
 pub const PROPOSALS_IN_FLIGHT_MAX: usize = 4;
 
+/// Tasks one agent holds at once (assigned or running). A reconnecting agent is sent everything
+/// it should hold, so this stays well inside its session outbox (`SESSION_OUTBOX_MAX`); it also
+/// bounds what one lost agent takes with it. Tasks that ask for no resources meet this first.
+pub const AGENT_TASKS_MAX: usize = 1_024;
+
 /// Tasks the scheduler places in one round (one Raft entry).
 pub const SCHEDULE_ROUND_TASKS_MAX: usize = 4_096;
 

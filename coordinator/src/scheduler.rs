@@ -48,6 +48,8 @@ pub struct AgentSlot {
     pub class: String,
     pub labels: BTreeMap<String, String>,
     pub free: Resources,
+    /// More tasks it may hold (`limits::AGENT_TASKS_MAX` less those it holds).
+    pub slots: usize,
 }
 
 /// What the scheduler sees: pending tasks in queue order, the agents that may take work, and
@@ -153,7 +155,7 @@ pub fn plan(view: &View) -> Plan {
         let mut best: Option<(i128, usize)> = None;
         for &i in candidates.iter() {
             let a = &agents[i];
-            if !task.resources.fits_in(&a.free) {
+            if a.slots == 0 || !task.resources.fits_in(&a.free) {
                 continue;
             }
             let mut score: i128 = 0;
@@ -181,6 +183,7 @@ pub fn plan(view: &View) -> Plan {
             Some((_, i)) => {
                 let agent = &mut agents[i];
                 agent.free = agent.free.minus(&task.resources);
+                agent.slots -= 1;
                 if let Some(counts) =
                     spread_counts.get_mut(&(task.run_id.as_str(), task.spread_by.as_str()))
                 {
@@ -246,6 +249,14 @@ fn unplaced_reason(task: &PendingTask, class: &str, agents: &[AgentSlot]) -> Str
         return format!("{n} {agents_word} in class {class}, none matching {blocker}");
     }
     let m = matching.len();
+    if matching.iter().all(|a| a.slots == 0) {
+        let word = if m == 1 { "agent" } else { "agents" };
+        return format!(
+            "{m} {word} in class {class} could take it, but each holds its maximum of {} tasks",
+            crate::limits::AGENT_TASKS_MAX
+        );
+    }
+    let matching: Vec<&AgentSlot> = matching.into_iter().filter(|a| a.slots > 0).collect();
     let want = &task.resources;
     let most = |f: fn(&Resources) -> u64| matching.iter().map(|a| f(&a.free)).max().unwrap_or(0);
     let mut short = Vec::new();

@@ -40,6 +40,7 @@ fn agent(name: &str, class: &str, r: Resources, labels: &[(&str, &str)]) -> Agen
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         free: r,
+        slots: crate::limits::AGENT_TASKS_MAX,
     }
 }
 
@@ -292,4 +293,27 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn an_agent_takes_no_more_tasks_than_its_slots_even_when_they_ask_for_nothing() {
+    // Guards: tasks without resources are bounded per agent (AGENT_TASKS_MAX), so a resend of
+    // everything an agent holds always fits its session.
+    let mut a = agent("a1", "default", res(0, 0), &[]);
+    a.slots = 2;
+    let view = View {
+        pending: (0..3)
+            .map(|i| pending(&format!("t{i}"), "default", res(0, 0)))
+            .collect(),
+        agents: vec![a],
+        placed: Default::default(),
+    };
+    let p = plan(&view);
+    assert_eq!(p.assignments.len(), 2);
+    assert_eq!(p.unplaced.len(), 1);
+    assert!(
+        p.unplaced[0].1.contains("maximum of"),
+        "{}",
+        p.unplaced[0].1
+    );
 }

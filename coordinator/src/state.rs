@@ -428,7 +428,8 @@ impl State {
                 dropped += 1;
                 continue;
             };
-            let fits = task.spec.resources.fits_in(&agent.free());
+            let fits = task.spec.resources.fits_in(&agent.free())
+                && agent.tasks.len() < limits::AGENT_TASKS_MAX;
             if task.state != TaskState::Pending
                 || task.attempt != a.attempt
                 || agent.state != AgentState::Active

@@ -63,7 +63,8 @@ pub struct SubmitPlacement {
     raft: Raft,
     shared: Arc<Shared>,
     sessions: Arc<Sessions>,
-    reserved: Mutex<BTreeMap<AgentName, Resources>>,
+    /// Per agent: resources and task count held by entries in flight.
+    reserved: Mutex<BTreeMap<AgentName, (Resources, usize)>>,
 }
 
 impl SubmitPlacement {
@@ -77,8 +78,8 @@ impl SubmitPlacement {
         }
     }
 
-    /// Capacity held by entries in flight, per agent.
-    pub fn reserved(&self) -> BTreeMap<AgentName, Resources> {
+    /// Capacity (resources, tasks) held by entries in flight, per agent.
+    pub fn reserved(&self) -> BTreeMap<AgentName, (Resources, usize)> {
         self.reserved.lock().expect("reservations lock").clone()
     }
 
@@ -123,21 +124,24 @@ impl SubmitPlacement {
                 .values()
                 .filter(|a| a.state == AgentState::Active && self.sessions.is_connected(&a.name))
                 .map(|a| {
-                    let mut free = a.free();
-                    if let Some(r) = reserved.get(&a.name) {
+                    let (mut free, mut held) = (a.free(), a.tasks.len());
+                    if let Some((r, n)) = reserved.get(&a.name) {
                         free = free.minus(r);
+                        held += n;
                     }
                     AgentSlot {
                         name: a.name.clone(),
                         class: a.class.clone(),
                         labels: a.labels.clone(),
                         free,
+                        slots: limits::AGENT_TASKS_MAX.saturating_sub(held),
                     }
                 })
                 .collect();
             for (name, r) in &reservation {
                 if let Some(slot) = agents.iter_mut().find(|a| &a.name == name) {
                     slot.free = slot.free.minus(r);
+                    slot.slots = slot.slots.saturating_sub(1);
                 }
             }
             if agents.is_empty() {
@@ -172,7 +176,8 @@ impl SubmitPlacement {
         let mut held = self.reserved.lock().expect("reservations lock");
         for (name, r) in &reservation {
             let e = held.entry(name.clone()).or_default();
-            *e = e.plus(r);
+            e.0 = e.0.plus(r);
+            e.1 += 1;
         }
         Reservation(reservation)
     }
@@ -182,8 +187,9 @@ impl SubmitPlacement {
         let mut held = self.reserved.lock().expect("reservations lock");
         for (name, r) in reservation.0 {
             if let Some(e) = held.get_mut(&name) {
-                *e = e.minus(&r);
-                if e.is_zero() {
+                e.0 = e.0.minus(&r);
+                e.1 = e.1.saturating_sub(1);
+                if e.1 == 0 {
                     held.remove(&name);
                 }
             }
@@ -260,6 +266,7 @@ mod tests {
                 cpu_millis: cpu,
                 ..Default::default()
             },
+            slots: limits::AGENT_TASKS_MAX,
         }
     }
 
