@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use drover_coordinator::command::{Command, Request};
-use drover_coordinator::model::{Program, Resources, RunSpec, Strategy, TaskSpec};
+use drover_coordinator::model::{Program, RunSpec, TaskSpec};
 use drover_coordinator::raft::state_machine::{Applied, decode_snapshot, encode_snapshot};
 use drover_proto::client::ClusterClient;
 use drover_proto::pb;
@@ -29,21 +29,7 @@ fn run_spec(tasks: usize) -> RunSpec {
     RunSpec {
         name: "backlog".into(),
         tasks: (0..tasks)
-            .map(|i| TaskSpec {
-                name: format!("t{i}"),
-                program: Program::Noop { duration_ms: 0 },
-                env: BTreeMap::new(),
-                workdir: String::new(),
-                timeout_ms: 0,
-                class: "default".into(),
-                resources: Resources::default(),
-                required: vec![],
-                preferred: vec![],
-                spread_by: String::new(),
-                priority: 0,
-                queue: "default".into(),
-                strategy: Strategy::BinPack,
-            })
+            .map(|i| TaskSpec::new(format!("t{i}"), Program::Noop { duration_ms: 0 }))
             .collect(),
         labels: BTreeMap::new(),
     }
@@ -57,11 +43,11 @@ pub fn in_process(tasks: usize, per_run: usize) -> anyhow::Result<InProcess> {
     let spec = run_spec(per_run);
     let started = Instant::now();
     let runs = tasks.div_ceil(per_run);
-    for chunk in (0..runs).collect::<Vec<_>>().chunks(2) {
+    // Two runs per entry, as the proposer would batch them.
+    for first in (0..runs).step_by(2) {
         let req = Request {
             now_us: 1,
-            commands: chunk
-                .iter()
+            commands: (first..runs.min(first + 2))
                 .map(|_| Command::SubmitRun {
                     idempotency_key: String::new(),
                     spec: spec.clone(),

@@ -188,9 +188,7 @@ impl Sim {
                             self.stats.assignments.fetch_add(1, Ordering::Relaxed);
                             let tx = tx.clone();
                             let delay = self.noop_ms;
-                            let started_at_us = std::time::SystemTime::now()
-                                .duration_since(std::time::UNIX_EPOCH)
-                                .map_or(0, |d| d.as_micros() as u64);
+                            let started_at_us = crate::unix_us();
                             tokio::spawn(async move {
                                 if delay > 0 {
                                     tokio::time::sleep(Duration::from_millis(delay)).await;

@@ -5,6 +5,13 @@ pub mod backlog;
 pub mod fleet;
 pub mod load;
 
+/// Wall clock, microseconds since the Unix epoch (the clock the coordinators stamp tasks with).
+pub fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 /// Value at percentile `p` (0..=1) of a sorted slice.
 pub fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {

@@ -139,7 +139,7 @@ pub async fn run(client: Arc<ClusterClient>, opts: &LoadOptions) -> anyhow::Resu
                     let at = started + Duration::from_secs_f64(i as f64 / rate);
                     tokio::time::sleep_until(at.into()).await;
                 }
-                let sent_us = unix_us();
+                let sent_us = crate::unix_us();
                 match droverctl::cli::submit(&client, spec.clone()).await {
                     Ok(r) => ids.push((r.run_id, sent_us)),
                     Err(e) => *errors.entry(format!("{:?}", e.code())).or_default() += 1,
@@ -213,13 +213,6 @@ pub async fn run(client: Arc<ClusterClient>, opts: &LoadOptions) -> anyhow::Resu
     let secs = last_finished.saturating_sub(first_created) as f64 / 1e6;
     report.completed_per_sec = report.succeeded as f64 / secs.max(0.001);
     Ok(report)
-}
-
-fn unix_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
 }
 
 /// Reads the given runs back through ListRuns pages (newest first).

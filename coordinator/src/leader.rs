@@ -17,7 +17,7 @@ use crate::limits;
 use crate::model::{AgentState, Assignment, HeldTask, TaskState};
 use crate::node::Ctx;
 use crate::raft::state_machine::Shared;
-use crate::scheduler::{self, AgentSlot, PendingTask, View};
+use crate::scheduler::{self, PendingTask, View};
 use crate::sessions::Sessions;
 
 /// How often the loop wakes when nothing else wakes it.
@@ -243,17 +243,7 @@ fn build_view(ctx: &Ctx) -> (View, Vec<(String, String)>) {
             .agents
             .values()
             .filter(|a| a.state == AgentState::Active && ctx.sessions.is_connected(&a.name))
-            .map(|a| AgentSlot {
-                name: a.name.clone(),
-                class: a.class.clone(),
-                labels: a.labels.clone(),
-                free: match reserved.get(&a.name) {
-                    Some((r, _)) => a.free().minus(r),
-                    None => a.free(),
-                },
-                slots: limits::AGENT_TASKS_MAX
-                    .saturating_sub(a.tasks.len() + reserved.get(&a.name).map_or(0, |(_, n)| *n)),
-            })
+            .map(|a| crate::submit_placement::agent_slot(a, reserved.get(&a.name)))
             .collect();
         (
             View {

@@ -47,13 +47,6 @@ impl Resources {
         }
     }
 
-    pub fn is_zero(&self) -> bool {
-        self.cpu_millis == 0
-            && self.memory_bytes == 0
-            && self.gpus == 0
-            && self.extended.values().all(|v| *v == 0)
-    }
-
     pub fn plus(&self, other: &Resources) -> Resources {
         let mut extended = self.extended.clone();
         for (k, v) in &other.extended {
@@ -161,6 +154,28 @@ pub struct TaskSpec {
     /// The run's strategy, copied onto each task.
     #[serde(default)]
     pub strategy: Strategy,
+}
+
+impl TaskSpec {
+    /// A task with only a name and a program; everything else as a spec that says nothing gets it
+    /// (default class and queue, no limits, requirements or preferences, binpack).
+    pub fn new(name: impl Into<String>, program: Program) -> Self {
+        Self {
+            name: name.into(),
+            program,
+            env: BTreeMap::new(),
+            workdir: String::new(),
+            timeout_ms: 0,
+            class: crate::scheduler::DEFAULT_CLASS.to_owned(),
+            resources: Resources::default(),
+            required: vec![],
+            preferred: vec![],
+            spread_by: String::new(),
+            priority: 0,
+            queue: "default".into(),
+            strategy: Strategy::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -11,22 +11,11 @@ fn spec(tasks: &[&str], cpu: u64) -> RunSpec {
         tasks: tasks
             .iter()
             .map(|n| TaskSpec {
-                name: (*n).into(),
-                program: Program::Argv(vec!["true".into()]),
-                env: BTreeMap::new(),
-                workdir: String::new(),
-                timeout_ms: 0,
-                class: "default".into(),
                 resources: Resources {
                     cpu_millis: cpu,
                     ..Default::default()
                 },
-                required: vec![],
-                preferred: vec![],
-                spread_by: String::new(),
-                priority: 0,
-                queue: String::new(),
-                strategy: Default::default(),
+                ..TaskSpec::new(*n, Program::Argv(vec!["true".into()]))
             })
             .collect(),
         labels: BTreeMap::new(),

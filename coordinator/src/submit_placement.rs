@@ -14,7 +14,7 @@ use openraft::ServerState;
 
 use crate::command::{Command, CommandResult, Placement};
 use crate::limits;
-use crate::model::{AgentName, AgentState, Assignment, NodeId, Resources, RunSpec};
+use crate::model::{Agent, AgentName, AgentState, Assignment, NodeId, Resources, RunSpec};
 use crate::raft::Raft;
 use crate::raft::state_machine::Shared;
 use crate::scheduler::{self, AgentSlot, PendingTask, View};
@@ -27,17 +27,16 @@ pub fn place(agents: Vec<AgentSlot>, runs: &[&RunSpec]) -> Vec<Vec<Option<AgentN
     let mut at = Vec::new();
     for (ri, spec) in runs.iter().enumerate() {
         for (ti, t) in spec.tasks.iter().enumerate() {
-            // Ids only need to be unique within this plan.
-            pending.push(PendingTask::new(at.len().to_string(), 1, ri.to_string(), t));
-            at.push((ri, ti, t.priority));
+            // Ids only need to be unique within this plan: the index into `at`.
+            let task = PendingTask::new(at.len().to_string(), 1, ri.to_string(), t);
+            pending.push((-i64::from(t.priority), task));
+            at.push((ri, ti));
         }
     }
     // Stable: equal priorities keep submission order.
-    let mut order: Vec<usize> = (0..pending.len()).collect();
-    order.sort_by_key(|&i| -i64::from(at[i].2));
-    let mut slots: Vec<Option<PendingTask>> = pending.into_iter().map(Some).collect();
+    pending.sort_by_key(|(key, _)| *key);
     let view = View {
-        pending: order.iter().filter_map(|&i| slots[i].take()).collect(),
+        pending: pending.into_iter().map(|(_, t)| t).collect(),
         agents,
         placed: BTreeMap::new(),
     };
@@ -45,11 +44,27 @@ pub fn place(agents: Vec<AgentSlot>, runs: &[&RunSpec]) -> Vec<Vec<Option<AgentN
     let mut out: Vec<Vec<Option<AgentName>>> =
         runs.iter().map(|r| vec![None; r.tasks.len()]).collect();
     for a in plan.assignments {
-        if let Some(&(ri, ti, _)) = a.task_id.parse::<usize>().ok().and_then(|i| at.get(i)) {
+        if let Some(&(ri, ti)) = a.task_id.parse::<usize>().ok().and_then(|i| at.get(i)) {
             out[ri][ti] = Some(a.agent);
         }
     }
     out
+}
+
+/// An agent as the scheduler sees it: free capacity and task slots net of what entries in flight
+/// (`reserved`: resources, task count) have assigned to it.
+pub fn agent_slot(a: &Agent, reserved: Option<&(Resources, usize)>) -> AgentSlot {
+    let (free, held) = match reserved {
+        Some((r, n)) => (a.free().minus(r), a.tasks.len() + n),
+        None => (a.free(), a.tasks.len()),
+    };
+    AgentSlot {
+        name: a.name.clone(),
+        class: a.class.clone(),
+        labels: a.labels.clone(),
+        free,
+        slots: limits::AGENT_TASKS_MAX.saturating_sub(held),
+    }
 }
 
 /// Resources reserved by one entry in flight, released once it is applied (or failed).
@@ -95,7 +110,7 @@ impl SubmitPlacement {
             m.current_term
         };
         let mut reservation = Vec::new();
-        let reserved = self.reserved();
+        let mut reserved = self.reserved();
         self.shared.read(|a| {
             let s = &a.state;
             // Plans already in the batch hold capacity too.
@@ -103,6 +118,9 @@ impl SubmitPlacement {
                 if let Command::ApplyPlan { assignments, .. } = c {
                     for asg in assignments {
                         if let Some(t) = s.tasks.get(&asg.task_id) {
+                            let e = reserved.entry(asg.agent.clone()).or_default();
+                            e.0 = e.0.plus(&t.spec.resources);
+                            e.1 += 1;
                             reservation.push((asg.agent.clone(), t.spec.resources.clone()));
                         }
                     }
@@ -119,31 +137,12 @@ impl SubmitPlacement {
             if tasks == 0 || !s.pending.is_empty() || tasks > limits::SCHEDULE_ROUND_TASKS_MAX {
                 return;
             }
-            let mut agents: Vec<AgentSlot> = s
+            let agents: Vec<AgentSlot> = s
                 .agents
                 .values()
                 .filter(|a| a.state == AgentState::Active && self.sessions.is_connected(&a.name))
-                .map(|a| {
-                    let (mut free, mut held) = (a.free(), a.tasks.len());
-                    if let Some((r, n)) = reserved.get(&a.name) {
-                        free = free.minus(r);
-                        held += n;
-                    }
-                    AgentSlot {
-                        name: a.name.clone(),
-                        class: a.class.clone(),
-                        labels: a.labels.clone(),
-                        free,
-                        slots: limits::AGENT_TASKS_MAX.saturating_sub(held),
-                    }
-                })
+                .map(|a| agent_slot(a, reserved.get(&a.name)))
                 .collect();
-            for (name, r) in &reservation {
-                if let Some(slot) = agents.iter_mut().find(|a| &a.name == name) {
-                    slot.free = slot.free.minus(r);
-                    slot.slots = slot.slots.saturating_sub(1);
-                }
-            }
             if agents.is_empty() {
                 return;
             }
@@ -230,22 +229,13 @@ mod tests {
 
     fn task(name: &str, cpu: u64, priority: i32, class: &str) -> TaskSpec {
         TaskSpec {
-            name: name.into(),
-            program: Program::Argv(vec!["true".into()]),
-            env: BTreeMap::new(),
-            workdir: String::new(),
-            timeout_ms: 0,
             class: class.into(),
             resources: Resources {
                 cpu_millis: cpu,
                 ..Default::default()
             },
-            required: vec![],
-            preferred: vec![],
-            spread_by: String::new(),
             priority,
-            queue: String::new(),
-            strategy: Default::default(),
+            ..TaskSpec::new(name, Program::Argv(vec!["true".into()]))
         }
     }
 

@@ -35,14 +35,11 @@ impl RaftService for RaftRpc {
     ) -> Result<Response<RaftPayload>, Status> {
         require_role(&req, "raft append_entries", &[Role::Coordinator])?;
         let rpc = decode(&req)?;
-        // Touched on arrival as well: a large append can take a while to store.
+        // On arrival and again when stored: a large append can take a while. (An append from a
+        // deposed leader counts too; it steps down on the refusal, so that lasts one round trip.)
         self.contact.heard_from_leader();
         let resp = self.raft.append_entries(rpc).await;
-        if let Ok(r) = &resp
-            && !matches!(r, openraft::raft::AppendEntriesResponse::HigherVote(_))
-        {
-            self.contact.heard_from_leader();
-        }
+        self.contact.heard_from_leader();
         encode(&resp)
     }
 
