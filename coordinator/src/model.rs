@@ -276,6 +276,11 @@ pub struct Run {
     pub finished_at_us: u64,
     pub submitted_by: String,
     pub seq: u64,
+    /// Tasks not yet terminal: a finishing task closes its run without walking every sibling,
+    /// which made each result of a 1,000-task run cost 1,000 lookups. Derived, so not stored:
+    /// `State::rebuild_derived` recomputes it when a snapshot is loaded.
+    #[serde(skip)]
+    pub unfinished: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

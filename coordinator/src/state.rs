@@ -222,6 +222,7 @@ impl State {
                 finished_at_us: 0,
                 submitted_by: submitted_by.to_owned(),
                 seq,
+                unfinished: spec.tasks.len() as u32,
             },
         );
         if !key.is_empty() {
@@ -535,14 +536,11 @@ impl State {
             a.tasks.remove(tid);
         }
         if let Some(seq) = run_seq(&run_id)
-            && let Some(run) = self.runs.get(&seq)
+            && let Some(run) = self.runs.get_mut(&seq)
         {
-            let all_done = run
-                .task_ids
-                .iter()
-                .all(|t| self.tasks.get(t).is_none_or(|t| t.state.is_terminal()));
-            if all_done {
-                self.runs.get_mut(&seq).expect("present").finished_at_us = now_us;
+            run.unfinished = run.unfinished.saturating_sub(1);
+            if run.unfinished == 0 {
+                run.finished_at_us = now_us;
             }
         }
         CommandResult::Reported
@@ -587,6 +585,18 @@ impl State {
             self.requeue(tid, &format!("agent {name} lost ({reason})"));
         }
         CommandResult::AgentLost { requeued: tasks }
+    }
+
+    /// Recomputes what is kept in memory only (see `Run::unfinished`) after a snapshot load.
+    pub fn rebuild_derived(&mut self) {
+        let tasks = &self.tasks;
+        for run in self.runs.values_mut() {
+            run.unfinished = run
+                .task_ids
+                .iter()
+                .filter(|t| tasks.get(*t).is_some_and(|t| !t.state.is_terminal()))
+                .count() as u32;
+        }
     }
 
     // ------------------------------------------------------------------ reads

@@ -341,8 +341,41 @@ fn apply_is_deterministic_and_snapshots_round_trip() {
     let (s1, s2) = (build(), build());
     let j1 = serde_json::to_vec(&s1).unwrap();
     assert_eq!(j1, serde_json::to_vec(&s2).unwrap());
-    let restored: State = serde_json::from_slice(&j1).unwrap();
+    let mut restored: State = serde_json::from_slice(&j1).unwrap();
+    restored.rebuild_derived();
     assert_eq!(restored, s1);
+}
+
+#[test]
+fn a_run_finishes_with_its_last_task_also_after_a_snapshot() {
+    // Guards: the run's count of unfinished tasks (kept instead of a walk over every sibling per
+    // result) is exact, ignores duplicate results, and is rebuilt from a snapshot.
+    let mut s = State::default();
+    register(&mut s, "a", 4000, vec![]);
+    let run = submit(&mut s, "k", &["t1", "t2", "t3"], 100);
+    for t in ["t1", "t2", "t3"] {
+        assign(&mut s, 1, &task_id(&run, t), 1, "a");
+    }
+    finish(&mut s, "a", &task_id(&run, "t1"), 1, true);
+    finish(&mut s, "a", &task_id(&run, "t1"), 1, true);
+    assert_eq!(s.run_by_id(&run).unwrap().finished_at_us, 0);
+    let bytes = crate::raft::state_machine::encode_snapshot(&crate::raft::state_machine::Applied {
+        state: s.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut restored = crate::raft::state_machine::decode_snapshot(&bytes)
+        .unwrap()
+        .state;
+    assert_eq!(restored, s);
+    for st in [&mut s, &mut restored] {
+        finish(st, "a", &task_id(&run, "t2"), 1, false);
+        assert_eq!(st.run_by_id(&run).unwrap().finished_at_us, 0);
+        finish(st, "a", &task_id(&run, "t3"), 1, true);
+        let r = st.run_by_id(&run).unwrap();
+        assert_eq!(r.finished_at_us, 1_000_000);
+        assert_eq!(st.run_state(r), RunState::Failed);
+    }
 }
 
 #[test]

@@ -116,7 +116,9 @@ pub fn encode_snapshot(applied: &Applied) -> Result<Vec<u8>, super::codec::Codec
 }
 
 pub fn decode_snapshot(bytes: &[u8]) -> Result<Applied, super::codec::CodecError> {
-    super::codec::decode(bytes)
+    let mut applied: Applied = super::codec::decode(bytes)?;
+    applied.state.rebuild_derived();
+    Ok(applied)
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
