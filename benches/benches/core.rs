@@ -20,36 +20,32 @@ fn eq(k: &str, v: &str) -> LabelExpr {
 }
 
 /// Mixed classes, zones and disks; a third of the tasks require a zone, half prefer ssd, some spread.
-fn view(tasks: usize, agents: usize) -> View {
+fn view(tasks: usize, agents: usize) -> View<'static> {
     let classes = ["default", "cpu-large", "gpu"];
     let zones = ["a", "b", "c", "d"];
     View {
         pending: (0..tasks)
             .map(|i| PendingTask {
-                id: format!("run-{}/t{i}", i / 10),
+                id: format!("run-{}/t{i}", i / 10).into(),
                 attempt: 1,
-                run_id: format!("run-{}", i / 10),
+                run_id: format!("run-{}", i / 10).into(),
                 class: classes[i % 3].into(),
-                resources: Resources {
+                resources: std::borrow::Cow::Owned(Resources {
                     cpu_millis: 100 + (i as u64 % 7) * 50,
                     memory_bytes: (64 + (i as u64 % 5) * 64) << 20,
                     ..Default::default()
-                },
+                }),
                 required: if i % 3 == 0 {
-                    vec![eq("zone", zones[i % 4])]
+                    vec![eq("zone", zones[i % 4])].into()
                 } else {
-                    vec![]
+                    vec![].into()
                 },
                 preferred: if i % 2 == 0 {
-                    vec![(10, eq("disk", "ssd"))]
+                    vec![(10, eq("disk", "ssd"))].into()
                 } else {
-                    vec![]
+                    vec![].into()
                 },
-                spread_by: if i % 5 == 0 {
-                    "zone".into()
-                } else {
-                    String::new()
-                },
+                spread_by: if i % 5 == 0 { "zone".into() } else { "".into() },
                 strategy: Strategy::BinPack,
             })
             .collect(),

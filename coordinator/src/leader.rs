@@ -200,26 +200,25 @@ async fn enforce_drain_deadlines(ctx: &Ctx) {
     }
 }
 
-fn build_view(ctx: &Ctx) -> (View, Vec<(String, String)>) {
+/// Plans one round against the applied state, under its read lock: the view borrows the queued
+/// tasks rather than copying them. Returns the assignments and the unplaced tasks whose reason
+/// changed (rewriting an unchanged reason would be a write for nothing).
+fn plan_round(ctx: &Ctx) -> (Vec<Assignment>, Vec<(String, String)>) {
     ctx.shared.read(|a| {
         let s = &a.state;
-        let mut previous_reasons = Vec::new();
-        let pending: Vec<PendingTask> = s
+        let pending: Vec<PendingTask<'_>> = s
             .pending
             .iter()
             .take(limits::SCHEDULE_ROUND_TASKS_MAX)
             .filter_map(|(_, _, tid)| s.tasks.get(tid))
-            .map(|t| {
-                previous_reasons.push((t.id.clone(), t.pending_reason.to_string()));
-                PendingTask::new(t.id.clone(), t.attempt, t.run_id.clone(), &t.spec)
-            })
+            .map(|t| PendingTask::new(t.id.as_str(), t.attempt, t.run_id.as_str(), &t.spec))
             .collect();
         // Where the spreading runs already have tasks.
         let mut placed: BTreeMap<String, BTreeMap<String, u32>> = BTreeMap::new();
         let spreading: std::collections::BTreeSet<&str> = pending
             .iter()
             .filter(|t| !t.spread_by.is_empty())
-            .map(|t| t.run_id.as_str())
+            .map(|t| &*t.run_id)
             .collect();
         for run_id in spreading {
             if let Some(run) = crate::state::run_seq(run_id).and_then(|seq| s.runs.get(&seq)) {
@@ -245,14 +244,21 @@ fn build_view(ctx: &Ctx) -> (View, Vec<(String, String)>) {
             .filter(|a| a.state == AgentState::Active && ctx.sessions.is_connected(&a.name))
             .map(|a| crate::submit_placement::agent_slot(a, reserved.get(&a.name)))
             .collect();
-        (
-            View {
-                pending,
-                agents,
-                placed,
-            },
-            previous_reasons,
-        )
+        let plan = scheduler::plan(&View {
+            pending,
+            agents,
+            placed,
+        });
+        let unplaced = plan
+            .unplaced
+            .into_iter()
+            .filter(|(tid, reason)| {
+                s.tasks
+                    .get(tid)
+                    .is_none_or(|t| *t.pending_reason != **reason)
+            })
+            .collect();
+        (plan.assignments, unplaced)
     })
 }
 
@@ -262,24 +268,17 @@ async fn schedule_round(ctx: &Ctx, term: u64) {
     if ctx.shared.read(|a| a.state.pending.is_empty()) {
         return;
     }
-    let (view, previous) = build_view(ctx);
-    let plan = scheduler::plan(&view);
+    let (assignments, unplaced) = plan_round(ctx);
     ctx.metrics.schedule_rounds.inc();
-    let previous: std::collections::HashMap<String, String> = previous.into_iter().collect();
-    let unplaced: Vec<(String, String)> = plan
-        .unplaced
-        .into_iter()
-        .filter(|(tid, reason)| previous.get(tid) != Some(reason))
-        .collect();
-    if plan.assignments.is_empty() && unplaced.is_empty() {
+    if assignments.is_empty() && unplaced.is_empty() {
         return;
     }
-    let span = tracing::debug_span!("schedule_round", assignments = plan.assignments.len());
+    let span = tracing::debug_span!("schedule_round", assignments = assignments.len());
     let result = ctx
         .proposer
         .propose(Command::ApplyPlan {
             term,
-            assignments: plan.assignments,
+            assignments,
             unplaced,
         })
         .instrument(span)

@@ -9,34 +9,43 @@
 //! 2. preferred: the sum of the weights of the preferred expressions the agent matches;
 //! 3. fit: binpack takes the tightest fit (least room left), spread the loosest.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::model::{AgentName, Assignment, LabelExpr, Resources, Strategy, TaskId, TaskSpec};
 
+/// A queued task as the scheduler sees it. The leader's view borrows from the applied state
+/// (a round looks at up to 4,096 tasks, many times a second under load: cloning them was most of
+/// the leader's time); tests and placement at submission may own their fields.
 #[derive(Debug, Clone)]
-pub struct PendingTask {
-    pub id: TaskId,
+pub struct PendingTask<'a> {
+    pub id: Cow<'a, str>,
     pub attempt: u64,
-    pub run_id: String,
-    pub class: String,
-    pub resources: Resources,
-    pub required: Vec<LabelExpr>,
-    pub preferred: Vec<(i32, LabelExpr)>,
-    pub spread_by: String,
+    pub run_id: Cow<'a, str>,
+    pub class: Cow<'a, str>,
+    pub resources: Cow<'a, Resources>,
+    pub required: Cow<'a, [LabelExpr]>,
+    pub preferred: Cow<'a, [(i32, LabelExpr)]>,
+    pub spread_by: Cow<'a, str>,
     pub strategy: Strategy,
 }
 
-impl PendingTask {
-    pub fn new(id: TaskId, attempt: u64, run_id: String, spec: &TaskSpec) -> Self {
+impl<'a> PendingTask<'a> {
+    pub fn new(
+        id: impl Into<Cow<'a, str>>,
+        attempt: u64,
+        run_id: impl Into<Cow<'a, str>>,
+        spec: &'a TaskSpec,
+    ) -> Self {
         Self {
-            id,
+            id: id.into(),
             attempt,
-            run_id,
-            class: spec.class.clone(),
-            resources: spec.resources.clone(),
-            required: spec.required.clone(),
-            preferred: spec.preferred.clone(),
-            spread_by: spec.spread_by.clone(),
+            run_id: run_id.into(),
+            class: Cow::Borrowed(&spec.class),
+            resources: Cow::Borrowed(&spec.resources),
+            required: Cow::Borrowed(&spec.required),
+            preferred: Cow::Borrowed(&spec.preferred),
+            spread_by: Cow::Borrowed(&spec.spread_by),
             strategy: spec.strategy,
         }
     }
@@ -55,8 +64,8 @@ pub struct AgentSlot {
 /// What the scheduler sees: pending tasks in queue order, the agents that may take work, and
 /// where each run's tasks already are (for spreading).
 #[derive(Debug, Clone, Default)]
-pub struct View {
-    pub pending: Vec<PendingTask>,
+pub struct View<'a> {
+    pub pending: Vec<PendingTask<'a>>,
     pub agents: Vec<AgentSlot>,
     /// run id -> agent -> tasks of that run placed there and not finished.
     pub placed: BTreeMap<String, BTreeMap<AgentName, u32>>,
@@ -76,7 +85,7 @@ pub const DEFAULT_CLASS: &str = "default";
 const SPREAD_WEIGHT: i128 = 1 << 80;
 const PREFERRED_WEIGHT: i128 = 1 << 48;
 
-pub fn plan(view: &View) -> Plan {
+pub fn plan(view: &View<'_>) -> Plan {
     let mut agents: Vec<AgentSlot> = view.agents.clone();
     agents.sort_by(|a, b| a.name.cmp(&b.name));
     let mut by_class: HashMap<String, Vec<usize>> = HashMap::new();
@@ -90,59 +99,56 @@ pub fn plan(view: &View) -> Plan {
     // (run, label key) -> label value -> tasks of the run on agents with that value.
     let mut spread_counts: HashMap<(&str, &str), HashMap<String, u32>> = HashMap::new();
     let mut out = Plan::default();
+    // The reason given to the last unplaced task, reused for the next task of the same shape until
+    // an assignment changes the agents: behind a full fleet, thousands of queued tasks share one.
+    let mut last_reason: Option<(&str, &[LabelExpr], &Resources, String)> = None;
 
     for task in &view.pending {
         let class = if task.class.is_empty() {
             DEFAULT_CLASS
         } else {
-            task.class.as_str()
+            &*task.class
         };
-        let candidates = eligible
-            .entry((class, task.required.as_slice()))
-            .or_insert_with(|| {
-                by_class
-                    .get(class)
-                    .map(|v| {
-                        v.iter()
-                            .copied()
-                            .filter(|&i| task.required.iter().all(|e| e.matches(&agents[i].labels)))
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            });
+        let candidates = eligible.entry((class, &*task.required)).or_insert_with(|| {
+            by_class
+                .get(class)
+                .map(|v| {
+                    v.iter()
+                        .copied()
+                        .filter(|&i| task.required.iter().all(|e| e.matches(&agents[i].labels)))
+                        .collect()
+                })
+                .unwrap_or_default()
+        });
         let preferred = if task.preferred.is_empty() {
             None
         } else {
-            Some(
-                &*preference
-                    .entry(task.preferred.as_slice())
-                    .or_insert_with(|| {
-                        agents
+            Some(&*preference.entry(&*task.preferred).or_insert_with(|| {
+                agents
+                    .iter()
+                    .map(|a| {
+                        task.preferred
                             .iter()
-                            .map(|a| {
-                                task.preferred
-                                    .iter()
-                                    .filter(|(_, e)| e.matches(&a.labels))
-                                    .map(|(w, _)| i64::from(*w))
-                                    .sum()
-                            })
-                            .collect()
-                    }),
-            )
+                            .filter(|(_, e)| e.matches(&a.labels))
+                            .map(|(w, _)| i64::from(*w))
+                            .sum()
+                    })
+                    .collect()
+            }))
         };
         let counts = if task.spread_by.is_empty() {
             None
         } else {
             Some(
                 &*spread_counts
-                    .entry((task.run_id.as_str(), task.spread_by.as_str()))
+                    .entry((&*task.run_id, &*task.spread_by))
                     .or_insert_with(|| {
                         let mut m: HashMap<String, u32> = HashMap::new();
-                        if let Some(on) = view.placed.get(&task.run_id) {
+                        if let Some(on) = view.placed.get(&*task.run_id) {
                             for a in &agents {
                                 if let Some(n) = on.get(&a.name) {
                                     *m.entry(
-                                        a.labels.get(&task.spread_by).cloned().unwrap_or_default(),
+                                        a.labels.get(&*task.spread_by).cloned().unwrap_or_default(),
                                     )
                                     .or_default() += n;
                                 }
@@ -162,7 +168,7 @@ pub fn plan(view: &View) -> Plan {
             if let Some(counts) = counts {
                 let value = a
                     .labels
-                    .get(&task.spread_by)
+                    .get(&*task.spread_by)
                     .map(String::as_str)
                     .unwrap_or("");
                 score -= SPREAD_WEIGHT * i128::from(counts.get(value).copied().unwrap_or(0));
@@ -181,31 +187,41 @@ pub fn plan(view: &View) -> Plan {
         }
         match best {
             Some((_, i)) => {
+                last_reason = None;
                 let agent = &mut agents[i];
                 agent.free = agent.free.minus(&task.resources);
                 agent.slots -= 1;
-                if let Some(counts) =
-                    spread_counts.get_mut(&(task.run_id.as_str(), task.spread_by.as_str()))
-                {
+                if let Some(counts) = spread_counts.get_mut(&(&*task.run_id, &*task.spread_by)) {
                     *counts
                         .entry(
                             agent
                                 .labels
-                                .get(&task.spread_by)
+                                .get(&*task.spread_by)
                                 .cloned()
                                 .unwrap_or_default(),
                         )
                         .or_default() += 1;
                 }
                 out.assignments.push(Assignment {
-                    task_id: task.id.clone(),
+                    task_id: task.id.to_string(),
                     attempt: task.attempt,
                     agent: agent.name.clone(),
                 });
             }
-            None => out
-                .unplaced
-                .push((task.id.clone(), unplaced_reason(task, class, &agents))),
+            None => {
+                let same_shape = last_reason.as_ref().is_some_and(|(c, req, res, _)| {
+                    *c == class && **req == *task.required && **res == *task.resources
+                });
+                if !same_shape {
+                    let reason = unplaced_reason(task, class, &agents);
+                    last_reason = Some((class, &task.required, &task.resources, reason));
+                }
+                let reason = last_reason
+                    .as_ref()
+                    .map(|l| l.3.clone())
+                    .unwrap_or_default();
+                out.unplaced.push((task.id.to_string(), reason));
+            }
         }
     }
     out
@@ -217,7 +233,7 @@ fn leftover(free: &Resources, want: &Resources) -> i128 {
         + i128::from((free.memory_bytes - want.memory_bytes) >> 20)
 }
 
-fn unplaced_reason(task: &PendingTask, class: &str, agents: &[AgentSlot]) -> String {
+fn unplaced_reason(task: &PendingTask<'_>, class: &str, agents: &[AgentSlot]) -> String {
     if agents.is_empty() {
         return "no agents are connected and active".into();
     }

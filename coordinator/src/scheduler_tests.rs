@@ -17,16 +17,16 @@ fn res(cpu: u64, mem_mib: u64) -> Resources {
     }
 }
 
-fn pending(id: &str, class: &str, r: Resources) -> PendingTask {
+fn pending(id: &str, class: &str, r: Resources) -> PendingTask<'static> {
     PendingTask {
-        id: id.into(),
+        id: id.to_owned().into(),
         attempt: 1,
         run_id: "run-1".into(),
-        class: class.into(),
-        resources: r,
-        required: vec![],
-        preferred: vec![],
-        spread_by: String::new(),
+        class: class.to_owned().into(),
+        resources: Cow::Owned(r),
+        required: Cow::Borrowed(&[]),
+        preferred: Cow::Borrowed(&[]),
+        spread_by: "".into(),
         strategy: Fit::BinPack,
     }
 }
@@ -116,13 +116,13 @@ fn required_expressions_filter_and_preferred_weights_steer() {
         ),
     ];
     let mut only_a = pending("only-a", "", res(100, 10));
-    only_a.required = vec![eq("zone", "a")];
+    only_a.required = vec![eq("zone", "a")].into();
     let mut likes_ssd = pending("likes-ssd", "", res(100, 10));
-    likes_ssd.preferred = vec![(10, eq("disk", "ssd"))];
+    likes_ssd.preferred = vec![(10, eq("disk", "ssd"))].into();
     let mut dislikes_ssd = pending("dislikes-ssd", "", res(100, 10));
-    dislikes_ssd.preferred = vec![(-10, eq("disk", "ssd"))];
+    dislikes_ssd.preferred = vec![(-10, eq("disk", "ssd"))].into();
     let mut nowhere = pending("nowhere", "", res(100, 10));
-    nowhere.required = vec![eq("zone", "c")];
+    nowhere.required = vec![eq("zone", "c")].into();
     let p = plan(&View {
         pending: vec![only_a, likes_ssd, dislikes_ssd, nowhere],
         agents,
@@ -211,9 +211,36 @@ fn unplaceable_tasks_say_why() {
     assert_eq!(none.unplaced[0].1, "no agents are connected and active");
 }
 
+#[test]
+fn a_reason_shared_by_tasks_of_one_shape_is_recomputed_after_an_assignment() {
+    // Guards: the per-round reuse of reasons never reports capacity from before a placement.
+    let p = plan(&View {
+        pending: vec![
+            pending("big1", "", res(2000, 1)),
+            pending("big2", "", res(2000, 1)),
+            pending("small", "", res(600, 1)),
+            pending("big3", "", res(2000, 1)),
+        ],
+        agents: vec![agent("a", "default", res(1000, 4096), &[])],
+        ..Default::default()
+    });
+    assert_eq!(placed_on(&p), vec![("small", "a")]);
+    let reasons: Vec<(&str, &str)> = p
+        .unplaced
+        .iter()
+        .map(|(t, r)| (t.as_str(), r.as_str()))
+        .collect();
+    let before = "1 agent in class default, none with enough free cpu 2000m (most free: 1000m)";
+    let after = "1 agent in class default, none with enough free cpu 2000m (most free: 400m)";
+    assert_eq!(
+        reasons,
+        vec![("big1", before), ("big2", before), ("big3", after)]
+    );
+}
+
 // ------------------------------------------------------------------ properties
 
-fn arb_view() -> impl PropStrategy<Value = View> {
+fn arb_view() -> impl PropStrategy<Value = View<'static>> {
     let zones = prop::sample::select(vec!["a", "b", "c"]);
     let classes = prop::sample::select(vec!["default", "gpu"]);
     let agent_shape = (classes.clone(), zones.clone(), 0u64..4000, 0u64..4096);
@@ -235,7 +262,7 @@ fn arb_view() -> impl PropStrategy<Value = View> {
                 .enumerate()
                 .map(|(i, (class, zone, cpu, mem, priority, spread))| {
                     let mut t = pending(&format!("t{i:02}"), class, res(cpu, mem));
-                    t.required = zone.map(|z| vec![eq("zone", z)]).unwrap_or_default();
+                    t.required = zone.map(|z| vec![eq("zone", z)]).unwrap_or_default().into();
                     if spread {
                         t.strategy = Fit::Spread;
                     }
@@ -284,12 +311,12 @@ proptest! {
         let p = plan(&view);
         let placed: std::collections::BTreeSet<&str> = p.assignments.iter().map(|a| a.task_id.as_str()).collect();
         for (i, hi) in view.pending.iter().enumerate() {
-            if placed.contains(hi.id.as_str()) {
+            if placed.contains(&*hi.id) {
                 continue;
             }
             for lo in &view.pending[i + 1..] {
                 let same = lo.class == hi.class && lo.required == hi.required && lo.resources == hi.resources;
-                prop_assert!(!(same && placed.contains(lo.id.as_str())), "{} placed before {}", lo.id, hi.id);
+                prop_assert!(!(same && placed.contains(&*lo.id)), "{} placed before {}", lo.id, hi.id);
             }
         }
     }
