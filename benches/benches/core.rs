@@ -47,6 +47,7 @@ fn view(tasks: usize, agents: usize) -> View<'static> {
                 },
                 spread_by: if i % 5 == 0 { "zone".into() } else { "".into() },
                 strategy: Strategy::BinPack,
+                reason: "",
             })
             .collect(),
         agents: (0..agents)

@@ -203,6 +203,7 @@ async fn enforce_drain_deadlines(ctx: &Ctx) {
 /// Plans one round against the applied state, under its read lock: the view borrows the queued
 /// tasks rather than copying them. Returns the assignments and the unplaced tasks whose reason
 /// changed (rewriting an unchanged reason would be a write for nothing).
+/// Every apply wakes the loop, so under load this runs hundreds of times a second.
 fn plan_round(ctx: &Ctx) -> (Vec<Assignment>, Vec<(String, String)>) {
     ctx.shared.read(|a| {
         let s = &a.state;
@@ -211,7 +212,10 @@ fn plan_round(ctx: &Ctx) -> (Vec<Assignment>, Vec<(String, String)>) {
             .iter()
             .take(limits::SCHEDULE_ROUND_TASKS_MAX)
             .filter_map(|(_, _, tid)| s.tasks.get(tid))
-            .map(|t| PendingTask::new(t.id.as_str(), t.attempt, t.run_id.as_str(), &t.spec))
+            .map(|t| PendingTask {
+                reason: &t.pending_reason,
+                ..PendingTask::new(t.id.as_str(), t.attempt, t.run_id.as_str(), &t.spec)
+            })
             .collect();
         // Where the spreading runs already have tasks.
         let mut placed: BTreeMap<String, BTreeMap<String, u32>> = BTreeMap::new();
@@ -249,16 +253,7 @@ fn plan_round(ctx: &Ctx) -> (Vec<Assignment>, Vec<(String, String)>) {
             agents,
             placed,
         });
-        let unplaced = plan
-            .unplaced
-            .into_iter()
-            .filter(|(tid, reason)| {
-                s.tasks
-                    .get(tid)
-                    .is_none_or(|t| *t.pending_reason != **reason)
-            })
-            .collect();
-        (plan.assignments, unplaced)
+        (plan.assignments, plan.unplaced)
     })
 }
 

@@ -28,6 +28,8 @@ pub struct PendingTask<'a> {
     pub preferred: Cow<'a, [(i32, LabelExpr)]>,
     pub spread_by: Cow<'a, str>,
     pub strategy: Strategy,
+    /// Why it is still queued, as last recorded: the plan reports a reason only when it differs.
+    pub reason: &'a str,
 }
 
 impl<'a> PendingTask<'a> {
@@ -47,6 +49,7 @@ impl<'a> PendingTask<'a> {
             preferred: Cow::Borrowed(&spec.preferred),
             spread_by: Cow::Borrowed(&spec.spread_by),
             strategy: spec.strategy,
+            reason: "",
         }
     }
 }
@@ -74,8 +77,11 @@ pub struct View<'a> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
     pub assignments: Vec<Assignment>,
-    /// Every task left pending, with a reason a person can act on.
+    /// Tasks left pending whose reason (one a person can act on) differs from the recorded one.
     pub unplaced: Vec<(TaskId, String)>,
+    /// Tasks not looked at because every agent was already at its task limit: nothing further
+    /// could be placed, and their recorded reasons stand until a round reaches them.
+    pub unexamined: usize,
 }
 
 /// Tasks with no class ask for this one; agents started without `--class` offer it.
@@ -102,8 +108,17 @@ pub fn plan(view: &View<'_>) -> Plan {
     // The reason given to the last unplaced task, reused for the next task of the same shape until
     // an assignment changes the agents: behind a full fleet, thousands of queued tasks share one.
     let mut last_reason: Option<(&str, &[LabelExpr], &Resources, String)> = None;
+    // Behind a fleet at its task limits (a deep queue), a round would otherwise walk thousands of
+    // tasks to place none of them: the first task to meet the full fleet is told so, and the rest
+    // wait behind it (as Slurm's "Priority" reason).
+    let mut open_slots: usize = agents.iter().map(|a| a.slots).sum();
+    let mut met_full_fleet = false;
 
-    for task in &view.pending {
+    for (n, task) in view.pending.iter().enumerate() {
+        if met_full_fleet {
+            out.unexamined = view.pending.len() - n;
+            break;
+        }
         let class = if task.class.is_empty() {
             DEFAULT_CLASS
         } else {
@@ -191,6 +206,7 @@ pub fn plan(view: &View<'_>) -> Plan {
                 let agent = &mut agents[i];
                 agent.free = agent.free.minus(&task.resources);
                 agent.slots -= 1;
+                open_slots -= 1;
                 if let Some(counts) = spread_counts.get_mut(&(&*task.run_id, &*task.spread_by)) {
                     *counts
                         .entry(
@@ -216,11 +232,12 @@ pub fn plan(view: &View<'_>) -> Plan {
                     let reason = unplaced_reason(task, class, &agents);
                     last_reason = Some((class, &task.required, &task.resources, reason));
                 }
-                let reason = last_reason
-                    .as_ref()
-                    .map(|l| l.3.clone())
-                    .unwrap_or_default();
-                out.unplaced.push((task.id.to_string(), reason));
+                if let Some((.., reason)) = &last_reason
+                    && reason != task.reason
+                {
+                    out.unplaced.push((task.id.to_string(), reason.clone()));
+                }
+                met_full_fleet = open_slots == 0 && !agents.is_empty();
             }
         }
     }

@@ -28,6 +28,7 @@ fn pending(id: &str, class: &str, r: Resources) -> PendingTask<'static> {
         preferred: Cow::Borrowed(&[]),
         spread_by: "".into(),
         strategy: Fit::BinPack,
+        reason: "",
     }
 }
 
@@ -302,7 +303,7 @@ proptest! {
             prop_assert!(u.fits_in(&ag.free), "agent {} over-committed", ag.name);
         }
         // Every task is either placed or explained, never both.
-        prop_assert_eq!(p.assignments.len() + p.unplaced.len(), view.pending.len());
+        prop_assert_eq!(p.assignments.len() + p.unplaced.len() + p.unexamined, view.pending.len());
     }
 
     #[test]
@@ -343,4 +344,30 @@ fn an_agent_takes_no_more_tasks_than_its_slots_even_when_they_ask_for_nothing() 
         "{}",
         p.unplaced[0].1
     );
+}
+
+#[test]
+fn behind_a_full_fleet_only_the_first_waiting_task_is_examined_and_known_reasons_are_not_repeated()
+{
+    // Guards: a deep queue behind agents at their task limits costs one task per round, not the
+    // whole window, and a reason already recorded is not written again.
+    let mut a = agent("a1", "default", res(0, 0), &[]);
+    a.slots = 1;
+    let mut view = View {
+        pending: (0..5)
+            .map(|i| pending(&format!("t{i}"), "default", res(0, 0)))
+            .collect(),
+        agents: vec![a],
+        placed: Default::default(),
+    };
+    let p = plan(&view);
+    assert_eq!(placed_on(&p), vec![("t0", "a1")]);
+    assert_eq!(p.unplaced.len(), 1);
+    assert_eq!(p.unplaced[0].0, "t1");
+    assert_eq!(p.unexamined, 3);
+    let reason = p.unplaced[0].1.clone();
+    view.pending[1].reason = &reason;
+    let again = plan(&view);
+    assert!(again.unplaced.is_empty(), "{:?}", again.unplaced);
+    assert_eq!(again.unexamined, 3);
 }
