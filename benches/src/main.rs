@@ -305,6 +305,12 @@ async fn wide(tasks: usize, per_run: usize, concurrency: usize) -> anyhow::Resul
     };
     let (cluster, client, _, _) = connect(&target, 1).await?;
     let cluster = cluster.context("spawned cluster")?;
+    let term = |c: &Cluster| {
+        (0..3)
+            .filter_map(|i| c.metric(i, "drover_raft_term"))
+            .fold(0.0, f64::max) as u64
+    };
+    let first_term = term(&cluster);
     let started = Instant::now();
     let (accepted, errors) =
         drover_benches::backlog::fill(Arc::new(client), tasks, per_run, concurrency).await;
@@ -325,8 +331,10 @@ async fn wide(tasks: usize, per_run: usize, concurrency: usize) -> anyhow::Resul
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let secs = started.elapsed().as_secs_f64();
+    // A leader change under load costs a pause and a reconnect of every agent: show it.
+    let elections = term(&cluster).saturating_sub(first_term);
     println!(
-        "{accepted} no-op tasks in runs of {per_run}: accepted in {submit_secs:.1}s, all succeeded after {secs:.1}s: {:.0} tasks/s submit to completion (errors {errors:?})",
+        "{accepted} no-op tasks in runs of {per_run}: accepted in {submit_secs:.1}s, all succeeded after {secs:.1}s: {:.0} tasks/s submit to completion (errors {errors:?}; elections during the run: {elections})",
         accepted as f64 / secs
     );
     Ok(())

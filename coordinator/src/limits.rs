@@ -15,6 +15,11 @@ pub const TASKS_PER_RUN_MAX: usize = 1_000;
 /// readable for the whole time they were among the newest 100,000).
 pub const RUNS_RETAINED_MAX: usize = 100_000;
 
+/// Tasks kept in state, finished or not. Beyond this the oldest finished runs are forgotten too:
+/// 100,000 runs of up to 1,000 tasks would otherwise hold 100 million tasks, and every snapshot
+/// carries all of them.
+pub const TASKS_RETAINED_MAX: usize = 1_000_000;
+
 /// Commands waiting to be proposed to Raft. Bounded so a flood of submissions meets
 /// RESOURCE_EXHAUSTED instead of growing the leader's memory.
 pub const PROPOSAL_QUEUE_MAX: usize = 65_536;

@@ -161,8 +161,10 @@ impl State {
         spec: &RunSpec,
         submitted_by: &str,
     ) -> CommandResult {
+        // A key whose run was forgotten may linger until the next sweep; it no longer deduplicates.
         if !key.is_empty()
             && let Some(seq) = self.idempotency.get(key)
+            && self.runs.contains_key(seq)
         {
             return CommandResult::Submitted {
                 run_id: run_id(*seq),
@@ -229,7 +231,7 @@ impl State {
             self.idempotency.insert(key.to_owned(), seq);
         }
         self.counters.runs_submitted += 1;
-        self.evict_old_runs();
+        self.evict_old_runs(limits::RUNS_RETAINED_MAX, limits::TASKS_RETAINED_MAX);
         CommandResult::Submitted {
             run_id: id,
             deduplicated: false,
@@ -237,32 +239,40 @@ impl State {
         }
     }
 
-    /// Forgets the oldest finished runs beyond `RUNS_RETAINED_MAX`. Unfinished runs are never
-    /// forgotten; the scan is bounded so one apply stays cheap.
-    fn evict_old_runs(&mut self) {
+    /// Forgets the oldest finished runs while more than `RUNS_RETAINED_MAX` runs or
+    /// `TASKS_RETAINED_MAX` tasks are kept. Unfinished runs are never forgotten; the scan is
+    /// bounded so one apply stays cheap.
+    fn evict_old_runs(&mut self, runs_max: usize, tasks_max: usize) {
         const SCAN_MAX: usize = 64;
-        let excess = self.runs.len().saturating_sub(limits::RUNS_RETAINED_MAX);
-        if excess == 0 {
+        let over = |s: &Self| s.runs.len() > runs_max || s.tasks.len() > tasks_max;
+        if !over(self) {
             return;
         }
-        let victims: Vec<u64> = self
+        let finished: Vec<u64> = self
             .runs
             .iter()
             .take(SCAN_MAX)
             .filter(|(_, r)| r.finished_at_us != 0)
             .map(|(s, _)| *s)
-            .take(excess)
             .collect();
-        for seq in victims {
+        for seq in finished {
+            if !over(self) {
+                break;
+            }
             if let Some(run) = self.runs.remove(&seq) {
                 for tid in &run.task_ids {
                     self.tasks.remove(tid);
                 }
             }
         }
-        // Keys of forgotten runs stop deduplicating; retries are expected within minutes.
-        let runs = &self.runs;
-        self.idempotency.retain(|_, seq| runs.contains_key(seq));
+        // Keys of forgotten runs stop deduplicating; retries are expected within minutes. The
+        // sweep walks every key, so it waits until a batch of them is stale: once per eviction,
+        // it made each submission past the retention limit cost a walk over 100,000 keys.
+        const STALE_KEYS_SWEEP: usize = 1_024;
+        if self.idempotency.len() > self.runs.len() + STALE_KEYS_SWEEP {
+            let runs = &self.runs;
+            self.idempotency.retain(|_, seq| runs.contains_key(seq));
+        }
     }
 
     /// What a registration holding `held` means against the current state: attempts the agent must

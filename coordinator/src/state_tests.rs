@@ -589,3 +589,35 @@ fn the_agents_start_time_is_kept_within_assignment_and_the_leaders_clock() {
     let started: Vec<u64> = tids.iter().map(|t| s.tasks[t].started_at_us).collect();
     assert_eq!(started, vec![2_500_000, 2_000_000, 3_000_000, 3_000_000]);
 }
+
+#[test]
+fn the_oldest_finished_runs_are_forgotten_past_the_run_or_task_limit() {
+    // Guards: retention bounds tasks as well as runs, never drops an unfinished run, and a key of
+    // a forgotten run no longer deduplicates even before the stale-key sweep.
+    let mut s = State::default();
+    register(&mut s, "a", 100_000, vec![]);
+    let mut runs = Vec::new();
+    for i in 0..4 {
+        let run = submit(&mut s, &format!("k{i}"), &["t1", "t2", "t3"], 1);
+        for t in ["t1", "t2", "t3"] {
+            assign(&mut s, 1, &task_id(&run, t), 1, "a");
+        }
+        runs.push(run);
+    }
+    // run-1 is still running; run-2 and run-3 finish.
+    for run in &runs[1..3] {
+        for t in ["t1", "t2", "t3"] {
+            finish(&mut s, "a", &task_id(run, t), 1, true);
+        }
+    }
+    s.evict_old_runs(10, 7);
+    assert!(s.run_by_id(&runs[0]).is_some(), "unfinished runs stay");
+    assert!(s.run_by_id(&runs[1]).is_none());
+    assert!(s.run_by_id(&runs[2]).is_none());
+    assert_eq!(s.tasks.len(), 6);
+    assert!(!s.tasks.contains_key(&task_id(&runs[1], "t1")));
+    s.evict_old_runs(1, 1_000);
+    assert_eq!(s.runs.len(), 2, "only finished runs are forgotten");
+    let again = submit(&mut s, "k1", &["t1"], 1);
+    assert_ne!(again, runs[1], "a forgotten run's key starts a new run");
+}
