@@ -261,7 +261,8 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         .is_fresh()
         .map_err(|e| storage_err(e.to_string()))?;
     let metrics = Arc::new(Metrics::new());
-    let sm = StateMachineStore::open(&db, metrics.clone()).map_err(storage_err)?;
+    let sm =
+        StateMachineStore::open(&db, &config.data_dir, metrics.clone()).map_err(storage_err)?;
     let shared = sm.shared.clone();
 
     let raft_config = openraft::Config {

@@ -1,5 +1,5 @@
 //! Raft plumbing: the openraft type configuration, sled-backed log storage, the in-memory state
-//! machine with sled-persisted snapshots, and the gRPC transport between peers. Each sits behind
+//! machine with file-persisted snapshots, and the gRPC transport between peers. Each sits behind
 //! openraft's own trait, so a test can swap one without touching the others.
 
 use std::io::Cursor;
