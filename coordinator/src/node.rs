@@ -238,6 +238,10 @@ impl NodeHandle {
     }
 }
 
+/// How long a fresh member other than the lowest id waits for a leader before initialising the
+/// cluster itself.
+const FORMATION_GRACE: Duration = Duration::from_secs(1);
+
 pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
     let peers = Arc::new(config.parsed_peers()?);
     let tls: TlsMaterial = TlsFiles::in_dir(&config.tls_dir, &config.tls_name()).load()?;
@@ -423,12 +427,30 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
             .iter()
             .map(|(id, addr)| (*id, BasicNode::new(addr)))
             .collect();
-        // Every fresh member initialises with the same membership; that is safe in openraft and
-        // means the cluster forms whichever members start first. Restarts never get here.
-        match raft.initialize(members).await {
-            Ok(()) => tracing::info!("initialised a new cluster"),
-            Err(e) => tracing::info!(error = %e, "cluster already initialised elsewhere"),
-        }
+        // Any fresh member may initialise (with the same membership), so the cluster forms
+        // whichever members start. When all of them did at once, they campaigned against each
+        // other and a new cluster often elected twice in its first second: the lowest id goes
+        // first and the others only if no leader has reached them after a grace period (a vote
+        // granted or the membership replicated makes their initialise a no-op). Restarts never
+        // get here.
+        let first = peers.iter().map(|(id, _)| *id).min() == Some(config.node_id);
+        let grace = if first {
+            Duration::ZERO
+        } else {
+            FORMATION_GRACE
+        };
+        let raft = raft.clone();
+        let mut shutdown = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(grace) => {}
+                _ = shutdown.changed() => return,
+            }
+            match raft.initialize(members).await {
+                Ok(()) => tracing::info!("initialised a new cluster"),
+                Err(e) => tracing::info!(error = %e, "cluster already initialised elsewhere"),
+            }
+        }));
     }
     tracing::info!(node_id = config.node_id, %grpc_addr, %http_addr, "coordinator started");
     Ok(NodeHandle {

@@ -81,7 +81,8 @@ async fn a_snapshot_file_survives_a_restart_and_a_damaged_one_is_refused_by_name
         drover_coordinator::raft::codec::encode(&built.meta).expect("meta"),
     )
     .expect("insert");
-    tree.insert(b"data", built.snapshot.into_inner()).expect("insert");
+    tree.insert(b"data", built.snapshot.into_inner())
+        .expect("insert");
     let mut legacy =
         StateMachineStore::open(&legacy_db, legacy_dir.path(), Default::default()).expect("open");
     let (applied, _) = legacy.applied_state().await.expect("applied state");

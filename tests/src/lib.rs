@@ -83,6 +83,8 @@ pub struct ClusterOptions {
     pub snapshot_logs: u64,
     pub lease_ttl_ms: u64,
     pub heartbeat_interval_ms: u64,
+    /// A member (index) not started with the others; `restart` starts it later.
+    pub absent: Option<usize>,
 }
 
 impl Default for ClusterOptions {
@@ -92,6 +94,7 @@ impl Default for ClusterOptions {
             snapshot_logs: 5000,
             lease_ttl_ms: 5000,
             heartbeat_interval_ms: 500,
+            absent: None,
         }
     }
 }
@@ -131,8 +134,8 @@ impl Cluster {
             agents: Vec::new(),
         };
         for i in 0..c.nodes.len() {
-            let child = c.spawn_coordinator(i);
-            c.coordinators.push(Some(child));
+            let child = (c.opts.absent != Some(i)).then(|| c.spawn_coordinator(i));
+            c.coordinators.push(child);
         }
         c.wait_leader(Duration::from_secs(30)).await;
         c

@@ -78,6 +78,47 @@ async fn echo_hello_runs_to_success_with_its_output() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_cluster_forms_without_its_first_member_which_joins_later() {
+    // Guards: only the lowest id initialises a new cluster at once; the others do it themselves
+    // after a grace period, so a cluster whose first member is down still forms, and that member
+    // joins as a follower of the leader already elected.
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let mut cluster = Cluster::start(ClusterOptions {
+            absent: Some(0),
+            ..Default::default()
+        })
+        .await;
+        let leader = cluster.wait_leader(Duration::from_secs(30)).await;
+        assert_ne!(leader, 0);
+        let client = cluster.client_as("admin", vec![cluster.addr(1), cluster.addr(2)]);
+        cluster.add_agent("worker-1", &[]).await;
+        let run = submit_cmd(&client, &["echo", "formed"]).await;
+        wait_done(&client, &run, Duration::from_secs(30)).await;
+
+        cluster.restart(0);
+        let term = cluster.status_of(leader).await.unwrap().term;
+        let joined = wait_for(
+            "the first member to follow",
+            Duration::from_secs(30),
+            || async {
+                cluster
+                    .status_of(0)
+                    .await
+                    .filter(|s| s.state == "follower" && s.term == term)
+            },
+        )
+        .await;
+        assert_eq!(
+            joined.term, term,
+            "the late member did not disturb the leader"
+        );
+        assert_eq!(cluster.wait_leader(Duration::from_secs(5)).await, leader);
+    })
+    .await
+    .expect("test deadline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_elects_a_new_one_and_keeps_every_run() {
     // Guards: leader SIGKILL -> new leader, committed runs survive, new submissions still complete.
     tokio::time::timeout(TEST_DEADLINE, async {
