@@ -90,8 +90,10 @@ impl AgentRpc {
                 attempt: r.attempt,
             })
             .collect();
-        // The lease starts now, before the registration commits, so no round can judge it first.
+        // The lease starts now, and holds until the registration is answered, so no round can
+        // judge the agent while its registration waits in a long queue of them.
         self.ctx.sessions.touch(&name);
+        let registering = self.ctx.sessions.registering(&name);
         let cmd = Command::RegisterAgent {
             name: name.clone(),
             labels: reg.labels.into_iter().collect(),
@@ -132,6 +134,7 @@ impl AgentRpc {
         };
         let (tx, rx) = mpsc::channel(limits::SESSION_OUTBOX_MAX);
         let session_id = self.ctx.sessions.open(&name, tx.clone())?;
+        drop(registering);
         tracing::info!(agent = %name, stale = stale.len(), resend = resend.len(), requeued = requeued.len(), "agent registered");
         let registered = CoordinatorMessage {
             msg: Some(Out::Registered(pb::Registered {

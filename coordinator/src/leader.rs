@@ -76,21 +76,25 @@ pub async fn run(ctx: Arc<Ctx>, mut shutdown: tokio::sync::watch::Receiver<bool>
     }
 }
 
-/// How many leases a reconnect storm may hold off judgement of agents not yet heard from.
-const STORM_GRACE_LEASES: u32 = 6;
+/// How many leases a reconnect storm may hold off judgement of agents not yet heard from: a
+/// backstop, as the storm ends on its own once a lease passes without a newcomer.
+const STORM_GRACE_LEASES: u32 = 12;
 
 async fn expire_leases(ctx: &Ctx, took_office: tokio::time::Instant) {
     let ttl = ctx.timing.lease_ttl;
     let ttl_ms = ttl.as_millis() as u64;
-    // After a failover every agent reconnects at once. While sessions keep opening (one within the
-    // last lease) and for at most STORM_GRACE_LEASES leases, agents this leader has not heard from
-    // yet are still queueing to reconnect, not dead: don't judge them. Agents it has heard from
-    // and then lost are judged normally.
-    let storm = took_office.elapsed() < ttl * STORM_GRACE_LEASES
-        && ctx
-            .sessions
-            .last_session_opened()
-            .is_some_and(|t| t.elapsed() < ttl);
+    // After a failover every agent reconnects at once. While agents keep arriving (one heard from
+    // for the first time within the last lease) and for at most STORM_GRACE_LEASES leases, agents
+    // this leader has not heard from yet are still queueing to reconnect, not dead: don't judge
+    // them. Agents it has heard from and then lost are judged normally. On a slow host 10,000
+    // agents took longer than the former six leases to reconnect, and hundreds were declared lost.
+    let in_office = took_office.elapsed();
+    let storm = in_office < ttl * STORM_GRACE_LEASES
+        && (in_office < ttl
+            || ctx
+                .sessions
+                .last_first_contact()
+                .is_some_and(|t| t.elapsed() < ttl));
     let expired: Vec<String> = ctx.shared.read(|a| {
         a.state
             .agents
@@ -99,6 +103,7 @@ async fn expire_leases(ctx: &Ctx, took_office: tokio::time::Instant) {
             // An agent this leader never tracked (just registered, or just took office) is
             // granted a full lease now rather than judged.
             .filter(|a| ctx.sessions.lease_age_ms(&a.name) > ttl_ms)
+            .filter(|a| !ctx.sessions.is_registering(&a.name))
             .filter(|a| !storm || ctx.sessions.heard_since_office(&a.name))
             .map(|a| a.name.clone())
             .collect()

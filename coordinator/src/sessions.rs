@@ -27,8 +27,14 @@ struct Inner {
     last_seen: HashMap<AgentName, Instant>,
     /// Agents heard from since this node took office (as opposed to only granted a lease).
     heard: std::collections::HashSet<AgentName>,
-    /// When the latest session was opened: a reconnect storm is still going while this is recent.
-    last_open: Option<Instant>,
+    /// Agents whose registration is being committed: their heartbeats wait unread in the stream
+    /// until it is, so their lease must not run out meanwhile. Under a reconnect storm of 10,000
+    /// agents a registration could take longer than a lease, and hundreds were declared lost.
+    registering: HashMap<AgentName, u32>,
+    /// When an agent was last heard from for the first time since this node took office: a
+    /// reconnect storm is still going while this is recent. (The latest session opened was used
+    /// before; an agent reconnecting over and over kept that fresh without anyone new arriving.)
+    last_first_contact: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -58,8 +64,9 @@ impl Sessions {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         inner.sessions.insert(name.to_owned(), Session { id, tx });
         inner.last_seen.insert(name.to_owned(), Instant::now());
-        inner.heard.insert(name.to_owned());
-        inner.last_open = Some(Instant::now());
+        if inner.heard.insert(name.to_owned()) {
+            inner.last_first_contact = Some(Instant::now());
+        }
         Ok(id)
     }
 
@@ -87,11 +94,33 @@ impl Sessions {
         }
     }
 
+    /// Marks a registration of `name` in flight until the guard is dropped (which counts as
+    /// hearing from it).
+    pub fn registering<'a>(&'a self, name: &str) -> Registering<'a> {
+        *self
+            .inner
+            .lock()
+            .unwrap()
+            .registering
+            .entry(name.to_owned())
+            .or_default() += 1;
+        Registering {
+            sessions: self,
+            name: name.to_owned(),
+        }
+    }
+
+    /// Whether a registration of `name` is being committed.
+    pub fn is_registering(&self, name: &str) -> bool {
+        self.inner.lock().unwrap().registering.contains_key(name)
+    }
+
     pub fn touch(&self, name: &str) {
         let mut inner = self.inner.lock().unwrap();
         inner.last_seen.insert(name.to_owned(), Instant::now());
         if !inner.heard.contains(name) {
             inner.heard.insert(name.to_owned());
+            inner.last_first_contact = Some(Instant::now());
         }
     }
 
@@ -100,9 +129,9 @@ impl Sessions {
         self.inner.lock().unwrap().heard.contains(name)
     }
 
-    /// When the most recent session was opened on this leader.
-    pub fn last_session_opened(&self) -> Option<Instant> {
-        self.inner.lock().unwrap().last_open
+    /// When an agent was last heard from for the first time since this leader took office.
+    pub fn last_first_contact(&self) -> Option<Instant> {
+        self.inner.lock().unwrap().last_first_contact
     }
 
     /// A new leader gives every known agent one full lease before judging anyone.
@@ -110,6 +139,7 @@ impl Sessions {
         let now = Instant::now();
         let mut inner = self.inner.lock().unwrap();
         inner.heard.clear();
+        inner.last_first_contact = None;
         for n in names {
             inner.last_seen.insert(n.to_owned(), now);
         }
@@ -172,6 +202,27 @@ impl Sessions {
     }
 }
 
+/// A registration in flight; see [`Sessions::registering`].
+pub struct Registering<'a> {
+    sessions: &'a Sessions,
+    name: String,
+}
+
+impl Drop for Registering<'_> {
+    fn drop(&mut self) {
+        {
+            let mut inner = self.sessions.inner.lock().unwrap();
+            if let Some(n) = inner.registering.get_mut(&self.name) {
+                *n -= 1;
+                if *n == 0 {
+                    inner.registering.remove(&self.name);
+                }
+            }
+        }
+        self.sessions.touch(&self.name);
+    }
+}
+
 /// Log reads in flight to agents, matched to their answers by request id.
 #[derive(Default)]
 pub struct LogRequests {
@@ -202,5 +253,27 @@ impl LogRequests {
         if let Some(tx) = self.pending.lock().unwrap().remove(&data.request_id) {
             let _ = tx.send(data);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_registration_in_flight_is_marked_until_its_last_guard_ends() {
+        // Guards: an agent whose registration waits behind thousands of others is not judged
+        // (the leader skips agents marked registering), and the end counts as contact.
+        let s = Sessions::default();
+        let first = s.registering("a");
+        let second = s.registering("a");
+        assert!(s.is_registering("a"));
+        assert!(!s.is_registering("b"));
+        assert_eq!(s.heard_ago_ms("a"), None, "marking is not contact");
+        drop(first);
+        assert!(s.is_registering("a"), "another registration is still in flight");
+        drop(second);
+        assert!(!s.is_registering("a"));
+        assert!(s.heard_ago_ms("a").is_some_and(|ms| ms < 1_000));
     }
 }
