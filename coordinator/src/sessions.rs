@@ -271,7 +271,10 @@ mod tests {
         assert!(!s.is_registering("b"));
         assert_eq!(s.heard_ago_ms("a"), None, "marking is not contact");
         drop(first);
-        assert!(s.is_registering("a"), "another registration is still in flight");
+        assert!(
+            s.is_registering("a"),
+            "another registration is still in flight"
+        );
         drop(second);
         assert!(!s.is_registering("a"));
         assert!(s.heard_ago_ms("a").is_some_and(|ms| ms < 1_000));
