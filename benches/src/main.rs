@@ -305,21 +305,17 @@ async fn wide(tasks: usize, per_run: usize, concurrency: usize) -> anyhow::Resul
     };
     let (cluster, client, _, _) = connect(&target, 1).await?;
     let cluster = cluster.context("spawned cluster")?;
-    let term = |c: &Cluster| {
-        (0..3)
-            .filter_map(|i| c.metric(i, "drover_raft_term"))
-            .fold(0.0, f64::max) as u64
+    // The highest value any node reports.
+    let highest = |c: &Cluster, name: &str| {
+        (0..3).filter_map(|i| c.metric(i, name)).fold(0.0, f64::max) as u64
     };
+    let term = |c: &Cluster| highest(c, "drover_raft_term");
     let first_term = term(&cluster);
     let started = Instant::now();
     let (accepted, errors) =
         drover_benches::backlog::fill(Arc::new(client), tasks, per_run, concurrency).await;
     let submit_secs = started.elapsed().as_secs_f64();
-    let succeeded = |c: &Cluster| {
-        (0..3)
-            .filter_map(|i| c.metric(i, "drover_tasks_succeeded"))
-            .fold(0.0, f64::max) as usize
-    };
+    let succeeded = |c: &Cluster| highest(c, "drover_tasks_succeeded") as usize;
     let deadline = Instant::now() + Duration::from_secs(600);
     while succeeded(&cluster) < accepted {
         if Instant::now() > deadline {

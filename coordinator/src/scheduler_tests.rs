@@ -323,20 +323,25 @@ proptest! {
     }
 }
 
-#[test]
-fn an_agent_takes_no_more_tasks_than_its_slots_even_when_they_ask_for_nothing() {
-    // Guards: tasks without resources are bounded per agent (AGENT_TASKS_MAX), so a resend of
-    // everything an agent holds always fits its session.
+/// One agent `a1` with room for `slots` more tasks, and `tasks` queued tasks `t0`.. asking for
+/// no resources.
+fn slot_bound_view(slots: usize, tasks: usize) -> View<'static> {
     let mut a = agent("a1", "default", res(0, 0), &[]);
-    a.slots = 2;
-    let view = View {
-        pending: (0..3)
+    a.slots = slots;
+    View {
+        pending: (0..tasks)
             .map(|i| pending(&format!("t{i}"), "default", res(0, 0)))
             .collect(),
         agents: vec![a],
         placed: Default::default(),
-    };
-    let p = plan(&view);
+    }
+}
+
+#[test]
+fn an_agent_takes_no_more_tasks_than_its_slots_even_when_they_ask_for_nothing() {
+    // Guards: tasks without resources are bounded per agent (AGENT_TASKS_MAX), so a resend of
+    // everything an agent holds always fits its session.
+    let p = plan(&slot_bound_view(2, 3));
     assert_eq!(p.assignments.len(), 2);
     assert_eq!(p.unplaced.len(), 1);
     assert!(
@@ -351,15 +356,7 @@ fn behind_a_full_fleet_only_the_first_waiting_task_is_examined_and_known_reasons
 {
     // Guards: a deep queue behind agents at their task limits costs one task per round, not the
     // whole window, and a reason already recorded is not written again.
-    let mut a = agent("a1", "default", res(0, 0), &[]);
-    a.slots = 1;
-    let mut view = View {
-        pending: (0..5)
-            .map(|i| pending(&format!("t{i}"), "default", res(0, 0)))
-            .collect(),
-        agents: vec![a],
-        placed: Default::default(),
-    };
+    let mut view = slot_bound_view(1, 5);
     let p = plan(&view);
     assert_eq!(placed_on(&p), vec![("t0", "a1")]);
     assert_eq!(p.unplaced.len(), 1);

@@ -100,7 +100,7 @@ impl StateMachineStore {
     fn read_snapshot(&self) -> Result<Option<Stored>, StorageError> {
         let path = self.dir.join(SNAPSHOT_FILE);
         match std::fs::read(&path) {
-            Ok(file) => {
+            Ok(mut file) => {
                 let bad = |why: &str| {
                     snap_err(std::io::Error::other(format!("{}: {why}", path.display())))
                 };
@@ -109,9 +109,12 @@ impl StateMachineStore {
                     .ok_or_else(|| bad("not a Drover snapshot"))?;
                 let (len, rest) = rest.split_at_checked(4).ok_or_else(|| bad("truncated"))?;
                 let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
-                let (meta, data) = rest.split_at_checked(len).ok_or_else(|| bad("truncated"))?;
+                let meta = rest.get(..len).ok_or_else(|| bad("truncated"))?;
                 let meta = super::codec::decode(meta).map_err(snap_err)?;
-                return Ok(Some((meta, data.to_vec())));
+                // The state follows the header: keep the file's buffer rather than copying
+                // a snapshot of a hundred MiB or more into a second one.
+                file.drain(..SNAPSHOT_TAG.len() + 4 + len);
+                return Ok(Some((meta, file)));
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(snap_err(e)),
@@ -283,10 +286,12 @@ impl SnapshotBuild {
         };
         let (store, meta_copy) = (self.store.clone(), meta.clone());
         let data = in_background("snapshot-persist", move || {
-            store.persist_snapshot(&meta_copy, &data).map(|()| data)
+            let persisted = store.persist_snapshot(&meta_copy, &data).map(|()| data);
+            // Trimming a heap of a GiB or more takes a while: off the runtime's threads too.
+            release_free_memory();
+            persisted
         })
         .await??;
-        release_free_memory();
         let secs = started.elapsed().as_secs_f64();
         self.store.metrics.snapshot_build_seconds.observe(secs);
         self.store.metrics.snapshot_bytes.set(data.len() as i64);
