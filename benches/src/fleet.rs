@@ -1,5 +1,5 @@
 //! `drover-bench fleet`: many lightweight simulated agents from one process. Each holds a real
-//! gRPC session with the leader (streams multiplexed over a pool of mTLS connections), heartbeats
+//! gRPC session with the leader (over its own mTLS connection, as a real agent), heartbeats
 //! at the interval the leader asks for, and completes every assignment itself (a noop executor,
 //! optionally after a delay). Scheduling and liveness are measured at fleet scale this way.
 
@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use std::time::Duration;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 
 use drover_proto::client::{connect, leader_hint};
 use drover_proto::pb::agent_message::Msg as In;
@@ -17,8 +17,11 @@ use drover_proto::tls::TlsMaterial;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-/// Sessions multiplexed on one connection (HTTP/2 streams); keeps well under server stream limits.
-const SESSIONS_PER_CONNECTION: usize = 100;
+/// Simulated agents connecting (TCP, TLS, registration) at once. Real agents each have their
+/// own CPU for their handshake; here they share the simulator's, and with all 10,000 connecting
+/// together the handshakes starved the registered agents' heartbeat timers for longer than a
+/// lease (agents were declared lost, falsely, by the simulator's fault).
+const CONNECTS_IN_FLIGHT: usize = 64;
 
 #[derive(Default)]
 pub struct FleetStats {
@@ -62,25 +65,23 @@ impl Fleet {
     ) -> Fleet {
         let stats = Arc::new(FleetStats::default());
         let addrs = Arc::new(addrs);
+        let connecting = Arc::new(Semaphore::new(CONNECTS_IN_FLIGHT));
         let mut stops = Vec::with_capacity(n);
         let mut tasks = Vec::with_capacity(n);
-        let pools = n.div_ceil(SESSIONS_PER_CONNECTION);
-        for p in 0..pools {
-            let tls = tls.clone();
-            for i in (p * SESSIONS_PER_CONNECTION)..((p + 1) * SESSIONS_PER_CONNECTION).min(n) {
-                let stop = Arc::new(Stop::default());
-                stops.push(stop.clone());
-                let sim = Sim {
-                    name: format!("{prefix}-{i}"),
-                    addrs: addrs.clone(),
-                    tls: tls.clone(),
-                    stats: stats.clone(),
-                    stop,
-                    noop_ms,
-                    first: p % addrs.len(),
-                };
-                tasks.push(tokio::spawn(sim.run()));
-            }
+        for i in 0..n {
+            let stop = Arc::new(Stop::default());
+            stops.push(stop.clone());
+            let sim = Sim {
+                name: format!("{prefix}-{i}"),
+                addrs: addrs.clone(),
+                tls: tls.clone(),
+                stats: stats.clone(),
+                stop,
+                noop_ms,
+                first: i % addrs.len(),
+                connecting: connecting.clone(),
+            };
+            tasks.push(tokio::spawn(sim.run()));
         }
         Fleet {
             stats,
@@ -113,6 +114,7 @@ struct Sim {
     stop: Arc<Stop>,
     noop_ms: u64,
     first: usize,
+    connecting: Arc<Semaphore>,
 }
 
 impl Sim {
@@ -137,6 +139,8 @@ impl Sim {
 
     /// Runs one session; returns the leader to follow, if told.
     async fn session(&self, addr: &str, connected_once: &mut bool) -> Option<String> {
+        // Held until the leader answers the registration (or the attempt fails).
+        let mut connecting = Some(self.connecting.acquire().await.ok()?);
         let channel = connect(addr, &self.tls).await.ok()?;
         let (tx, rx) = mpsc::channel(256);
         let register = pb::Register {
@@ -178,6 +182,7 @@ impl Sim {
                     };
                     match msg.msg {
                         Some(Out::Registered(r)) => {
+                            drop(connecting.take());
                             if !*connected_once {
                                 self.stats.registered.fetch_add(1, Ordering::Relaxed);
                                 *connected_once = true;

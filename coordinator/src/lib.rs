@@ -1,5 +1,6 @@
 //! drover-coordinator: the Raft-replicated brain of Drover. See docs/ARCHITECTURE.md for the map.
 
+pub mod accept;
 pub mod agent_service;
 pub mod client_service;
 pub mod command;

@@ -78,6 +78,19 @@ pub const LABELS_MAX: usize = 64;
 /// Bytes of stdout/stderr tail kept in a replicated result (per stream).
 pub const OUTPUT_TAIL_BYTES_MAX: usize = 4 * 1024;
 
+/// Steps of TLS handshakes (a poll each: parse a flight, sign, verify a chain) computing at
+/// once on the gRPC port; the others wait for a permit outside the runtime's run queue, so a
+/// fleet reconnecting at once cannot queue Raft and heartbeat reads behind thousands of
+/// handshakes (see `accept`).
+pub const TLS_HANDSHAKE_STEPS_AT_ONCE: usize = 4;
+
+/// Handshakes in progress on the gRPC port; past this, new connections wait in the kernel's
+/// listen backlog.
+pub const TLS_HANDSHAKES_PENDING_MAX: usize = 16_384;
+
+/// How long a client may take over its side of the TLS handshake.
+pub const TLS_HANDSHAKE_WAIT: Duration = Duration::from_secs(10);
+
 /// How long a new agent stream may take to send its `register`.
 pub const REGISTER_WAIT: Duration = Duration::from_secs(10);
 

@@ -17,6 +17,11 @@ pub struct RpcLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
     pub state: String,
 }
@@ -44,6 +49,8 @@ pub struct Metrics {
     pub snapshot_build_seconds: Histogram,
     pub snapshot_install_seconds: Histogram,
     pub snapshot_bytes: Gauge,
+    pub tls_handshakes: Family<ResultLabels, Counter>,
+    pub tls_handshakes_pending: Gauge,
 }
 
 impl Metrics {
@@ -167,6 +174,18 @@ impl Metrics {
             "Size of the newest snapshot built or installed",
             snapshot_bytes.clone(),
         );
+        let tls_handshakes = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes on the gRPC port, by result (ok, failed, timeout)",
+            tls_handshakes.clone(),
+        );
+        let tls_handshakes_pending = Gauge::default();
+        registry.register(
+            "tls_handshakes_pending",
+            "TLS handshakes in progress on the gRPC port",
+            tls_handshakes_pending.clone(),
+        );
         Self {
             registry,
             rpc_total,
@@ -190,6 +209,8 @@ impl Metrics {
             snapshot_build_seconds,
             snapshot_install_seconds,
             snapshot_bytes,
+            tls_handshakes,
+            tls_handshakes_pending,
         }
     }
 

@@ -17,8 +17,6 @@ use openraft::metrics::RaftMetrics;
 use openraft::{BasicNode, ServerState, SnapshotPolicy};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::agent_service::AgentRpc;
 use crate::client_service::{ClientRpc, member_health};
@@ -352,10 +350,8 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
     });
 
     let max = drover_proto::GRPC_MESSAGE_BYTES_MAX;
+    let tls_config = tls.server_config().map_err(StartError::TlsConfig)?;
     let router = tonic::transport::Server::builder()
-        .tls_config(tls.server_config())
-        .map_err(|e| StartError::TlsConfig(e.to_string()))?
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(
@@ -376,16 +372,15 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
             .max_decoding_message_size(max * 8)
             .max_encoding_message_size(max * 8),
         );
+    let (incoming, acceptor) = crate::accept::tls_incoming(
+        grpc_listener,
+        tls_config,
+        ctx.metrics.clone(),
+        shutdown_rx.clone(),
+    );
+    tasks.push(acceptor);
     let mut grpc_shutdown = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
-        // tonic's tcp_nodelay applies only to listeners it binds itself; these sockets are ours.
-        // Without it, Nagle plus delayed ACKs stall small Raft and session messages by tens of ms.
-        let incoming = TcpListenerStream::new(grpc_listener).map(|conn| {
-            if let Ok(s) = &conn {
-                let _ = s.set_nodelay(true);
-            }
-            conn
-        });
         let stop = async move {
             let _ = grpc_shutdown.changed().await;
         };

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -78,11 +78,32 @@ impl std::fmt::Debug for TlsMaterial {
 }
 
 impl TlsMaterial {
-    /// Server side: present our certificate and require a client certificate signed by our CA.
-    pub fn server_config(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
-            .client_ca_root(Certificate::from_pem(&self.ca_pem))
+    /// Server side: present our certificate and require a client certificate signed by our CA;
+    /// HTTP/2 only. A rustls config rather than tonic's, because the coordinator runs the
+    /// handshakes itself (it bounds how many run at once).
+    pub fn server_config(&self) -> Result<std::sync::Arc<rustls::ServerConfig>, String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = |pem: &[u8], what: &str| {
+            CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("{what}: {e}"))
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in certs(&self.ca_pem, "CA certificate")? {
+            roots.add(ca).map_err(|e| format!("CA certificate: {e}"))?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder(roots.into())
+            .build()
+            .map_err(|e| format!("client verifier: {e}"))?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem)
+            .map_err(|e| format!("private key: {e}"))?;
+        let mut config = rustls::ServerConfig::builder()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs(&self.cert_pem, "certificate")?, key)
+            .map_err(|e| format!("certificate and key: {e}"))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(std::sync::Arc::new(config))
     }
 
     /// Client side: trust only our CA and present our certificate. The server name checked is the
