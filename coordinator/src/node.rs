@@ -257,7 +257,8 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         .cache_capacity(crate::limits::SLED_CACHE_BYTES)
         .open()
         .map_err(|e| storage_err(e.to_string()))?;
-    let log_store = LogStore::open(&db).map_err(|e| storage_err(e.to_string()))?;
+    let log_store = LogStore::open(&db, &config.data_dir.join("sled"))
+        .map_err(|e| storage_err(e.to_string()))?;
     let committed_index = log_store.committed_index.clone();
     let fresh = log_store
         .is_fresh()

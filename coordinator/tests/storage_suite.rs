@@ -17,7 +17,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
             .flush_every_ms(None)
             .open()
             .expect("open sled");
-        let log = LogStore::open(&db).expect("log store");
+        let log = LogStore::open(&db, &dir.path().join("sled")).expect("log store");
         let sm =
             StateMachineStore::open(&db, dir.path(), Default::default()).expect("state machine");
         Ok((dir, log, sm))

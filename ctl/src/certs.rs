@@ -137,3 +137,28 @@ pub fn issue(dir: &Path, role: &str, name: &str, extra_sans: &[String]) -> Resul
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
     issue_with(&issuer, dir, name, name, role, extra_sans)
 }
+
+#[cfg(test)]
+mod tests {
+    use drover_proto::identity::{Role, cached_identity};
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+
+    #[test]
+    fn identities_read_from_issued_certificates_are_remembered_per_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        super::init(dir.path(), 1, &[], false).unwrap();
+        let der = |name: &str| {
+            CertificateDer::from_pem_file(dir.path().join(format!("{name}.pem"))).unwrap()
+        };
+        let (agent, viewer) = (der("agent"), der("viewer"));
+        for _ in 0..2 {
+            // The second round is answered from the cache and must agree with the first.
+            let a = cached_identity(agent.as_ref()).unwrap();
+            assert_eq!((a.name.as_str(), a.role), ("agent", Role::Agent));
+            let v = cached_identity(viewer.as_ref()).unwrap();
+            assert_eq!((v.name.as_str(), v.role), ("viewer", Role::Viewer));
+        }
+        assert!(cached_identity(b"not a certificate").is_err());
+    }
+}

@@ -98,7 +98,31 @@ pub fn peer_identity<T>(req: &Request<T>) -> Result<PeerIdentity, Status> {
     let leaf = certs
         .first()
         .ok_or_else(|| Status::unauthenticated("no client certificate presented"))?;
-    identity_from_der(leaf.as_ref()).map_err(Status::unauthenticated)
+    cached_identity(leaf.as_ref()).map_err(Status::unauthenticated)
+}
+
+/// Certificates already read, by their DER bytes. Parsing one took ~60 us on every RPC, on the
+/// path of every submission and of every Raft append a follower receives; the peers of a node
+/// are few (its agents, clients and fellow coordinators), so past the bound the cache just
+/// starts over.
+const IDENTITIES_CACHED_MAX: usize = 16_384;
+
+/// [`identity_from_der`], remembered per certificate.
+pub fn cached_identity(der: &[u8]) -> Result<PeerIdentity, String> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<Vec<u8>, PeerIdentity>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(id) = cache.lock().unwrap().get(der) {
+        return Ok(id.clone());
+    }
+    let id = identity_from_der(der)?;
+    let mut cache = cache.lock().unwrap();
+    if cache.len() >= IDENTITIES_CACHED_MAX {
+        cache.clear();
+    }
+    cache.insert(der.to_vec(), id.clone());
+    Ok(id)
 }
 
 /// Checks the caller holds one of `allowed`; the error names the roles that would do.
