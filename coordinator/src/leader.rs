@@ -96,17 +96,13 @@ async fn expire_leases(ctx: &Ctx, took_office: tokio::time::Instant) {
                 .last_first_contact()
                 .is_some_and(|t| t.elapsed() < ttl));
     let expired: Vec<String> = ctx.shared.read(|a| {
-        a.state
+        let live = a
+            .state
             .agents
             .values()
             .filter(|a| a.state != AgentState::Lost)
-            // An agent this leader never tracked (just registered, or just took office) is
-            // granted a full lease now rather than judged.
-            .filter(|a| ctx.sessions.lease_age_ms(&a.name) > ttl_ms)
-            .filter(|a| !ctx.sessions.is_registering(&a.name))
-            .filter(|a| !storm || ctx.sessions.heard_since_office(&a.name))
-            .map(|a| a.name.clone())
-            .collect()
+            .map(|a| a.name.as_str());
+        ctx.sessions.overdue(live, ttl, storm)
     });
     // Lost in state but still connected (a registration answered from state raced the loss):
     // end the session so the agent registers again, this time with a write.

@@ -132,11 +132,6 @@ impl Sessions {
         }
     }
 
-    /// Whether this leader has heard from the agent since taking office.
-    pub fn heard_since_office(&self, name: &str) -> bool {
-        self.inner.lock().unwrap().heard.contains(name)
-    }
-
     /// When an agent was last heard from for the first time since this leader took office.
     pub fn last_first_contact(&self) -> Option<Instant> {
         self.inner.lock().unwrap().last_first_contact
@@ -153,15 +148,36 @@ impl Sessions {
         }
     }
 
-    /// Milliseconds since the agent was last heard from. An agent this leader has never tracked
-    /// (it just registered, or the leader just took over) is granted a full lease now.
-    pub fn lease_age_ms(&self, name: &str) -> u64 {
+    /// The agents among `names` whose lease has run out: not heard from for longer than `ttl`,
+    /// no registration in flight, and, while a reconnect `storm` lasts, heard from since this
+    /// leader took office. An agent this leader has never tracked (it just registered, or the
+    /// leader just took over) is granted a full lease now. One lock for the whole fleet: this
+    /// runs ten times a second over every agent.
+    pub fn overdue<'a>(
+        &self,
+        names: impl Iterator<Item = &'a str>,
+        ttl: std::time::Duration,
+        storm: bool,
+    ) -> Vec<String> {
+        let now = Instant::now();
         let mut inner = self.inner.lock().unwrap();
-        let seen = inner
-            .last_seen
-            .entry(name.to_owned())
-            .or_insert_with(Instant::now);
-        seen.elapsed().as_millis() as u64
+        let mut overdue = Vec::new();
+        for name in names {
+            let seen = match inner.last_seen.get(name) {
+                Some(seen) => *seen,
+                None => {
+                    inner.last_seen.insert(name.to_owned(), now);
+                    continue;
+                }
+            };
+            if now.duration_since(seen) > ttl
+                && !inner.registering.contains_key(name)
+                && (!storm || inner.heard.contains(name))
+            {
+                overdue.push(name.to_owned());
+            }
+        }
+        overdue
     }
 
     pub fn forget_lease(&self, name: &str) {
@@ -267,6 +283,44 @@ impl LogRequests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn overdue_spares_new_registering_and_unheard_storm_agents() {
+        let s = Sessions::default();
+        let zero = std::time::Duration::ZERO;
+        s.grant_leases(["granted"].into_iter());
+        s.touch("heard");
+        let _guard = s.registering("registering");
+        s.touch("registering");
+        // Any time at all past a zero lease is overdue.
+        let t0 = Instant::now();
+        while Instant::now() == t0 {
+            std::hint::spin_loop();
+        }
+        let all = ["granted", "heard", "registering", "new"];
+        let mut storm = s.overdue(all.into_iter(), zero, true);
+        storm.sort();
+        assert_eq!(
+            storm,
+            ["heard"],
+            "in a storm only agents heard from since taking office are judged"
+        );
+        assert!(
+            s.heard_ago_ms("new").is_some(),
+            "an agent never tracked is granted a lease, not judged"
+        );
+        let mut calm = s.overdue(all[..3].iter().copied(), zero, false);
+        calm.sort();
+        assert_eq!(
+            calm,
+            ["granted", "heard"],
+            "a registration in flight is spared"
+        );
+        assert!(
+            s.overdue(all.into_iter(), std::time::Duration::from_secs(60), false)
+                .is_empty()
+        );
+    }
 
     #[test]
     fn a_registration_in_flight_is_marked_until_its_last_guard_ends() {
