@@ -286,6 +286,13 @@ async fn main() -> anyhow::Result<()> {
                     .filter(|a| a.state == pb::AgentState::Lost as i32 && a.name != victim)
                     .count();
                 println!("agents falsely declared lost across the failover: {falsely_lost}");
+                // Also any declared lost and back since: the replicated count of declarations.
+                let declared = (0..3)
+                    .filter_map(|i| cluster.metric(i, "drover_agents_lost"))
+                    .fold(0.0, f64::max);
+                println!(
+                    "agents declared lost during the whole run, the killed one included: {declared}"
+                );
                 fleet.stop().await;
                 drop(cluster);
             } else {
