@@ -57,8 +57,10 @@ pub struct Config {
     #[arg(long, env = "DROVER_HEARTBEAT_INTERVAL_MS", default_value_t = 1000)]
     pub heartbeat_interval_ms: u64,
 
-    /// An agent not heard from for this long is declared lost and its tasks re-queued.
-    #[arg(long, env = "DROVER_LEASE_TTL_MS", default_value_t = 5000)]
+    /// An agent not heard from for this long is declared lost and its tasks re-queued. Four
+    /// missed heartbeats: a dead agent is declared lost within 5 s of its death (the lease runs
+    /// from its last heartbeat, up to an interval earlier, and rounds come every 100 ms).
+    #[arg(long, env = "DROVER_LEASE_TTL_MS", default_value_t = 4000)]
     pub lease_ttl_ms: u64,
 
     /// Raft leader heartbeat interval.

@@ -83,7 +83,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<i32> {
             tls_dir: tls_dir.clone(),
             tls_name: None,
             heartbeat_interval_ms: 1000,
-            lease_ttl_ms: 5000,
+            lease_ttl_ms: 4000,
             raft_heartbeat_ms: 50,
             election_timeout_ms: 150,
             election_timeout_max_ms: None,

@@ -92,7 +92,7 @@ impl Default for ClusterOptions {
         Self {
             nodes: 3,
             snapshot_logs: 5000,
-            lease_ttl_ms: 5000,
+            lease_ttl_ms: 4000,
             heartbeat_interval_ms: 500,
             absent: None,
         }
