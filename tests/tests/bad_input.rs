@@ -215,3 +215,61 @@ async fn writes_without_a_quorum_are_unavailable_and_retried_until_one_returns()
     .await
     .expect("test deadline");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_stalled_mid_handshake_delay_nobody() {
+    // Guards: the gRPC port runs TLS handshakes a step at a time under a few permits (the
+    // coordinator's `accept`). A connection that never completes its handshake must hold none,
+    // or a handful of them would shut every agent and client out until the handshake timeout.
+    use tokio::io::AsyncWriteExt;
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let cluster = Cluster::start(ClusterOptions::default()).await;
+        let leader = cluster.wait_leader(Duration::from_secs(30)).await;
+        let addr = cluster.addr(leader);
+        const STALLED: usize = 64;
+        let mut stalled = Vec::new();
+        for i in 0..STALLED {
+            let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            if i % 2 == 1 {
+                // A handshake record header promising 512 bytes that never come.
+                s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+                    .await
+                    .unwrap();
+            }
+            stalled.push(s);
+        }
+        drover_tests::wait_for(
+            "the stalled handshakes in progress",
+            Duration::from_secs(5),
+            || async {
+                (cluster.metric(leader, "drover_tls_handshakes_pending")? >= STALLED as f64)
+                    .then_some(())
+            },
+        )
+        .await;
+
+        // A new client (a new connection, so a new handshake) is served at once.
+        let started = std::time::Instant::now();
+        let client = cluster.client_as("admin", vec![addr.clone()]);
+        droverctl::cli::submit(&client, one_task("after-stalls", &["true"]))
+            .await
+            .expect("submit behind stalled handshakes");
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(5),
+            "a new client waited {took:?} behind {STALLED} stalled handshakes"
+        );
+
+        // The stalled ones end at the handshake timeout (10 s), counted as such.
+        let timeout = r#"drover_tls_handshakes_total{result="timeout"}"#;
+        drover_tests::wait_for(
+            "the stalled handshakes to time out",
+            Duration::from_secs(30),
+            || async { (cluster.metric(leader, timeout)? >= STALLED as f64).then_some(()) },
+        )
+        .await;
+        drop(stalled);
+    })
+    .await
+    .expect("test deadline");
+}
