@@ -4,7 +4,10 @@
 //! sled's own flush is not enough: sled 0.34 writes with `sync_file_range`, which waits for the
 //! pages to reach the disk but neither flushes the disk's volatile write cache nor commits the
 //! file's metadata, so a power cut could lose an append already counted towards a commit. Each
-//! sync therefore also `fdatasync`s sled's data file.
+//! sync therefore also `fdatasync`s sled's data file. And sled writes a value too large for its
+//! log (over a quarter of a 512 KiB segment: a batch of large submissions) to a file of its own
+//! under `blobs/`, never synced: each sync first syncs the blob files written since the last one,
+//! so the pointer in the log never outlives its blob.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -30,6 +33,8 @@ pub struct LogStore {
     meta: sled::Tree,
     /// sled's data file (`<sled dir>/db`), for the fdatasync after each flush.
     data_file: Arc<std::fs::File>,
+    /// sled's blob directory, and which of its files are synced.
+    blobs: Arc<(std::path::PathBuf, std::sync::Mutex<BlobSync>)>,
     /// Highest index openraft has told us is committed; read by readiness and cluster status.
     pub committed_index: Arc<AtomicU64>,
 }
@@ -51,6 +56,7 @@ impl LogStore {
     pub fn open(db: &sled::Db, sled_dir: &std::path::Path) -> Result<Self, sled::Error> {
         Ok(Self {
             data_file: Arc::new(std::fs::File::open(sled_dir.join("db")).map_err(sled::Error::Io)?),
+            blobs: Arc::new((sled_dir.join("blobs"), Default::default())),
             db: db.clone(),
             log: db.open_tree("raft_log")?,
             meta: db.open_tree("raft_meta")?,
@@ -74,8 +80,9 @@ impl LogStore {
     /// Flushes sled and syncs its data file (see the module's comment), off the runtime's threads:
     /// one hop, as sled's `flush_async` was.
     async fn sync(&self) -> std::io::Result<()> {
-        let (db, file) = (self.db.clone(), self.data_file.clone());
+        let (db, file, blobs) = (self.db.clone(), self.data_file.clone(), self.blobs.clone());
         tokio::task::spawn_blocking(move || {
+            sync_new_blobs(&blobs.0, &mut blobs.1.lock().unwrap())?;
             db.flush().map_err(std::io::Error::other)?;
             file.sync_data()
         })
@@ -87,6 +94,58 @@ impl LogStore {
     pub fn is_fresh(&self) -> Result<bool, StorageError> {
         Ok(self.get_meta::<Vote<NodeId>>(KEY_VOTE)?.is_none() && self.log.is_empty())
     }
+}
+
+/// sled's `blobs/` directory and the blob files in it already synced.
+#[derive(Default)]
+struct BlobSync {
+    synced: std::collections::HashSet<std::ffi::OsString>,
+    /// When the last scan began.
+    scanned_at: Option<std::time::SystemTime>,
+}
+
+/// File times come from a coarse clock (one tick, up to 10 ms, behind): a directory changed after
+/// a scan began can carry a time up to a tick before it.
+const FILE_TIME_SLACK: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Syncs the files in `dir` not synced before, then the directory; returns the files synced.
+/// Costs one `stat` when the directory has not changed since well before the last scan.
+fn sync_new_blobs(
+    dir: &std::path::Path,
+    state: &mut BlobSync,
+) -> std::io::Result<Vec<std::path::PathBuf>> {
+    let dir_mtime = match std::fs::metadata(dir) {
+        Ok(m) => m.modified()?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    if state
+        .scanned_at
+        .is_some_and(|at| dir_mtime + FILE_TIME_SLACK < at)
+    {
+        return Ok(Vec::new());
+    }
+    let scan_began = std::time::SystemTime::now();
+    let mut present = std::collections::HashSet::new();
+    let mut done = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if !state.synced.contains(&name) {
+            match std::fs::File::open(entry.path()) {
+                Ok(f) => f.sync_data()?,
+                // Collected by sled meanwhile.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            }
+            done.push(entry.path());
+        }
+        present.insert(name);
+    }
+    std::fs::File::open(dir)?.sync_all()?;
+    state.synced = present;
+    state.scanned_at = Some(scan_began);
+    Ok(done)
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -216,5 +275,41 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         self.log.apply_batch(batch).map_err(write_err)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sync_new_blobs;
+
+    #[test]
+    fn blob_files_are_synced_once_each_new_one_at_the_next_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = dir.path().join("blobs");
+        let mut synced = super::BlobSync::default();
+        assert!(
+            sync_new_blobs(&blobs, &mut synced).unwrap().is_empty(),
+            "no blobs directory yet: nothing to do"
+        );
+        std::fs::create_dir(&blobs).unwrap();
+        std::fs::write(blobs.join("1"), b"one").unwrap();
+        std::fs::write(blobs.join("2"), b"two").unwrap();
+        assert_eq!(sync_new_blobs(&blobs, &mut synced).unwrap().len(), 2);
+        assert!(
+            sync_new_blobs(&blobs, &mut synced).unwrap().is_empty(),
+            "a file is synced once"
+        );
+        // Written within the same tick of the file clock as the scan: still found.
+        std::fs::write(blobs.join("3"), b"three").unwrap();
+        assert_eq!(
+            sync_new_blobs(&blobs, &mut synced).unwrap(),
+            [blobs.join("3")]
+        );
+        std::fs::remove_file(blobs.join("1")).unwrap();
+        assert!(sync_new_blobs(&blobs, &mut synced).unwrap().is_empty());
+        assert!(
+            !synced.synced.contains(std::ffi::OsStr::new("1")),
+            "forgotten once gone"
+        );
     }
 }
