@@ -19,7 +19,13 @@ pub fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let config = crate::Config::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
+    // File operations (tokio::fs) run on the blocking pool, several per task; under a burst of
+    // short tasks tokio's default (up to 512 threads) left ~300 threads alive in the agent.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(crate::limits::BLOCKING_THREADS_MAX)
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");
