@@ -287,9 +287,7 @@ async fn main() -> anyhow::Result<()> {
                     .count();
                 println!("agents falsely declared lost across the failover: {falsely_lost}");
                 // Also any declared lost and back since: the replicated count of declarations.
-                let declared = (0..3)
-                    .filter_map(|i| cluster.metric(i, "drover_agents_lost"))
-                    .fold(0.0, f64::max);
+                let declared = highest_metric(&cluster, "drover_agents_lost");
                 println!(
                     "agents declared lost during the whole run, the killed one included: {declared}"
                 );
@@ -303,7 +301,12 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Kills the leader `kills` times while a client submits continuously.
+/// The highest value of a metric among the nodes that answer (a killed one does not).
+fn highest_metric(c: &Cluster, name: &str) -> f64 {
+    (0..3).filter_map(|i| c.metric(i, name)).fold(0.0, f64::max)
+}
+
+/// No-op tasks submitted in runs of `per_run`, through to completion.
 async fn wide(tasks: usize, per_run: usize, concurrency: usize) -> anyhow::Result<()> {
     let target = Target {
         spawn_cluster: true,
@@ -312,17 +315,13 @@ async fn wide(tasks: usize, per_run: usize, concurrency: usize) -> anyhow::Resul
     };
     let (cluster, client, _, _) = connect(&target, 1).await?;
     let cluster = cluster.context("spawned cluster")?;
-    // The highest value any node reports.
-    let highest = |c: &Cluster, name: &str| {
-        (0..3).filter_map(|i| c.metric(i, name)).fold(0.0, f64::max) as u64
-    };
-    let term = |c: &Cluster| highest(c, "drover_raft_term");
+    let term = |c: &Cluster| highest_metric(c, "drover_raft_term") as u64;
     let first_term = term(&cluster);
     let started = Instant::now();
     let (accepted, errors) =
         drover_benches::backlog::fill(Arc::new(client), tasks, per_run, concurrency).await;
     let submit_secs = started.elapsed().as_secs_f64();
-    let succeeded = |c: &Cluster| highest(c, "drover_tasks_succeeded") as usize;
+    let succeeded = |c: &Cluster| highest_metric(c, "drover_tasks_succeeded") as usize;
     let deadline = Instant::now() + Duration::from_secs(600);
     while succeeded(&cluster) < accepted {
         if Instant::now() > deadline {
@@ -405,6 +404,7 @@ async fn backlog(
     Ok(())
 }
 
+/// Kills the leader `kills` times while a client submits continuously.
 async fn failover(kills: usize) -> anyhow::Result<()> {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicBool, Ordering};

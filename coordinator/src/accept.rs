@@ -39,8 +39,12 @@ pub fn tls_incoming(
     let task = tokio::spawn(async move {
         loop {
             // Past the bound, connections wait in the kernel's listen backlog.
-            let Ok(slot) = pending.clone().acquire_owned().await else {
-                return;
+            let slot = tokio::select! {
+                _ = shutdown.changed() => return,
+                slot = pending.clone().acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => return,
+                },
             };
             let accepted = tokio::select! {
                 _ = shutdown.changed() => return,

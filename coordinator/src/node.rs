@@ -251,14 +251,14 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         path: config.data_dir.display().to_string(),
         message: e,
     };
+    let sled_dir = config.data_dir.join("sled");
     let db = sled::Config::new()
-        .path(config.data_dir.join("sled"))
+        .path(&sled_dir)
         .flush_every_ms(None)
         .cache_capacity(crate::limits::SLED_CACHE_BYTES)
         .open()
         .map_err(|e| storage_err(e.to_string()))?;
-    let log_store = LogStore::open(&db, &config.data_dir.join("sled"))
-        .map_err(|e| storage_err(e.to_string()))?;
+    let log_store = LogStore::open(&db, &sled_dir).map_err(|e| storage_err(e.to_string()))?;
     let committed_index = log_store.committed_index.clone();
     let fresh = log_store
         .is_fresh()

@@ -12,11 +12,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
         &self,
     ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError> {
         let dir = tempfile::tempdir().expect("temp dir");
-        let db = sled::Config::new()
-            .path(dir.path().join("sled"))
-            .flush_every_ms(None)
-            .open()
-            .expect("open sled");
+        let db = sled_in(dir.path());
         let log = LogStore::open(&db, &dir.path().join("sled")).expect("log store");
         let sm =
             StateMachineStore::open(&db, dir.path(), Default::default()).expect("state machine");

@@ -33,8 +33,8 @@ pub struct LogStore {
     meta: sled::Tree,
     /// sled's data file (`<sled dir>/db`), for the fdatasync after each flush.
     data_file: Arc<std::fs::File>,
-    /// sled's blob directory, and which of its files are synced.
-    blobs: Arc<(std::path::PathBuf, std::sync::Mutex<BlobSync>)>,
+    /// sled's blob files and which of them are synced.
+    blobs: Arc<std::sync::Mutex<BlobSync>>,
     /// Highest index openraft has told us is committed; read by readiness and cluster status.
     pub committed_index: Arc<AtomicU64>,
 }
@@ -56,7 +56,7 @@ impl LogStore {
     pub fn open(db: &sled::Db, sled_dir: &std::path::Path) -> Result<Self, sled::Error> {
         Ok(Self {
             data_file: Arc::new(std::fs::File::open(sled_dir.join("db")).map_err(sled::Error::Io)?),
-            blobs: Arc::new((sled_dir.join("blobs"), Default::default())),
+            blobs: Arc::new(std::sync::Mutex::new(BlobSync::new(sled_dir.join("blobs")))),
             db: db.clone(),
             log: db.open_tree("raft_log")?,
             meta: db.open_tree("raft_meta")?,
@@ -82,7 +82,7 @@ impl LogStore {
     async fn sync(&self) -> std::io::Result<()> {
         let (db, file, blobs) = (self.db.clone(), self.data_file.clone(), self.blobs.clone());
         tokio::task::spawn_blocking(move || {
-            sync_new_blobs(&blobs.0, &mut blobs.1.lock().unwrap())?;
+            blobs.lock().unwrap().sync_new()?;
             db.flush().map_err(std::io::Error::other)?;
             file.sync_data()
         })
@@ -97,8 +97,8 @@ impl LogStore {
 }
 
 /// sled's `blobs/` directory and the blob files in it already synced.
-#[derive(Default)]
 struct BlobSync {
+    dir: std::path::PathBuf,
     synced: std::collections::HashSet<std::ffi::OsString>,
     /// When the last scan began.
     scanned_at: Option<std::time::SystemTime>,
@@ -108,44 +108,51 @@ struct BlobSync {
 /// a scan began can carry a time up to a tick before it.
 const FILE_TIME_SLACK: std::time::Duration = std::time::Duration::from_millis(50);
 
-/// Syncs the files in `dir` not synced before, then the directory; returns the files synced.
-/// Costs one `stat` when the directory has not changed since well before the last scan.
-fn sync_new_blobs(
-    dir: &std::path::Path,
-    state: &mut BlobSync,
-) -> std::io::Result<Vec<std::path::PathBuf>> {
-    let dir_mtime = match std::fs::metadata(dir) {
-        Ok(m) => m.modified()?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
-    if state
-        .scanned_at
-        .is_some_and(|at| dir_mtime + FILE_TIME_SLACK < at)
-    {
-        return Ok(Vec::new());
-    }
-    let scan_began = std::time::SystemTime::now();
-    let mut present = std::collections::HashSet::new();
-    let mut done = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        if !state.synced.contains(&name) {
-            match std::fs::File::open(entry.path()) {
-                Ok(f) => f.sync_data()?,
-                // Collected by sled meanwhile.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
-            }
-            done.push(entry.path());
+impl BlobSync {
+    fn new(dir: std::path::PathBuf) -> Self {
+        Self {
+            dir,
+            synced: Default::default(),
+            scanned_at: None,
         }
-        present.insert(name);
     }
-    std::fs::File::open(dir)?.sync_all()?;
-    state.synced = present;
-    state.scanned_at = Some(scan_began);
-    Ok(done)
+
+    /// Syncs the files not synced before, then the directory; returns the files synced. Costs
+    /// one `stat` when the directory has not changed since well before the last scan.
+    fn sync_new(&mut self) -> std::io::Result<Vec<std::path::PathBuf>> {
+        let dir_mtime = match std::fs::metadata(&self.dir) {
+            Ok(m) => m.modified()?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        if self
+            .scanned_at
+            .is_some_and(|at| dir_mtime + FILE_TIME_SLACK < at)
+        {
+            return Ok(Vec::new());
+        }
+        let scan_began = std::time::SystemTime::now();
+        let mut present = std::collections::HashSet::new();
+        let mut done = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            if !self.synced.contains(&name) {
+                match std::fs::File::open(entry.path()) {
+                    Ok(f) => f.sync_data()?,
+                    // Collected by sled meanwhile.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+                done.push(entry.path());
+            }
+            present.insert(name);
+        }
+        std::fs::File::open(&self.dir)?.sync_all()?;
+        self.synced = present;
+        self.scanned_at = Some(scan_began);
+        Ok(done)
+    }
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -280,35 +287,29 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
 #[cfg(test)]
 mod tests {
-    use super::sync_new_blobs;
+    use super::BlobSync;
 
     #[test]
     fn blob_files_are_synced_once_each_new_one_at_the_next_sync() {
         let dir = tempfile::tempdir().unwrap();
         let blobs = dir.path().join("blobs");
-        let mut synced = super::BlobSync::default();
+        let mut sync = BlobSync::new(blobs.clone());
         assert!(
-            sync_new_blobs(&blobs, &mut synced).unwrap().is_empty(),
+            sync.sync_new().unwrap().is_empty(),
             "no blobs directory yet: nothing to do"
         );
         std::fs::create_dir(&blobs).unwrap();
         std::fs::write(blobs.join("1"), b"one").unwrap();
         std::fs::write(blobs.join("2"), b"two").unwrap();
-        assert_eq!(sync_new_blobs(&blobs, &mut synced).unwrap().len(), 2);
-        assert!(
-            sync_new_blobs(&blobs, &mut synced).unwrap().is_empty(),
-            "a file is synced once"
-        );
+        assert_eq!(sync.sync_new().unwrap().len(), 2);
+        assert!(sync.sync_new().unwrap().is_empty(), "a file is synced once");
         // Written within the same tick of the file clock as the scan: still found.
         std::fs::write(blobs.join("3"), b"three").unwrap();
-        assert_eq!(
-            sync_new_blobs(&blobs, &mut synced).unwrap(),
-            [blobs.join("3")]
-        );
+        assert_eq!(sync.sync_new().unwrap(), [blobs.join("3")]);
         std::fs::remove_file(blobs.join("1")).unwrap();
-        assert!(sync_new_blobs(&blobs, &mut synced).unwrap().is_empty());
+        assert!(sync.sync_new().unwrap().is_empty());
         assert!(
-            !synced.synced.contains(std::ffi::OsStr::new("1")),
+            !sync.synced.contains(std::ffi::OsStr::new("1")),
             "forgotten once gone"
         );
     }
