@@ -33,6 +33,13 @@ pub const PROPOSAL_BATCH_MAX: usize = 2_048;
 /// per append, replication messages stay within the Raft channel's message limit.
 pub const PROPOSAL_BATCH_BYTES_MAX: usize = 2 * 1024 * 1024;
 
+/// How long the leader waits for a follower to receive a snapshot chunk (up to 3 MiB) and, for the
+/// last one, to decode and store the whole snapshot. openraft's default, 200 ms, was shorter than
+/// a follower restarted under a backlog took to take in a 2.7 MiB snapshot over HTTP/2's 64 KiB
+/// flow-control windows: every attempt timed out, was dropped half-received and started over, and
+/// the follower never caught up. A million queued tasks take seconds to decode.
+pub const RAFT_INSTALL_SNAPSHOT_WAIT_MS: u64 = 10_000;
+
 /// Entries in one Raft append: times the largest entry (a command at the gRPC message limit,
 /// 8 MiB), within the Raft channel's 64 MiB message limit.
 pub const RAFT_APPEND_ENTRIES_MAX: u64 = 8;

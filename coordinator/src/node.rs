@@ -276,6 +276,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_logs),
         max_in_snapshot_log_to_keep: config.snapshot_logs / 2,
         max_payload_entries: crate::limits::RAFT_APPEND_ENTRIES_MAX,
+        install_snapshot_timeout: crate::limits::RAFT_INSTALL_SNAPSHOT_WAIT_MS,
         ..Default::default()
     }
     .validate()
