@@ -1,7 +1,8 @@
-//! Runs one task attempt as a child process in its own process group: output to files on local
-//! disk (the full log) and to a bounded tail (replicated with the result), a timeout, and a stop
-//! that takes down the whole group.
+//! Runs one task attempt as a child process in its own process group: stdout and stderr go
+//! straight to files on local disk (the full log), whose last bytes become the tail replicated
+//! with the result; a timeout, and a stop that takes down the whole group.
 
+use std::os::unix::fs::FileExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -9,10 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use drover_proto::pb;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 use tokio::sync::oneshot;
 
+use crate::cgroup::{Cgroups, TaskCgroup};
 use crate::limits;
 use crate::tasks::TaskTable;
 
@@ -62,7 +64,7 @@ fn failed(reason: String) -> pb::TaskOutcome {
 pub async fn execute(
     work_dir: PathBuf,
     table: Arc<TaskTable>,
-    cgroups: Option<Arc<crate::cgroup::Cgroups>>,
+    cgroups: Option<Arc<Cgroups>>,
     assign: pb::Assign,
 ) {
     let task_id = assign.task_id.clone();
@@ -83,7 +85,7 @@ pub async fn execute(
     let (outcome, started_at_us) = match noop {
         Some(ms) => run_noop(&table, &assign, ms).await,
         None => {
-            let outcome = run_process(&work_dir, &table, cgroups.as_deref(), &assign).await;
+            let outcome = run_process(&work_dir, &table, cgroups, assign).await;
             (outcome, table.started_at_us(&task_id, attempt))
         }
     };
@@ -123,46 +125,61 @@ async fn run_noop(
     (outcome, started_at_us)
 }
 
-async fn run_process(
+/// A started attempt and what is collected from it once it ends.
+struct Running {
+    child: tokio::process::Child,
+    /// The log files the child writes to directly; read back for the replicated tails.
+    stdout: std::fs::File,
+    stderr: std::fs::File,
+    cgroup: Option<TaskCgroup>,
+}
+
+/// Creates the attempt's log files and working directory and starts its process. All of it is
+/// blocking file work, done in one blocking-pool hop per task rather than one per file operation.
+/// The child writes straight to its log files: no pipes, no copying tasks in the agent.
+fn start(
     work_dir: &Path,
-    table: &TaskTable,
-    cgroups: Option<&crate::cgroup::Cgroups>,
+    cgroups: Option<&Cgroups>,
     assign: &pb::Assign,
-) -> pb::TaskOutcome {
-    let started = Instant::now();
-    let Some(spec) = assign.spec.as_ref() else {
-        return failed("assignment carried no task spec".into());
-    };
-    let stdout_path = log_path(
-        work_dir,
-        &assign.task_id,
-        assign.attempt,
-        pb::LogStream::Stdout,
-    );
-    let stderr_path = log_path(
-        work_dir,
-        &assign.task_id,
-        assign.attempt,
-        pb::LogStream::Stderr,
-    );
-    if let Some(dir) = stdout_path.parent()
-        && let Err(e) = tokio::fs::create_dir_all(dir).await
-    {
-        return failed(format!("creating log dir {}: {e}", dir.display()));
+) -> Result<Running, String> {
+    let spec = assign
+        .spec
+        .as_ref()
+        .ok_or("assignment carried no task spec")?;
+    let log = |stream| log_path(work_dir, &assign.task_id, assign.attempt, stream);
+    let (stdout_path, stderr_path) = (log(pb::LogStream::Stdout), log(pb::LogStream::Stderr));
+    if let Some(dir) = stdout_path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("creating log dir {}: {e}", dir.display()))?;
     }
     let cwd = if spec.workdir.is_empty() {
         let dir = stdout_path.with_extension("work");
-        if let Err(e) = tokio::fs::create_dir_all(&dir).await {
-            return failed(format!("creating working dir {}: {e}", dir.display()));
-        }
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("creating working dir {}: {e}", dir.display()))?;
         dir
     } else {
         PathBuf::from(&spec.workdir)
     };
+    let create = |path: &Path| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| format!("creating log file {}: {e}", path.display()))
+    };
+    let (stdout, stderr) = (create(&stdout_path)?, create(&stderr_path)?);
+    let for_child = |f: &std::fs::File| {
+        f.try_clone()
+            .map(Stdio::from)
+            .map_err(|e| format!("duplicating a log file descriptor: {e}"))
+    };
     let mut cmd = if spec.shell.is_empty() {
-        let Some((program, args)) = spec.argv.split_first() else {
-            return failed("task has neither command nor shell".into());
-        };
+        let (program, args) = spec
+            .argv
+            .split_first()
+            .ok_or("task has neither command nor shell")?;
         let mut c = Command::new(program);
         c.args(args);
         c
@@ -177,16 +194,14 @@ async fn run_process(
         .env("DROVER_TASK_ID", &assign.task_id)
         .env("DROVER_ATTEMPT", assign.attempt.to_string())
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(for_child(&stdout)?)
+        .stderr(for_child(&stderr)?)
         .process_group(0)
         .kill_on_drop(true);
-    let cgroup =
-        match cgroups.map(|c| c.create(&assign.task_id, assign.attempt, spec.resources.as_ref())) {
-            None => None,
-            Some(Ok(cg)) => Some(cg),
-            Some(Err(e)) => return failed(format!("cgroup: {e}")),
-        };
+    let cgroup = cgroups
+        .map(|c| c.create(&assign.task_id, assign.attempt, spec.resources.as_ref()))
+        .transpose()
+        .map_err(|e| format!("cgroup: {e}"))?;
     if let Some(cg) = &cgroup {
         let join = cg.join_in_child();
         // SAFETY: the closure only calls write(2), which is async-signal-safe.
@@ -194,15 +209,60 @@ async fn run_process(
             cmd.pre_exec(join);
         }
     }
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            let what = spec.argv.first().map_or("sh", String::as_str);
-            let mut o = failed(format!("spawn: {what}: {e} (cwd {})", cwd.display()));
+    // Spawning registers the child with the runtime's reaper; blocking-pool threads are inside
+    // the runtime's context, so this works here.
+    let child = cmd.spawn().map_err(|e| {
+        let what = spec.argv.first().map_or("sh", String::as_str);
+        format!("spawn: {what}: {e} (cwd {})", cwd.display())
+    })?;
+    Ok(Running {
+        child,
+        stdout,
+        stderr,
+        cgroup,
+    })
+}
+
+/// The last `OUTPUT_TAIL_BYTES_MAX` bytes of a log file. Reads at an offset, never seeking: the
+/// file description is shared with anything the task left running.
+fn tail_of(file: &std::fs::File) -> Vec<u8> {
+    let len = file.metadata().map_or(0, |m| m.len());
+    let n = len.min(limits::OUTPUT_TAIL_BYTES_MAX as u64);
+    let mut buf = vec![0u8; n as usize];
+    match file.read_exact_at(&mut buf, len - n) {
+        Ok(()) => buf,
+        Err(_) => Vec::new(),
+    }
+}
+
+async fn run_process(
+    work_dir: &Path,
+    table: &TaskTable,
+    cgroups: Option<Arc<Cgroups>>,
+    assign: pb::Assign,
+) -> pb::TaskOutcome {
+    let started = Instant::now();
+    let work = work_dir.to_owned();
+    let (assign, running) = match tokio::task::spawn_blocking(move || {
+        let running = start(&work, cgroups.as_deref(), &assign);
+        (assign, running)
+    })
+    .await
+    {
+        Ok((assign, Ok(running))) => (assign, running),
+        Ok((_, Err(reason))) => {
+            let mut o = failed(reason);
             o.duration_ms = started.elapsed().as_millis() as u64;
             return o;
         }
+        Err(e) => return failed(format!("starting the task: {e}")),
     };
+    let Running {
+        mut child,
+        stdout,
+        stderr,
+        cgroup,
+    } = running;
     let pid = child.id().unwrap_or(0);
     let (stop_tx, stop_rx) = oneshot::channel();
     table.set_stop(&assign.task_id, assign.attempt, stop_tx);
@@ -214,25 +274,19 @@ async fn run_process(
         pid,
         started_at_us,
     });
-    let out = tokio::spawn(pump(child.stdout.take(), stdout_path));
-    let err = tokio::spawn(pump(child.stderr.take(), stderr_path));
-
-    let timeout = if spec.timeout_ms == 0 {
-        None
-    } else {
-        Some(Duration::from_millis(spec.timeout_ms))
-    };
+    let spec = assign.spec.as_ref();
+    let timeout_ms = spec.map_or(0, |s| s.timeout_ms);
     let deadline = async {
-        match timeout {
-            Some(t) => tokio::time::sleep(t).await,
-            None => std::future::pending().await,
+        match timeout_ms {
+            0 => std::future::pending().await,
+            ms => tokio::time::sleep(Duration::from_millis(ms)).await,
         }
     };
     let mut reason = String::new();
     let status = tokio::select! {
         s = child.wait() => s,
         _ = deadline => {
-            reason = format!("timeout after {} ms", spec.timeout_ms);
+            reason = format!("timeout after {timeout_ms} ms");
             stop_group(pid, &mut child).await
         }
         r = stop_rx => {
@@ -240,12 +294,15 @@ async fn run_process(
             stop_group(pid, &mut child).await
         }
     };
-    // Whatever the leader process left behind in its group goes with it, so the pipes close.
+    // Whatever the leader process left behind in its group goes with it.
     kill_group(pid, libc::SIGKILL);
-    let stdout_tail = out.await.unwrap_or_default();
-    let stderr_tail = err.await.unwrap_or_default();
-    let usage = cgroup.as_ref().map(|c| c.usage()).unwrap_or_default();
-    drop(cgroup);
+    let collected = tokio::task::spawn_blocking(move || {
+        let usage = cgroup.as_ref().map(|c| c.usage()).unwrap_or_default();
+        drop(cgroup);
+        (tail_of(&stdout), tail_of(&stderr), usage)
+    })
+    .await;
+    let (stdout_tail, stderr_tail, usage) = collected.unwrap_or_default();
     if usage.oom_killed && reason.is_empty() {
         reason = "oom".into();
     }
@@ -294,41 +351,6 @@ async fn stop_group(
             child.wait().await
         }
     }
-}
-
-/// Copies a pipe to its log file and returns the last bytes.
-async fn pump(pipe: Option<impl AsyncRead + Unpin>, path: PathBuf) -> Vec<u8> {
-    let Some(mut pipe) = pipe else {
-        return Vec::new();
-    };
-    let mut file = match tokio::fs::File::create(&path).await {
-        Ok(f) => Some(f),
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "cannot create log file; keeping only the tail");
-            None
-        }
-    };
-    let mut tail: Vec<u8> = Vec::new();
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = match pipe.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        if let Some(f) = file.as_mut()
-            && f.write_all(&buf[..n]).await.is_err()
-        {
-            file = None;
-        }
-        tail.extend_from_slice(&buf[..n]);
-        if tail.len() > limits::OUTPUT_TAIL_BYTES_MAX {
-            tail.drain(..tail.len() - limits::OUTPUT_TAIL_BYTES_MAX);
-        }
-    }
-    if let Some(mut f) = file {
-        let _ = f.flush().await;
-    }
-    tail
 }
 
 /// Reads part of a task's full log.
@@ -383,5 +405,77 @@ pub fn prune_logs(work_dir: &Path, retention: Duration) {
         if old {
             let _ = std::fs::remove_dir_all(run.path());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assign(argv: &[&str]) -> pb::Assign {
+        pb::Assign {
+            task_id: "r1/main".into(),
+            attempt: 1,
+            run_id: "r1".into(),
+            spec: Some(pb::TaskSpec {
+                argv: argv.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn the_tail_is_the_end_of_the_log_and_leaves_the_offset_alone() {
+        // Guards: the replicated tail is the last OUTPUT_TAIL_BYTES_MAX bytes, read without
+        // moving the offset a still-running grandchild writes at.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        assert!(tail_of(&f).is_empty());
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        std::io::Write::write_all(&mut f, &data).unwrap();
+        let tail = tail_of(&f);
+        assert_eq!(tail, &data[data.len() - limits::OUTPUT_TAIL_BYTES_MAX..]);
+        std::io::Write::write_all(&mut f, b"next").unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 10_004);
+    }
+
+    #[tokio::test]
+    async fn output_goes_to_the_log_files_and_its_end_to_the_tails() {
+        // Guards: the child writes its streams straight to the attempt's log files.
+        let dir = tempfile::tempdir().unwrap();
+        let table = TaskTable::default();
+        let a = assign(&["sh", "-c", "echo out; echo err >&2; exit 3"]);
+        table.claim(&a.task_id, 1, &a.run_id).unwrap();
+        let outcome = run_process(dir.path(), &table, None, a).await;
+        assert_eq!(outcome.exit_code, Some(3));
+        assert_eq!(outcome.stdout_tail, b"out\n");
+        assert_eq!(outcome.stderr_tail, b"err\n");
+        let log = log_path(dir.path(), "r1/main", 1, pb::LogStream::Stderr);
+        assert_eq!(std::fs::read(log).unwrap(), b"err\n");
+    }
+
+    #[tokio::test]
+    async fn a_work_dir_that_cannot_hold_logs_fails_the_task_with_the_reason() {
+        // Guards: a broken work dir is a clear failed result, not a silent run without logs.
+        let dir = tempfile::tempdir().unwrap();
+        let not_a_dir = dir.path().join("file");
+        std::fs::write(&not_a_dir, b"").unwrap();
+        let table = TaskTable::default();
+        let a = assign(&["true"]);
+        table.claim(&a.task_id, 1, &a.run_id).unwrap();
+        let outcome = run_process(&not_a_dir, &table, None, a).await;
+        assert!(!outcome.succeeded);
+        assert!(
+            outcome.reason.starts_with("creating log dir"),
+            "{}",
+            outcome.reason
+        );
     }
 }

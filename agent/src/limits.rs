@@ -16,6 +16,7 @@ pub const LOG_READ_BYTES_MAX: u64 = 4 * 1024 * 1024;
 /// Grace between SIGTERM and SIGKILL when a task is stopped.
 pub const KILL_GRACE_MS: u64 = 2_000;
 
-/// Threads for blocking work (every `tokio::fs` call: log files, work directories, log reads).
+/// Threads for blocking work (starting a task with its log files and work directory, reading the
+/// tails, log reads).
 /// More queue for a thread instead of each burst of short tasks leaving hundreds behind.
 pub const BLOCKING_THREADS_MAX: usize = 32;

@@ -4,10 +4,15 @@
 //!
 //! For each task, in queue order (priority, then submission): the candidates are the agents of
 //! its class whose labels satisfy every required expression and whose free capacity fits the
-//! request. Among them the highest score wins, ties going to the agent name that sorts first:
+//! request. Among them the highest score wins; ties go to the agent holding the fewest tasks,
+//! then to the agent name that sorts first:
 //! 1. spread: fewest of the run's tasks already on agents sharing the `spread_by` label value;
 //! 2. preferred: the sum of the weights of the preferred expressions the agent matches;
 //! 3. fit: binpack takes the tightest fit (least room left), spread the loosest.
+//!
+//! Tasks that ask for no resources leave every agent's room unchanged, so the fit cannot tell
+//! agents apart: without the held-tasks tie-break, binpack sent all of them to one agent
+//! while the others idled.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -173,7 +178,7 @@ pub fn plan(view: &View<'_>) -> Plan {
                     }),
             )
         };
-        let mut best: Option<(i128, usize)> = None;
+        let mut best: Option<((i128, usize), usize)> = None;
         for &i in candidates.iter() {
             let a = &agents[i];
             if a.slots == 0 || !task.resources.fits_in(&a.free) {
@@ -196,8 +201,11 @@ pub fn plan(view: &View<'_>) -> Plan {
                 Strategy::BinPack => -room,
                 Strategy::Spread => room,
             };
-            if best.is_none_or(|(s, _)| score > s) {
-                best = Some((score, i));
+            // More free slots = fewer tasks held; agents are in name order, so a full tie keeps
+            // the first.
+            let key = (score, a.slots);
+            if best.is_none_or(|(b, _)| key > b) {
+                best = Some((key, i));
             }
         }
         match best {

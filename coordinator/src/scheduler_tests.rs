@@ -100,6 +100,51 @@ fn the_spread_strategy_prefers_the_emptiest_agent() {
 }
 
 #[test]
+fn tasks_without_resources_go_to_the_agent_holding_fewest() {
+    // Guards: zero-resource tasks leave the fit equal everywhere; binpack used to put every one
+    // on the first agent by name while the others idled.
+    let view = View {
+        pending: (0..6)
+            .map(|i| pending(&format!("t{i}"), "", res(0, 0)))
+            .collect(),
+        agents: vec![
+            agent("a", "default", res(2000, 1024), &[]),
+            agent("b", "default", res(2000, 1024), &[]),
+            AgentSlot {
+                slots: crate::limits::AGENT_TASKS_MAX - 5,
+                ..agent("c", "default", res(2000, 1024), &[])
+            },
+        ],
+        ..Default::default()
+    };
+    let p = plan(&view);
+    let on = |name: &str| p.assignments.iter().filter(|a| a.agent == name).count();
+    // c already holds 5 tasks: a and b take turns until they hold as many.
+    assert_eq!((on("a"), on("b"), on("c")), (3, 3, 0));
+    assert_eq!(p.assignments[0].agent, "a");
+}
+
+#[test]
+fn equal_requests_still_pack_the_first_agent_under_binpack() {
+    // Guards: the held-tasks tie-break only breaks ties; binpack keeps filling the agent with
+    // the least room left.
+    let view = View {
+        pending: (0..3)
+            .map(|i| pending(&format!("t{i}"), "", res(500, 100)))
+            .collect(),
+        agents: vec![
+            agent("a", "default", res(2000, 1024), &[]),
+            agent("b", "default", res(2000, 1024), &[]),
+        ],
+        ..Default::default()
+    };
+    assert_eq!(
+        placed_on(&plan(&view)),
+        vec![("t0", "a"), ("t1", "a"), ("t2", "a")]
+    );
+}
+
+#[test]
 fn required_expressions_filter_and_preferred_weights_steer() {
     // Guards: affinity.required is a hard filter, affinity.preferred a weighted preference.
     let agents = vec![
