@@ -60,6 +60,10 @@ pub const AGENT_TASKS_MAX: usize = 1_024;
 /// Tasks the scheduler places in one round (one Raft entry).
 pub const SCHEDULE_ROUND_TASKS_MAX: usize = 4_096;
 
+/// Queued tasks a round looks at beyond the fleet's free task slots before falling back to the
+/// full window: room for a few tasks no agent can take ahead of those that fit.
+pub const SCHEDULE_WINDOW_MARGIN: usize = 64;
+
 /// Messages buffered towards one agent session before the session is considered stuck.
 pub const SESSION_OUTBOX_MAX: usize = 4_096;
 

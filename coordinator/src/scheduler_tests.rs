@@ -289,7 +289,14 @@ fn a_reason_shared_by_tasks_of_one_shape_is_recomputed_after_an_assignment() {
 fn arb_view() -> impl PropStrategy<Value = View<'static>> {
     let zones = prop::sample::select(vec!["a", "b", "c"]);
     let classes = prop::sample::select(vec!["default", "gpu"]);
-    let agent_shape = (classes.clone(), zones.clone(), 0u64..4000, 0u64..4096);
+    // Few task slots, so some views meet a full fleet.
+    let agent_shape = (
+        classes.clone(),
+        zones.clone(),
+        0u64..4000,
+        0u64..4096,
+        0usize..6,
+    );
     let task_shape = (
         classes,
         prop::option::of(zones),
@@ -322,8 +329,9 @@ fn arb_view() -> impl PropStrategy<Value = View<'static>> {
                 agents: agents
                     .into_iter()
                     .enumerate()
-                    .map(|(i, (class, zone, cpu, mem))| {
-                        agent(&format!("ag{i}"), class, res(cpu, mem), &[("zone", zone)])
+                    .map(|(i, (class, zone, cpu, mem, slots))| AgentSlot {
+                        slots,
+                        ..agent(&format!("ag{i}"), class, res(cpu, mem), &[("zone", zone)])
                     })
                     .collect(),
                 placed: BTreeMap::new(),
@@ -332,6 +340,20 @@ fn arb_view() -> impl PropStrategy<Value = View<'static>> {
 }
 
 proptest! {
+    #[test]
+    fn a_plan_that_stops_at_the_full_fleet_is_the_plan_of_any_longer_queue(view in arb_view(), cut in 0usize..40) {
+        // Guards: the leader first plans a short window of the queue and trusts it whenever the
+        // plan stopped at a full fleet inside it (limits::SCHEDULE_WINDOW_MARGIN).
+        let cut = cut.min(view.pending.len());
+        let short = View { pending: view.pending[..cut].to_vec(), ..view.clone() };
+        let p = plan(&short);
+        if p.unexamined > 0 {
+            let full = plan(&view);
+            prop_assert_eq!(&p.assignments, &full.assignments);
+            prop_assert_eq!(&p.unplaced, &full.unplaced);
+        }
+    }
+
     #[test]
     fn never_overcommits_never_breaks_a_requirement_and_is_deterministic(view in arb_view()) {
         // Guards: the scheduler's safety properties over arbitrary views.
