@@ -12,7 +12,9 @@ use crate::model::{AgentName, Assignment, HeldTask, Outcome, Resources, RunSpec,
 pub struct Request {
     /// Leader's wall clock when the batch was proposed, microseconds since the Unix epoch.
     pub now_us: u64,
-    pub commands: Vec<Command>,
+    /// Shared, so the log store's recent entries hand the same commands to replication and
+    /// apply without copying them (serialised exactly as a Vec).
+    pub commands: std::sync::Arc<[Command]>,
 }
 
 /// A submission's placement: per task (index-aligned with the spec's tasks), the agent chosen,

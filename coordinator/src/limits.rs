@@ -60,6 +60,11 @@ pub const AGENT_TASKS_MAX: usize = 1_024;
 /// Tasks the scheduler places in one round (one Raft entry).
 pub const SCHEDULE_ROUND_TASKS_MAX: usize = 4_096;
 
+/// Newest Raft entries the log store keeps decoded in memory for replication and apply, by count
+/// and by encoded size (a batch of large submissions can be megabytes). Older reads go to sled.
+pub const RAFT_RECENT_ENTRIES_MAX: usize = 1_024;
+pub const RAFT_RECENT_ENTRY_BYTES_MAX: usize = 32 * 1024 * 1024;
+
 /// Queued tasks a round looks at beyond the fleet's free task slots before falling back to the
 /// full window: room for a few tasks no agent can take ahead of those that fit.
 pub const SCHEDULE_WINDOW_MARGIN: usize = 64;

@@ -144,7 +144,7 @@ async fn write_batch(
     let result = raft
         .client_write(Request {
             now_us: now_us(),
-            commands,
+            commands: commands.into(),
         })
         .await;
     metrics

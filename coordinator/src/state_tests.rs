@@ -27,7 +27,7 @@ fn one(state: &mut State, term: u64, cmd: Command) -> CommandResult {
         term,
         &Request {
             now_us: 1_000_000,
-            commands: vec![cmd],
+            commands: vec![cmd].into(),
         },
     );
     r.results.pop().unwrap()
@@ -552,7 +552,7 @@ fn the_agents_start_time_is_kept_within_assignment_and_the_leaders_clock() {
             1,
             &Request {
                 now_us,
-                commands: vec![cmd],
+                commands: vec![cmd].into(),
             },
         )
         .results

@@ -48,8 +48,20 @@ mod tests {
             commands: vec![Command::AgentLost {
                 name: "a".into(),
                 reason: "r".into(),
-            }],
+            }]
+            .into(),
         };
+        // Logs and snapshots written when the commands were a Vec read the same.
+        #[derive(Serialize)]
+        struct AsWritten<'a> {
+            now_us: u64,
+            commands: Vec<&'a Command>,
+        }
+        let as_written = AsWritten {
+            now_us: 7,
+            commands: req.commands.iter().collect(),
+        };
+        assert_eq!(encode(&req).unwrap(), encode(&as_written).unwrap());
         let bytes = encode(&req).unwrap();
         assert_eq!(bytes[0], FORMAT);
         assert_eq!(decode::<Request>(&bytes).unwrap(), req);
