@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use drover_coordinator::command::{Command, Request};
@@ -89,6 +89,26 @@ pub async fn fill(
     per_run: usize,
     concurrency: usize,
 ) -> (usize, BTreeMap<String, u64>) {
+    fill_gated(client, tasks, per_run, concurrency, None).await
+}
+
+/// Holds submitters back while more than `max` accepted tasks have not completed yet, so a run
+/// measures the rate the fabric sustains rather than how deep a queue it accepts.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    /// Tasks completed so far, kept current by the caller.
+    pub completed: Arc<AtomicU64>,
+    pub max: u64,
+}
+
+/// `fill`, optionally gated on the tasks still outstanding.
+pub async fn fill_gated(
+    client: Arc<ClusterClient>,
+    tasks: usize,
+    per_run: usize,
+    concurrency: usize,
+    gate: Option<Gate>,
+) -> (usize, BTreeMap<String, u64>) {
     let spec = pb::RunSpec {
         name: "backlog".into(),
         tasks: (0..per_run)
@@ -102,15 +122,35 @@ pub async fn fill(
     };
     let runs = tasks.div_ceil(per_run);
     let next = Arc::new(AtomicUsize::new(0));
+    // Tasks accepted or being submitted, for the gate.
+    let taken = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
     for _ in 0..concurrency.max(1) {
-        let (client, spec, next) = (client.clone(), spec.clone(), next.clone());
+        let (client, spec, next, taken, gate) = (
+            client.clone(),
+            spec.clone(),
+            next.clone(),
+            taken.clone(),
+            gate.clone(),
+        );
         workers.push(tokio::spawn(async move {
             let (mut ok, mut errors) = (0usize, BTreeMap::<String, u64>::new());
             while next.fetch_add(1, Ordering::Relaxed) < runs {
+                let n = spec.tasks.len() as u64;
+                if let Some(g) = &gate {
+                    while taken.load(Ordering::Relaxed) + n
+                        > g.completed.load(Ordering::Relaxed) + g.max
+                    {
+                        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    }
+                }
+                taken.fetch_add(n, Ordering::Relaxed);
                 match droverctl::cli::submit(&client, spec.clone()).await {
                     Ok(_) => ok += spec.tasks.len(),
-                    Err(e) => *errors.entry(format!("{:?}", e.code())).or_default() += 1,
+                    Err(e) => {
+                        taken.fetch_sub(n, Ordering::Relaxed);
+                        *errors.entry(format!("{:?}", e.code())).or_default() += 1;
+                    }
                 }
             }
             (ok, errors)

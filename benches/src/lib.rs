@@ -42,3 +42,71 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map(|kb| kb * 1024)
 }
+
+/// The lowest rate over any stretch of at least `window_secs` in a series of (seconds, count)
+/// samples of a growing counter, taken in time order: what a run sustained, as opposed to its
+/// average. None when the samples span less than one window.
+pub fn lowest_window_rate(samples: &[(f64, u64)], window_secs: f64) -> Option<f64> {
+    let mut lowest: Option<f64> = None;
+    let mut j = 0;
+    for (i, &(t0, c0)) in samples.iter().enumerate() {
+        j = j.max(i);
+        while j < samples.len() && samples[j].0 - t0 < window_secs {
+            j += 1;
+        }
+        let Some(&(t1, c1)) = samples.get(j) else {
+            break;
+        };
+        let rate = c1.saturating_sub(c0) as f64 / (t1 - t0);
+        lowest = Some(lowest.map_or(rate, |l: f64| l.min(rate)));
+    }
+    lowest
+}
+
+/// The rate in each consecutive stretch of `slice_secs` (the last one may be shorter), from the
+/// same kind of samples as `lowest_window_rate`: a run's throughput over time.
+pub fn slice_rates(samples: &[(f64, u64)], slice_secs: f64) -> Vec<f64> {
+    let mut out = Vec::new();
+    let Some(&(mut t0, mut c0)) = samples.first() else {
+        return out;
+    };
+    for (k, &(t, c)) in samples.iter().enumerate() {
+        if t - t0 >= slice_secs || (k + 1 == samples.len() && t > t0) {
+            out.push(c.saturating_sub(c0) as f64 / (t - t0));
+            (t0, c0) = (t, c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{lowest_window_rate, slice_rates};
+
+    #[test]
+    fn slice_rates_follow_the_counter_over_time() {
+        let samples = [(0.0, 0), (1.0, 10), (2.0, 30), (3.0, 30), (3.5, 40)];
+        assert_eq!(slice_rates(&samples, 2.0), vec![15.0, 10.0 / 1.5]);
+        assert_eq!(slice_rates(&samples, 1.0), vec![10.0, 20.0, 0.0, 20.0]);
+        assert!(slice_rates(&[], 1.0).is_empty());
+    }
+
+    #[test]
+    fn the_lowest_window_rate_finds_a_stall_the_average_hides() {
+        // 100/s for 10 s, a 2 s stall, then 100/s for 10 s more.
+        let mut samples = Vec::new();
+        let mut count = 0;
+        for t in 0..=22u64 {
+            samples.push((t as f64, count));
+            if !(10..12).contains(&t) {
+                count += 100;
+            }
+        }
+        assert_eq!(lowest_window_rate(&samples, 1.0), Some(0.0));
+        assert_eq!(lowest_window_rate(&samples, 5.0), Some(60.0));
+        let whole = lowest_window_rate(&samples, 22.0).expect("one window");
+        assert!((whole - 2000.0 / 22.0).abs() < 1e-9, "{whole}");
+        assert_eq!(lowest_window_rate(&samples, 23.0), None);
+        assert_eq!(lowest_window_rate(&[], 1.0), None);
+    }
+}

@@ -88,6 +88,10 @@ enum Cmd {
         tasks_per_run: usize,
         #[arg(long, default_value_t = 4)]
         concurrency: usize,
+        /// Hold submitters back while this many accepted tasks have not completed (0: no
+        /// limit, submit as fast as accepted and let the queue grow).
+        #[arg(long, default_value_t = 0)]
+        outstanding: u64,
     },
     /// Connect simulated agents; measure leader CPU, loss detection and failover behaviour.
     Fleet {
@@ -180,7 +184,8 @@ async fn main() -> anyhow::Result<()> {
             tasks,
             tasks_per_run,
             concurrency,
-        } => wide(tasks, tasks_per_run, concurrency).await?,
+            outstanding,
+        } => wide(tasks, tasks_per_run, concurrency, outstanding).await?,
         Cmd::Backlog {
             tasks,
             tasks_per_run,
@@ -307,7 +312,12 @@ fn highest_metric(c: &Cluster, name: &str) -> f64 {
 }
 
 /// No-op tasks submitted in runs of `per_run`, through to completion.
-async fn wide(tasks: usize, per_run: usize, concurrency: usize) -> anyhow::Result<()> {
+async fn wide(
+    tasks: usize,
+    per_run: usize,
+    concurrency: usize,
+    outstanding: u64,
+) -> anyhow::Result<()> {
     let target = Target {
         spawn_cluster: true,
         addr: vec![],
@@ -317,21 +327,49 @@ async fn wide(tasks: usize, per_run: usize, concurrency: usize) -> anyhow::Resul
     let cluster = cluster.context("spawned cluster")?;
     let term = |c: &Cluster| highest_metric(c, "drover_raft_term") as u64;
     let first_term = term(&cluster);
+    let succeeded = |c: &Cluster| highest_metric(c, "drover_tasks_succeeded") as u64;
+    let already = succeeded(&cluster);
     let started = Instant::now();
-    let (accepted, errors) =
-        drover_benches::backlog::fill(Arc::new(client), tasks, per_run, concurrency).await;
-    let submit_secs = started.elapsed().as_secs_f64();
-    let succeeded = |c: &Cluster| highest_metric(c, "drover_tasks_succeeded") as usize;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while succeeded(&cluster) < accepted {
-        if Instant::now() > deadline {
-            bail!(
-                "only {} of {accepted} tasks succeeded in time",
-                succeeded(&cluster)
-            );
+    let completed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let gate = (outstanding > 0).then(|| drover_benches::backlog::Gate {
+        completed: completed.clone(),
+        max: outstanding,
+    });
+    let mut fill = tokio::spawn(drover_benches::backlog::fill_gated(
+        Arc::new(client),
+        tasks,
+        per_run,
+        concurrency,
+        gate,
+    ));
+    // Completions sampled often, to tell what the run sustained from its average (and to keep
+    // the gate current).
+    let mut samples = vec![(0.0, 0)];
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut filled = None;
+    let mut submit_secs = 0.0;
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        tokio::select! {
+            r = &mut fill, if filled.is_none() => {
+                filled = Some(r?);
+                submit_secs = started.elapsed().as_secs_f64();
+            }
+            _ = tick.tick() => {}
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let done = succeeded(&cluster).saturating_sub(already);
+        completed.store(done, std::sync::atomic::Ordering::Relaxed);
+        samples.push((started.elapsed().as_secs_f64(), done));
+        if let Some((accepted, _)) = &filled
+            && done >= *accepted as u64
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {done} tasks succeeded in time");
+        }
     }
+    let (accepted, errors) = filled.expect("filled before the loop ends");
     let secs = started.elapsed().as_secs_f64();
     // A leader change under load costs a pause and a reconnect of every agent: show it.
     let elections = term(&cluster).saturating_sub(first_term);
@@ -339,6 +377,20 @@ async fn wide(tasks: usize, per_run: usize, concurrency: usize) -> anyhow::Resul
         "{accepted} no-op tasks in runs of {per_run}: accepted in {submit_secs:.1}s, all succeeded after {secs:.1}s: {:.0} tasks/s submit to completion (errors {errors:?}; elections during the run: {elections})",
         accepted as f64 / secs
     );
+    let lowest = |w: f64| {
+        drover_benches::lowest_window_rate(&samples, w)
+            .map_or_else(|| "(run too short)".to_string(), |r| format!("{r:.0}/s"))
+    };
+    println!(
+        "completions, lowest over any 60 s: {}; over any 10 s: {}",
+        lowest(60.0),
+        lowest(10.0)
+    );
+    let slices: Vec<String> = drover_benches::slice_rates(&samples, 10.0)
+        .iter()
+        .map(|r| format!("{r:.0}"))
+        .collect();
+    println!("completions/s in each 10 s: {}", slices.join(" "));
     Ok(())
 }
 
