@@ -65,6 +65,10 @@ pub const SCHEDULE_ROUND_TASKS_MAX: usize = 4_096;
 pub const RAFT_RECENT_ENTRIES_MAX: usize = 1_024;
 pub const RAFT_RECENT_ENTRY_BYTES_MAX: usize = 32 * 1024 * 1024;
 
+/// A snapshot file is written back to disk in chunks of this size as it is written, so the Raft
+/// log's syncs never wait behind more than two of them (see `state_machine::write_paced`).
+pub const SNAPSHOT_WRITE_CHUNK_BYTES: usize = 8 * 1024 * 1024;
+
 /// Queued tasks a round looks at beyond the fleet's free task slots before falling back to the
 /// full window: room for a few tasks no agent can take ahead of those that fit.
 pub const SCHEDULE_WINDOW_MARGIN: usize = 64;

@@ -366,14 +366,15 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
-        .add_service(
-            RaftServiceServer::new(RaftRpc {
+        .add_service(crate::raft::service::HeardOnArrival {
+            inner: RaftServiceServer::new(RaftRpc {
                 raft: raft.clone(),
                 contact: contact.clone(),
             })
             .max_decoding_message_size(max * 8)
             .max_encoding_message_size(max * 8),
-        );
+            contact: contact.clone(),
+        });
     let (incoming, acceptor) = crate::accept::tls_incoming(
         grpc_listener,
         tls_config,

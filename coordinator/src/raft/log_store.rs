@@ -44,6 +44,11 @@ pub struct LogStore {
     /// Highest index openraft has told us is committed; read by readiness and cluster status.
     pub committed_index: Arc<AtomicU64>,
     recent: Arc<std::sync::Mutex<Recent>>,
+    /// The lowest index still readable: one past the purge point. Entries below it may still be
+    /// in sled until the background deletion reaches them.
+    kept_from: Arc<AtomicU64>,
+    /// Held by the background deletion of purged entries, so purges delete one at a time.
+    purging: Arc<std::sync::Mutex<()>>,
 }
 
 /// The newest appended entries, contiguous by index, bounded by count and encoded bytes. Always
@@ -134,7 +139,7 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError {
 impl LogStore {
     /// Opens the log in `db`, which sled keeps in `sled_dir`.
     pub fn open(db: &sled::Db, sled_dir: &std::path::Path) -> Result<Self, sled::Error> {
-        Ok(Self {
+        let store = Self {
             data_file: Arc::new(std::fs::File::open(sled_dir.join("db")).map_err(sled::Error::Io)?),
             blobs: Arc::new(std::sync::Mutex::new(BlobSync::new(sled_dir.join("blobs")))),
             db: db.clone(),
@@ -142,7 +147,16 @@ impl LogStore {
             meta: db.open_tree("raft_meta")?,
             committed_index: Arc::new(AtomicU64::new(0)),
             recent: Arc::default(),
-        })
+            kept_from: Arc::default(),
+            purging: Arc::default(),
+        };
+        let purged: Option<LogId> = store
+            .get_meta(KEY_LAST_PURGED)
+            .map_err(|e| sled::Error::Unsupported(e.to_string()))?;
+        if let Some(p) = purged {
+            store.kept_from.store(p.index + 1, Ordering::Relaxed);
+        }
+        Ok(store)
     }
 
     fn get_meta<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
@@ -162,18 +176,33 @@ impl LogStore {
     /// one hop, as sled's `flush_async` was.
     async fn sync(&self) -> std::io::Result<()> {
         let (db, file, blobs) = (self.db.clone(), self.data_file.clone(), self.blobs.clone());
-        tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let r = tokio::task::spawn_blocking(move || {
             blobs.lock().unwrap().sync_new()?;
             db.flush().map_err(std::io::Error::other)?;
             file.sync_data()
         })
         .await
-        .map_err(std::io::Error::other)?
+        .map_err(std::io::Error::other)?;
+        warn_if_slow("Raft log sync", started);
+        r
     }
 
     /// Whether this store has never been part of a cluster (no vote, no log).
     pub fn is_fresh(&self) -> Result<bool, StorageError> {
         Ok(self.get_meta::<Vote<NodeId>>(KEY_VOTE)?.is_none() && self.log.is_empty())
+    }
+}
+
+/// openraft 0.9's leader sends nothing, heartbeats included, while its own log write is under
+/// way: a write this slow is close to costing an election, and worth an operator's look (like
+/// etcd's "slow fdatasync").
+const SLOW_LOG_WRITE: std::time::Duration = std::time::Duration::from_millis(100);
+
+fn warn_if_slow(what: &str, started: std::time::Instant) {
+    let took = started.elapsed();
+    if took > SLOW_LOG_WRITE {
+        tracing::warn!(ms = took.as_millis() as u64, "{what} was slow");
     }
 }
 
@@ -245,7 +274,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Included(i) => *i,
             Bound::Excluded(i) => i + 1,
             Bound::Unbounded => 0,
-        };
+        }
+        .max(self.kept_from.load(Ordering::Relaxed));
         let end_excl = match range.end_bound() {
             Bound::Included(i) => Some(i + 1),
             Bound::Excluded(i) => Some(*i),
@@ -255,6 +285,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
             && let Some(hit) = self.recent.lock().unwrap().get(start, end)
         {
             return Ok(hit);
+        }
+        if end_excl.is_some_and(|end| end <= start) {
+            return Ok(Vec::new());
         }
         let end = match range.end_bound() {
             Bound::Included(i) => Bound::Included(index_key(*i)),
@@ -281,8 +314,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 let entry: Entry<TypeConfig> = super::codec::decode(&v).map_err(read_err)?;
                 Some(entry.log_id)
             }
-            None => last_purged,
-        };
+            None => None,
+        }
+        // Purged entries still awaiting deletion sort below the purge point.
+        .max(last_purged);
         Ok(LogState {
             last_purged_log_id: last_purged,
             last_log_id: last,
@@ -367,23 +402,52 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        // Record the purge point first, so a crash mid-purge never leaves a hole before it.
+        // Record the purge point first and make it durable: from then on the entries up to it
+        // are garbage, never read again (reads start after it), whenever they are deleted.
+        let started = std::time::Instant::now();
         self.put_meta(KEY_LAST_PURGED, &log_id)?;
         self.sync().await.map_err(write_err)?;
+        self.kept_from
+            .fetch_max(log_id.index + 1, Ordering::Relaxed);
         self.recent.lock().unwrap().purge(log_id.index);
-        let keys: Vec<_> = self
-            .log
-            .range(..=index_key(log_id.index))
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(write_err)?;
-        let mut batch = sled::Batch::default();
-        for k in keys {
-            batch.remove(k);
-        }
-        self.log.apply_batch(batch).map_err(write_err)?;
+        warn_if_slow("Raft log purge", started);
+        // openraft's core waits for this call, and sends nothing meanwhile, heartbeats
+        // included: deleting the thousands of entries a snapshot covers took 200-320 ms with a
+        // million tasks in state, long enough for followers to elect another leader. So they
+        // are deleted in the background, one purge at a time. Entries a crash leaves behind
+        // are deleted by the next purge, which starts from the first entry sled holds.
+        let (log, one_at_a_time) = (self.log.clone(), self.purging.clone());
+        tokio::task::spawn_blocking(move || {
+            let _turn = one_at_a_time.lock().unwrap();
+            if let Err(e) = delete_upto(&log, log_id.index) {
+                tracing::warn!(error = %e, "deleting purged Raft log entries");
+            }
+        });
         Ok(())
     }
+}
+
+/// Deletes every entry at or below `index`, in batches, without reading them back (a read of a
+/// large entry is a read of its blob file).
+fn delete_upto(log: &sled::Tree, index: u64) -> Result<(), sled::Error> {
+    const BATCH: u64 = 1_024;
+    let Some((first, _)) = log.first()? else {
+        return Ok(());
+    };
+    let Ok(first) = <[u8; 8]>::try_from(first.as_ref()).map(u64::from_be_bytes) else {
+        return Ok(());
+    };
+    let mut from = first;
+    while from <= index {
+        let to = index.min(from + BATCH - 1);
+        let mut batch = sled::Batch::default();
+        for i in from..=to {
+            batch.remove(&index_key(i));
+        }
+        log.apply_batch(batch)?;
+        from = to + 1;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -439,6 +503,62 @@ mod tests {
         r.push(entry(next + 1), big);
         assert_eq!(r.entries.len(), 1, "two halves and a byte do not fit");
         assert_eq!(r.bytes, big);
+    }
+
+    #[tokio::test]
+    async fn purged_entries_are_unreadable_at_once_and_deleted_after() {
+        // Guards: openraft's core waits for purge, so deletion runs in the background; reads
+        // and the log state must not see entries at or below the purge point meanwhile, and
+        // a crash's leftovers are gone after the next purge.
+        use openraft::storage::RaftLogStorage;
+        use openraft::{RaftLogReader, Vote};
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new()
+            .path(dir.path().join("sled"))
+            .open()
+            .unwrap();
+        let mut store = super::LogStore::open(&db, &dir.path().join("sled")).unwrap();
+        store.save_vote(&Vote::new(1, 0)).await.unwrap();
+        for i in 1..=3_000 {
+            let bytes = super::super::codec::encode(&entry(i)).unwrap();
+            store.log.insert(super::index_key(i), bytes).unwrap();
+        }
+        let at = |i| LogId::new(CommittedLeaderId::new(1, 0), i);
+        store.purge(at(2_500)).await.unwrap();
+        let read = store.try_get_log_entries(0..3_001).await.unwrap();
+        assert_eq!(read.first().map(|e| e.log_id.index), Some(2_501));
+        assert_eq!(read.len(), 500);
+        assert!(store.try_get_log_entries(10..20).await.unwrap().is_empty());
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(at(2_500)));
+        assert_eq!(state.last_log_id, Some(at(3_000)));
+        // The deletion finishes within a bounded time.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while store.log.len() != 500 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "purged entries not deleted"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        // A purge of everything: the log state still ends at the purge point, and the store
+        // reopened after a "crash" that left an entry behind reads nothing below it.
+        store.purge(at(3_000)).await.unwrap();
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_log_id, Some(at(3_000)));
+        store
+            .log
+            .insert(
+                super::index_key(2_999),
+                super::super::codec::encode(&entry(2_999)).unwrap(),
+            )
+            .unwrap();
+        let mut reopened = super::LogStore::open(&db, &dir.path().join("sled")).unwrap();
+        assert!(reopened.try_get_log_entries(0..).await.unwrap().is_empty());
+        assert_eq!(
+            reopened.get_log_state().await.unwrap().last_log_id,
+            Some(at(3_000))
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 
 use super::{LogId, StorageError, TypeConfig};
 use crate::command::Response;
+use crate::limits;
 use crate::metrics::Metrics;
 use crate::model::NodeId;
 use crate::state::State;
@@ -145,7 +146,7 @@ impl StateMachineStore {
         file.write_all(SNAPSHOT_TAG)
             .and_then(|()| file.write_all(&(meta_bytes.len() as u32).to_le_bytes()))
             .and_then(|()| file.write_all(&meta_bytes))
-            .and_then(|()| file.write_all(data))
+            .and_then(|()| write_paced(&mut file, data))
             .and_then(|()| file.sync_all())
             .map_err(write_err)?;
         std::fs::rename(&tmp, self.dir.join(SNAPSHOT_FILE)).map_err(write_err)?;
@@ -157,6 +158,54 @@ impl StateMachineStore {
         }
         Ok(())
     }
+}
+
+/// Writes `data` in chunks, each sent to the disk as soon as it is written, waiting for the one
+/// before. Written in one go, a snapshot of 145 MiB sat in the page cache until `sync_all`, and
+/// the burst (three nodes snapshot at the same index) held up the Raft log's own syncs behind it
+/// for a quarter of a second: the leader, whose appends wait for its sync, fell silent and the
+/// followers elected another (5-10 elections in a 1.5M-task run). Paced, at most two chunks are
+/// ever waiting to be written.
+fn write_paced(file: &mut std::fs::File, data: &[u8]) -> std::io::Result<()> {
+    use std::io::{Seek, Write};
+    let mut offset = file.stream_position()?;
+    let mut previous: Option<(u64, u64)> = None;
+    for chunk in data.chunks(limits::SNAPSHOT_WRITE_CHUNK_BYTES) {
+        file.write_all(chunk)?;
+        let len = chunk.len() as u64;
+        start_writeback(file, offset, len, false)?;
+        if let Some((at, n)) = previous {
+            start_writeback(file, at, n, true)?;
+        }
+        previous = Some((offset, len));
+        offset += len;
+    }
+    Ok(())
+}
+
+/// Starts writing a range of the file to disk; with `wait`, until it is written. Only pacing:
+/// durability still comes from the `sync_all` after it.
+fn start_writeback(file: &std::fs::File, offset: u64, len: u64, wait: bool) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let flags = if wait {
+            libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER
+        } else {
+            libc::SYNC_FILE_RANGE_WRITE
+        };
+        // SAFETY: a valid descriptor owned by `file`, and plain integers.
+        let r =
+            unsafe { libc::sync_file_range(file.as_raw_fd(), offset as i64, len as i64, flags) };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len, wait);
+    Ok(())
 }
 
 /// Hands memory freed inside the heap back to the OS. With a large state, encoding a snapshot

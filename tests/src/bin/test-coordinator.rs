@@ -2,3 +2,7 @@
 fn main() -> std::process::ExitCode {
     drover_coordinator::entry::main()
 }
+
+// The same allocator as the shipped program (coordinator/src/main.rs).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
