@@ -11,6 +11,7 @@ pub mod error;
 pub mod http;
 pub mod leader;
 pub mod limits;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod node;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 pub fn main() -> ExitCode {
+    drover_coordinator::memory::return_freed_memory_promptly();
     drover_proto::tls::install_crypto_provider();
     let cli = crate::cli::Cli::parse();
     if !matches!(cli.command, crate::cli::Command::Dev(_)) {

@@ -208,17 +208,6 @@ fn start_writeback(file: &std::fs::File, offset: u64, len: u64, wait: bool) -> s
     Ok(())
 }
 
-/// Hands memory freed inside the heap back to the OS. With a large state, encoding a snapshot
-/// and the entries applied since the last one leave many freed small blocks that glibc keeps;
-/// at a million queued tasks that was ~10% of the leader's RSS.
-fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks the allocator's own free lists; no pointers are passed.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// The snapshot's bytes: the whole applied state.
 pub fn encode_snapshot(applied: &Applied) -> Result<Vec<u8>, super::codec::CodecError> {
     super::codec::encode(applied)
@@ -337,7 +326,7 @@ impl SnapshotBuild {
         let data = in_background("snapshot-persist", move || {
             let persisted = store.persist_snapshot(&meta_copy, &data).map(|()| data);
             // Trimming a heap of a GiB or more takes a while: off the runtime's threads too.
-            release_free_memory();
+            crate::memory::release_free_memory();
             persisted
         })
         .await??;
