@@ -427,10 +427,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
-/// Deletes every entry at or below `index`, in batches, without reading them back (a read of a
-/// large entry is a read of its blob file).
+/// Deletes every entry at or below `index`, without reading them back (a read of a large entry is
+/// a read of its blob file), in small batches with a pause between them. Deleted all at once,
+/// the entries of one snapshot interval took a thousand or so blob files with them, and the
+/// log syncs of all three nodes waited 400-470 ms behind that burst of filesystem work: long
+/// enough for an election. Nothing waits for this, so it can take its time.
 fn delete_upto(log: &sled::Tree, index: u64) -> Result<(), sled::Error> {
-    const BATCH: u64 = 1_024;
+    const BATCH: u64 = 64;
+    const PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
     let Some((first, _)) = log.first()? else {
         return Ok(());
     };
@@ -446,6 +450,9 @@ fn delete_upto(log: &sled::Tree, index: u64) -> Result<(), sled::Error> {
         }
         log.apply_batch(batch)?;
         from = to + 1;
+        if from <= index {
+            std::thread::sleep(PAUSE);
+        }
     }
     Ok(())
 }
