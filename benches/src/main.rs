@@ -92,6 +92,9 @@ enum Cmd {
         /// limit, submit as fast as accepted and let the queue grow).
         #[arg(long, default_value_t = 0)]
         outstanding: u64,
+        /// SIGKILL the leader this many seconds in (once), to see the rate across a failover.
+        #[arg(long)]
+        kill_leader_after: Option<u64>,
     },
     /// Connect simulated agents; measure leader CPU, loss detection and failover behaviour.
     Fleet {
@@ -185,7 +188,17 @@ async fn main() -> anyhow::Result<()> {
             tasks_per_run,
             concurrency,
             outstanding,
-        } => wide(tasks, tasks_per_run, concurrency, outstanding).await?,
+            kill_leader_after,
+        } => {
+            wide(
+                tasks,
+                tasks_per_run,
+                concurrency,
+                outstanding,
+                kill_leader_after,
+            )
+            .await?
+        }
         Cmd::Backlog {
             tasks,
             tasks_per_run,
@@ -317,6 +330,7 @@ async fn wide(
     per_run: usize,
     concurrency: usize,
     outstanding: u64,
+    kill_leader_after: Option<u64>,
 ) -> anyhow::Result<()> {
     let target = Target {
         spawn_cluster: true,
@@ -324,7 +338,7 @@ async fn wide(
         tls_dir: None,
     };
     let (cluster, client, _, _) = connect(&target, 1).await?;
-    let cluster = cluster.context("spawned cluster")?;
+    let mut cluster = cluster.context("spawned cluster")?;
     let term = |c: &Cluster| highest_metric(c, "drover_raft_term") as u64;
     let first_term = term(&cluster);
     let succeeded = |c: &Cluster| highest_metric(c, "drover_tasks_succeeded") as u64;
@@ -348,6 +362,7 @@ async fn wide(
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut filled = None;
     let mut submit_secs = 0.0;
+    let mut killed: Option<f64> = None;
     let deadline = Instant::now() + Duration::from_secs(900);
     loop {
         tokio::select! {
@@ -356,6 +371,14 @@ async fn wide(
                 submit_secs = started.elapsed().as_secs_f64();
             }
             _ = tick.tick() => {}
+        }
+        if let Some(after) = kill_leader_after
+            && started.elapsed() >= Duration::from_secs(after)
+            && killed.is_none()
+        {
+            let leader = cluster.wait_leader(Duration::from_secs(10)).await;
+            cluster.kill(leader);
+            killed = Some(started.elapsed().as_secs_f64());
         }
         let done = succeeded(&cluster).saturating_sub(already);
         completed.store(done, std::sync::atomic::Ordering::Relaxed);
@@ -391,6 +414,9 @@ async fn wide(
         .map(|r| format!("{r:.0}"))
         .collect();
     println!("completions/s in each 10 s: {}", slices.join(" "));
+    if let Some(at) = killed {
+        println!("the leader was SIGKILLed {at:.1}s in");
+    }
     Ok(())
 }
 

@@ -51,6 +51,19 @@ pub async fn run(ctx: Arc<Ctx>, mut shutdown: tokio::sync::watch::Receiver<bool>
             continue;
         }
         if led_term != Some(m.current_term) {
+            if led_term.is_some() {
+                // Deposed and elected again between two looks at the metrics, so the step-down
+                // above never ran. Assignments committed around the flap may never have reached
+                // their agents, and only a registration resends those: seen as 641 tasks
+                // assigned and never run, for good, after a leader flap in a 1.5M-task run.
+                // Closing the sessions makes every agent register again.
+                tracing::info!(
+                    term = m.current_term,
+                    "deposed and elected again; closing agent sessions"
+                );
+                let status: Status = ctx.not_leader_error().into();
+                ctx.sessions.close_all(&status);
+            }
             led_term = Some(m.current_term);
             took_office = tokio::time::Instant::now();
             tracing::info!(
