@@ -41,12 +41,7 @@ pub async fn run(ctx: Arc<Ctx>, mut shutdown: tokio::sync::watch::Receiver<bool>
         let leading = m.state == ServerState::Leader && m.current_leader == Some(ctx.node_id);
         if !leading {
             if led_term.take().is_some() {
-                tracing::info!(
-                    term = m.current_term,
-                    "stepped down; closing agent sessions"
-                );
-                let status: Status = ctx.not_leader_error().into();
-                ctx.sessions.close_all(&status);
+                close_agent_sessions(&ctx, m.current_term, "stepped down");
             }
             continue;
         }
@@ -57,12 +52,7 @@ pub async fn run(ctx: Arc<Ctx>, mut shutdown: tokio::sync::watch::Receiver<bool>
                 // their agents, and only a registration resends those: seen as 641 tasks
                 // assigned and never run, for good, after a leader flap in a 1.5M-task run.
                 // Closing the sessions makes every agent register again.
-                tracing::info!(
-                    term = m.current_term,
-                    "deposed and elected again; closing agent sessions"
-                );
-                let status: Status = ctx.not_leader_error().into();
-                ctx.sessions.close_all(&status);
+                close_agent_sessions(&ctx, m.current_term, "deposed and elected again");
             }
             led_term = Some(m.current_term);
             took_office = tokio::time::Instant::now();
@@ -87,6 +77,13 @@ pub async fn run(ctx: Arc<Ctx>, mut shutdown: tokio::sync::watch::Receiver<bool>
         }
         schedule_round(&ctx, m.current_term).await;
     }
+}
+
+/// Ends every agent session, so each agent registers again with whoever leads now.
+fn close_agent_sessions(ctx: &Ctx, term: u64, why: &str) {
+    tracing::info!(term, "{why}; closing agent sessions");
+    let status: Status = ctx.not_leader_error().into();
+    ctx.sessions.close_all(&status);
 }
 
 /// How many leases a reconnect storm may hold off judgement of agents not yet heard from: a

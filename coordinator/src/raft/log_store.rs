@@ -184,7 +184,7 @@ impl LogStore {
         })
         .await
         .map_err(std::io::Error::other)?;
-        warn_if_slow("Raft log sync", started);
+        warn_if_slow(started);
         r
     }
 
@@ -199,10 +199,10 @@ impl LogStore {
 /// etcd's "slow fdatasync").
 const SLOW_LOG_WRITE: std::time::Duration = std::time::Duration::from_millis(100);
 
-fn warn_if_slow(what: &str, started: std::time::Instant) {
+fn warn_if_slow(started: std::time::Instant) {
     let took = started.elapsed();
     if took > SLOW_LOG_WRITE {
-        tracing::warn!(ms = took.as_millis() as u64, "{what} was slow");
+        tracing::warn!(ms = took.as_millis() as u64, "Raft log sync was slow");
     }
 }
 
@@ -404,13 +404,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         // Record the purge point first and make it durable: from then on the entries up to it
         // are garbage, never read again (reads start after it), whenever they are deleted.
-        let started = std::time::Instant::now();
+        // (The sync warns if slow; nothing else here takes time.)
         self.put_meta(KEY_LAST_PURGED, &log_id)?;
         self.sync().await.map_err(write_err)?;
         self.kept_from
             .fetch_max(log_id.index + 1, Ordering::Relaxed);
         self.recent.lock().unwrap().purge(log_id.index);
-        warn_if_slow("Raft log purge", started);
         // openraft's core waits for this call, and sends nothing meanwhile, heartbeats
         // included: deleting the thousands of entries a snapshot covers took 200-320 ms with a
         // million tasks in state, long enough for followers to elect another leader. So they
@@ -515,8 +514,8 @@ mod tests {
     #[tokio::test]
     async fn purged_entries_are_unreadable_at_once_and_deleted_after() {
         // Guards: openraft's core waits for purge, so deletion runs in the background; reads
-        // and the log state must not see entries at or below the purge point meanwhile, and
-        // a crash's leftovers are gone after the next purge.
+        // and the log state must not see entries at or below the purge point meanwhile, and a
+        // store reopened with leftovers below its purge point reads none of them.
         use openraft::storage::RaftLogStorage;
         use openraft::{RaftLogReader, Vote};
         let dir = tempfile::tempdir().unwrap();
