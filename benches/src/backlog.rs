@@ -89,7 +89,15 @@ pub async fn fill(
     per_run: usize,
     concurrency: usize,
 ) -> (usize, BTreeMap<String, u64>) {
-    fill_gated(client, tasks, per_run, concurrency, None).await
+    fill_gated(client, tasks, per_run, concurrency, noop_task(), None).await
+}
+
+/// A task the agent completes at once, without a process.
+pub fn noop_task() -> pb::TaskSpec {
+    pb::TaskSpec {
+        kind: "noop".into(),
+        ..Default::default()
+    }
 }
 
 /// Holds submitters back while more than `max` accepted tasks have not completed yet, so a run
@@ -101,12 +109,13 @@ pub struct Gate {
     pub max: u64,
 }
 
-/// `fill`, optionally gated on the tasks still outstanding.
+/// `fill` with runs of `task`, optionally gated on the tasks still outstanding.
 pub async fn fill_gated(
     client: Arc<ClusterClient>,
     tasks: usize,
     per_run: usize,
     concurrency: usize,
+    task: pb::TaskSpec,
     gate: Option<Gate>,
 ) -> (usize, BTreeMap<String, u64>) {
     let spec = pb::RunSpec {
@@ -114,8 +123,7 @@ pub async fn fill_gated(
         tasks: (0..per_run)
             .map(|i| pb::TaskSpec {
                 name: format!("t{i}"),
-                kind: "noop".into(),
-                ..Default::default()
+                ..task.clone()
             })
             .collect(),
         ..Default::default()

@@ -79,8 +79,9 @@ enum Cmd {
         #[arg(long)]
         spawn_cluster: bool,
     },
-    /// No-op tasks submitted in large runs (few calls, many tasks) through to completion on one
-    /// agent of a cluster the tool starts: the fabric's task rate when submission is batched.
+    /// Tasks submitted in large runs (few calls, many tasks) through to completion on the agents
+    /// of a cluster the tool starts: the fabric's task rate when submission is batched (no-op
+    /// tasks), or the agents' process rate without a Raft round per task (process tasks).
     Wide {
         #[arg(long, default_value_t = 200_000)]
         tasks: usize,
@@ -95,6 +96,15 @@ enum Cmd {
         /// SIGKILL the leader this many seconds in (once), to see the rate across a failover.
         #[arg(long)]
         kill_leader_after: Option<u64>,
+        /// noop (completed inside the agent) or process.
+        #[arg(long, default_value = "noop")]
+        kind: String,
+        /// Command for process tasks.
+        #[arg(long, default_value = "true")]
+        command: String,
+        /// Agents to start.
+        #[arg(long, default_value_t = 1)]
+        agents: usize,
     },
     /// Connect simulated agents; measure leader CPU, loss detection and failover behaviour.
     Fleet {
@@ -189,15 +199,26 @@ async fn main() -> anyhow::Result<()> {
             concurrency,
             outstanding,
             kill_leader_after,
+            kind,
+            command,
+            agents,
         } => {
-            wide(
+            let task = match kind.as_str() {
+                "noop" => drover_benches::backlog::noop_task(),
+                "process" => pb::TaskSpec {
+                    argv: command.split_whitespace().map(str::to_owned).collect(),
+                    ..Default::default()
+                },
+                other => bail!("--kind {other}: expected noop or process"),
+            };
+            let shape = WideShape {
                 tasks,
-                tasks_per_run,
+                per_run: tasks_per_run,
                 concurrency,
-                outstanding,
-                kill_leader_after,
-            )
-            .await?
+                task,
+                agents,
+            };
+            wide(shape, outstanding, kill_leader_after).await?
         }
         Cmd::Backlog {
             tasks,
@@ -325,19 +346,38 @@ fn highest_metric(c: &Cluster, name: &str) -> f64 {
 }
 
 /// No-op tasks submitted in runs of `per_run`, through to completion.
-async fn wide(
+/// What `wide` submits, and to how many agents.
+struct WideShape {
     tasks: usize,
     per_run: usize,
     concurrency: usize,
+    task: pb::TaskSpec,
+    agents: usize,
+}
+
+async fn wide(
+    shape: WideShape,
     outstanding: u64,
     kill_leader_after: Option<u64>,
 ) -> anyhow::Result<()> {
+    let WideShape {
+        tasks,
+        per_run,
+        concurrency,
+        task,
+        agents,
+    } = shape;
+    let what = if task.kind == "noop" {
+        "no-op tasks".to_string()
+    } else {
+        format!("`{}` process tasks", task.argv.join(" "))
+    };
     let target = Target {
         spawn_cluster: true,
         addr: vec![],
         tls_dir: None,
     };
-    let (cluster, client, _, _) = connect(&target, 1).await?;
+    let (cluster, client, _, _) = connect(&target, agents.max(1)).await?;
     let mut cluster = cluster.context("spawned cluster")?;
     let term = |c: &Cluster| highest_metric(c, "drover_raft_term") as u64;
     let first_term = term(&cluster);
@@ -354,6 +394,7 @@ async fn wide(
         tasks,
         per_run,
         concurrency,
+        task,
         gate,
     ));
     // Completions sampled often, to tell what the run sustained from its average (and to keep
@@ -397,7 +438,7 @@ async fn wide(
     // A leader change under load costs a pause and a reconnect of every agent: show it.
     let elections = term(&cluster).saturating_sub(first_term);
     println!(
-        "{accepted} no-op tasks in runs of {per_run}: accepted in {submit_secs:.1}s, all succeeded after {secs:.1}s: {:.0} tasks/s submit to completion (errors {errors:?}; elections during the run: {elections})",
+        "{accepted} {what} in runs of {per_run} on {agents} agent(s): accepted in {submit_secs:.1}s, all succeeded after {secs:.1}s: {:.0} tasks/s submit to completion (errors {errors:?}; elections during the run: {elections})",
         accepted as f64 / secs
     );
     let lowest = |w: f64| {

@@ -76,7 +76,8 @@ pub struct Config {
     #[arg(long, env = "DROVER_ELECTION_TIMEOUT_MAX_MS")]
     pub election_timeout_max_ms: Option<u64>,
 
-    /// Build a snapshot (and compact the log) after this many entries since the last one.
+    /// Build a snapshot (and compact the log) once at least this many entries, and at least as
+    /// many log bytes as the last snapshot holds, have been written since it.
     #[arg(long, env = "DROVER_SNAPSHOT_LOGS", default_value_t = 5000)]
     pub snapshot_logs: u64,
 }

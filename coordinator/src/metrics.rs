@@ -39,6 +39,7 @@ pub struct Metrics {
     pub tasks: Family<StateLabels, Gauge>,
     pub agents: Family<StateLabels, Gauge>,
     pub agent_sessions: Gauge,
+    pub raft_log_appended_bytes: Gauge<u64, AtomicU64>,
     pub runs_submitted: Gauge<u64, AtomicU64>,
     pub tasks_succeeded: Gauge<u64, AtomicU64>,
     pub tasks_failed: Gauge<u64, AtomicU64>,
@@ -113,6 +114,12 @@ impl Metrics {
             "agent_sessions",
             "Agent sessions held by this node",
             agent_sessions.clone(),
+        );
+        let raft_log_appended_bytes = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "raft_log_appended_bytes",
+            "Bytes appended to this node's Raft log since it started (its write rate when graphed)",
+            raft_log_appended_bytes.clone(),
         );
         let runs_submitted = Gauge::<u64, AtomicU64>::default();
         registry.register(
@@ -199,6 +206,7 @@ impl Metrics {
             tasks,
             agents,
             agent_sessions,
+            raft_log_appended_bytes,
             runs_submitted,
             tasks_succeeded,
             tasks_failed,

@@ -70,6 +70,8 @@ pub struct Ctx {
     pub metrics: Arc<Metrics>,
     pub timing: Timing,
     pub committed_index: Arc<AtomicU64>,
+    /// Bytes this node has appended to its Raft log since it started.
+    pub log_appended_bytes: Arc<AtomicU64>,
 }
 
 impl Ctx {
@@ -125,6 +127,8 @@ impl Ctx {
             .set(m.last_log_index.unwrap_or(0) as i64);
         mt.raft_commit_index
             .set(self.committed_index.load(Ordering::Relaxed) as i64);
+        mt.raft_log_appended_bytes
+            .set(self.log_appended_bytes.load(Ordering::Relaxed));
         mt.agent_sessions
             .set(self.sessions.connected_count() as i64);
         self.shared.read(|a| {
@@ -260,6 +264,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         .map_err(|e| storage_err(e.to_string()))?;
     let log_store = LogStore::open(&db, &sled_dir).map_err(|e| storage_err(e.to_string()))?;
     let committed_index = log_store.committed_index.clone();
+    let log_appended_bytes = log_store.appended_bytes.clone();
     let fresh = log_store
         .is_fresh()
         .map_err(|e| storage_err(e.to_string()))?;
@@ -267,13 +272,15 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
     let sm =
         StateMachineStore::open(&db, &config.data_dir, metrics.clone()).map_err(storage_err)?;
     let shared = sm.shared.clone();
+    let snapshot_bytes = sm.snapshot_bytes.clone();
 
     let raft_config = openraft::Config {
         cluster_name: "drover".into(),
         heartbeat_interval: config.raft_heartbeat_ms,
         election_timeout_min: config.election_timeouts().0,
         election_timeout_max: config.election_timeouts().1,
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_logs),
+        // Snapshots are triggered by `snapshot_policy::run`, by log bytes as well as entries.
+        snapshot_policy: SnapshotPolicy::Never,
         max_in_snapshot_log_to_keep: config.snapshot_logs / 2,
         max_payload_entries: crate::limits::RAFT_APPEND_ENTRIES_MAX,
         install_snapshot_timeout: crate::limits::RAFT_INSTALL_SNAPSHOT_WAIT_MS,
@@ -349,6 +356,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
             lease_ttl: config.lease_ttl(),
         },
         committed_index,
+        log_appended_bytes: log_appended_bytes.clone(),
     });
 
     let max = drover_proto::GRPC_MESSAGE_BYTES_MAX;
@@ -404,6 +412,15 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
             tracing::error!(error = %e, "HTTP server failed");
         }
     }));
+    tasks.push(tokio::spawn(crate::raft::snapshot_policy::run(
+        raft.clone(),
+        crate::raft::snapshot_policy::Sizes {
+            log_appended: log_appended_bytes,
+            last_snapshot: snapshot_bytes,
+        },
+        config.snapshot_logs,
+        shutdown_rx.clone(),
+    )));
     let (min, max) = config.election_timeouts();
     tasks.push(tokio::spawn(crate::raft::watchdog::run(
         raft.clone(),

@@ -43,6 +43,9 @@ pub struct LogStore {
     blobs: Arc<std::sync::Mutex<BlobSync>>,
     /// Highest index openraft has told us is committed; read by readiness and cluster status.
     pub committed_index: Arc<AtomicU64>,
+    /// Bytes appended since the store was opened (encoded entries), for the snapshot policy and
+    /// the log write-rate metric.
+    pub appended_bytes: Arc<AtomicU64>,
     recent: Arc<std::sync::Mutex<Recent>>,
     /// The lowest index still readable: one past the purge point. Entries below it may still be
     /// in sled until the background deletion reaches them.
@@ -146,6 +149,7 @@ impl LogStore {
             log: db.open_tree("raft_log")?,
             meta: db.open_tree("raft_meta")?,
             committed_index: Arc::new(AtomicU64::new(0)),
+            appended_bytes: Arc::default(),
             recent: Arc::default(),
             kept_from: Arc::default(),
             purging: Arc::default(),
@@ -373,6 +377,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             appended.push((entry, bytes.len()));
         }
         self.log.apply_batch(batch).map_err(write_err)?;
+        let bytes: usize = appended.iter().map(|(_, size)| size).sum();
+        self.appended_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
         {
             let mut recent = self.recent.lock().unwrap();
             for (entry, size) in appended {

@@ -16,6 +16,7 @@ pub mod codec;
 pub mod log_store;
 pub mod network;
 pub mod service;
+pub mod snapshot_policy;
 #[allow(clippy::result_large_err)]
 pub mod state_machine;
 pub mod watchdog;

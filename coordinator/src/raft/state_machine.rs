@@ -60,6 +60,8 @@ pub struct StateMachineStore {
     legacy: sled::Tree,
     dir: std::path::PathBuf,
     snapshot_counter: Arc<AtomicU64>,
+    /// Size of the newest snapshot stored (loaded, built or installed), for the snapshot policy.
+    pub snapshot_bytes: Arc<AtomicU64>,
 }
 
 fn write_err(e: impl std::error::Error + 'static) -> StorageError {
@@ -88,8 +90,12 @@ impl StateMachineStore {
             legacy,
             dir: dir.to_owned(),
             snapshot_counter: Arc::new(AtomicU64::new(0)),
+            snapshot_bytes: Arc::default(),
         };
         if let Some((_, bytes)) = store.read_snapshot().map_err(|e| e.to_string())? {
+            store
+                .snapshot_bytes
+                .store(bytes.len() as u64, Ordering::Relaxed);
             let applied = decode_snapshot(&bytes)
                 .map_err(|e| format!("stored snapshot is unreadable: {e}"))?;
             *store.shared.data.write().expect("state lock poisoned") = applied;
@@ -333,6 +339,9 @@ impl SnapshotBuild {
         let secs = started.elapsed().as_secs_f64();
         self.store.metrics.snapshot_build_seconds.observe(secs);
         self.store.metrics.snapshot_bytes.set(data.len() as i64);
+        self.store
+            .snapshot_bytes
+            .store(data.len() as u64, Ordering::Relaxed);
         tracing::info!(bytes = data.len(), secs, index = ?last_applied.map(|l| l.index), "snapshot built");
         Ok(Snapshot {
             meta,
@@ -410,6 +419,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let secs = started.elapsed().as_secs_f64();
         self.metrics.snapshot_install_seconds.observe(secs);
         self.metrics.snapshot_bytes.set(bytes.len() as i64);
+        self.snapshot_bytes
+            .store(bytes.len() as u64, Ordering::Relaxed);
         tracing::info!(bytes = bytes.len(), secs, "snapshot installed");
         Ok(())
     }
