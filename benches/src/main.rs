@@ -35,6 +35,11 @@ struct Target {
     addr: Vec<String>,
     #[arg(long, env = "DROVER_TLS_DIR")]
     tls_dir: Option<std::path::PathBuf>,
+    /// With --spawn-cluster: where the agents keep task logs and working directories (default:
+    /// beside the coordinators' data). A tmpfs such as /dev/shm stands in for agent hosts'
+    /// own disks; on the coordinators' filesystem their file creations slow every Raft log sync.
+    #[arg(long)]
+    agent_work_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -105,6 +110,9 @@ enum Cmd {
         /// Agents to start.
         #[arg(long, default_value_t = 1)]
         agents: usize,
+        /// Where the agents keep task logs and working directories (see `load --help`).
+        #[arg(long)]
+        agent_work_dir: Option<std::path::PathBuf>,
     },
     /// Connect simulated agents; measure leader CPU, loss detection and failover behaviour.
     Fleet {
@@ -131,7 +139,11 @@ async fn connect(
     drover_proto::tls::TlsMaterial,
 )> {
     if target.spawn_cluster {
-        let mut cluster = Cluster::start(ClusterOptions::default()).await;
+        let mut cluster = Cluster::start(ClusterOptions {
+            agent_work_root: target.agent_work_dir.clone(),
+            ..ClusterOptions::default()
+        })
+        .await;
         for i in 0..agents {
             let name = format!("bench-agent-{i}");
             cluster.start_agent(&name, &[]);
@@ -202,6 +214,7 @@ async fn main() -> anyhow::Result<()> {
             kind,
             command,
             agents,
+            agent_work_dir,
         } => {
             let task = match kind.as_str() {
                 "noop" => drover_benches::backlog::noop_task(),
@@ -217,6 +230,7 @@ async fn main() -> anyhow::Result<()> {
                 concurrency,
                 task,
                 agents,
+                agent_work_dir,
             };
             wide(shape, outstanding, kill_leader_after).await?
         }
@@ -353,6 +367,7 @@ struct WideShape {
     concurrency: usize,
     task: pb::TaskSpec,
     agents: usize,
+    agent_work_dir: Option<std::path::PathBuf>,
 }
 
 async fn wide(
@@ -366,6 +381,7 @@ async fn wide(
         concurrency,
         task,
         agents,
+        agent_work_dir,
     } = shape;
     let what = if task.kind == "noop" {
         "no-op tasks".to_string()
@@ -376,6 +392,7 @@ async fn wide(
         spawn_cluster: true,
         addr: vec![],
         tls_dir: None,
+        agent_work_dir,
     };
     let (cluster, client, _, _) = connect(&target, agents.max(1)).await?;
     let mut cluster = cluster.context("spawned cluster")?;
