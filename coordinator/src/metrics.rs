@@ -51,6 +51,7 @@ pub struct Metrics {
     pub snapshot_install_seconds: Histogram,
     pub snapshot_bytes: Gauge,
     pub tls_handshakes: Family<ResultLabels, Counter>,
+    pub raft_leader_probes: Family<ResultLabels, Counter>,
     pub tls_handshakes_pending: Gauge,
 }
 
@@ -181,6 +182,13 @@ impl Metrics {
             "Size of the newest snapshot built or installed",
             snapshot_bytes.clone(),
         );
+        let raft_leader_probes = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "raft_leader_probes",
+            "Probes of a silent leader by this follower's election watchdog, by result (leading: \
+             not campaigning; not_leading, unreachable: campaigning)",
+            raft_leader_probes.clone(),
+        );
         let tls_handshakes = Family::<ResultLabels, Counter>::default();
         registry.register(
             "tls_handshakes",
@@ -218,6 +226,7 @@ impl Metrics {
             snapshot_install_seconds,
             snapshot_bytes,
             tls_handshakes,
+            raft_leader_probes,
             tls_handshakes_pending,
         }
     }

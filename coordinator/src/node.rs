@@ -424,12 +424,16 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
     let (min, max) = config.election_timeouts();
     tasks.push(tokio::spawn(crate::raft::watchdog::run(
         raft.clone(),
-        config.node_id,
-        contact,
-        Duration::from_millis(max),
-        // A heartbeat: the other voter may have heard from the leader that much later.
-        Duration::from_millis(config.raft_heartbeat_ms + 10),
-        Duration::from_millis(min / 3),
+        crate::raft::watchdog::Watch {
+            me: config.node_id,
+            contact,
+            lease: Duration::from_millis(max),
+            // A heartbeat: the other voter may have heard from the leader that much later.
+            margin: Duration::from_millis(config.raft_heartbeat_ms + 10),
+            step: Duration::from_millis(min / 3),
+            prober: crate::raft::watchdog::LeaderProber::new(peers.clone(), tls.clone()),
+            metrics: ctx.metrics.clone(),
+        },
         shutdown_rx.clone(),
     )));
     tasks.push(tokio::spawn(crate::leader::run(

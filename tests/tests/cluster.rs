@@ -289,3 +289,40 @@ async fn a_task_running_across_a_leader_failover_keeps_its_attempt_and_result() 
     .await
     .expect("test deadline");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_answers_a_probe_as_leader_and_only_to_coordinators() {
+    // Guards: a follower's election watchdog holds off only for a node that leads in its term,
+    // and no certificate but a coordinator's can ask (an answer holds off elections).
+    use drover_proto::pb::raft_service_client::RaftServiceClient;
+    use drover_proto::tls::TlsFiles;
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let cluster = Cluster::start(ClusterOptions::default()).await;
+        let leader = cluster.wait_leader(Duration::from_secs(10)).await;
+        let term = cluster.status_of(leader).await.unwrap().term;
+        let probe = |cert: &'static str, i: usize| {
+            let tls = TlsFiles::in_dir(&cluster.tls_dir, cert).load().unwrap();
+            let addr = cluster.addr(i);
+            async move {
+                let channel = drover_proto::client::connect(&addr, &tls).await.unwrap();
+                RaftServiceClient::new(channel)
+                    .leader_probe(pb::LeaderProbeRequest {})
+                    .await
+                    .map(tonic::Response::into_inner)
+            }
+        };
+        for i in 0..3 {
+            let reply = probe("coordinator-1", i)
+                .await
+                .expect("a coordinator may probe");
+            assert_eq!(reply.leading, i == leader, "node {i}");
+            assert_eq!(reply.term, term, "node {i}");
+        }
+        for cert in ["admin", "agent"] {
+            let e = probe(cert, leader).await.expect_err("only coordinators");
+            assert_eq!(e.code(), tonic::Code::PermissionDenied, "{cert}");
+        }
+    })
+    .await
+    .expect("test deadline");
+}

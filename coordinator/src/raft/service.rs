@@ -3,8 +3,8 @@
 use std::task::{Context, Poll};
 
 use drover_proto::identity::{Role, cached_identity, require_role};
-use drover_proto::pb::RaftPayload;
 use drover_proto::pb::raft_service_server::RaftService;
+use drover_proto::pb::{LeaderProbeReply, LeaderProbeRequest, RaftPayload};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::codegen::{Service, http};
@@ -123,6 +123,22 @@ impl RaftService for RaftRpc {
         let resp = self.raft.install_snapshot(rpc).await;
         self.contact.heard_from_leader();
         encode(&resp)
+    }
+
+    /// Answered from Raft's published state, never through its core: the core may be the very
+    /// thing that is busy.
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn leader_probe(
+        &self,
+        req: Request<LeaderProbeRequest>,
+    ) -> Result<Response<LeaderProbeReply>, Status> {
+        require_role(&req, "raft leader_probe", &[Role::Coordinator])?;
+        let (leading, term) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            (m.state == openraft::ServerState::Leader, m.current_term)
+        };
+        Ok(Response::new(LeaderProbeReply { leading, term }))
     }
 }
 
