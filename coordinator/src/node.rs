@@ -417,6 +417,10 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         crate::raft::snapshot_policy::Sizes {
             log_appended: log_appended_bytes,
             last_snapshot: snapshot_bytes,
+            rank: crate::raft::snapshot_policy::rank(
+                config.node_id,
+                &peers.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+            ),
         },
         config.snapshot_logs,
         shutdown_rx.clone(),
