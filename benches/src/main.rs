@@ -110,7 +110,8 @@ enum Cmd {
         /// Agents to start.
         #[arg(long, default_value_t = 1)]
         agents: usize,
-        /// Where the agents keep task logs and working directories (see `load --help`).
+        /// Where the agents keep task logs and working directories (default: beside the
+        /// coordinators' data). A tmpfs such as /dev/shm stands in for agent hosts' own disks.
         #[arg(long)]
         agent_work_dir: Option<std::path::PathBuf>,
     },
