@@ -272,7 +272,6 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
     let sm =
         StateMachineStore::open(&db, &config.data_dir, metrics.clone()).map_err(storage_err)?;
     let shared = sm.shared.clone();
-    let snapshot_bytes = sm.snapshot_bytes.clone();
 
     let raft_config = openraft::Config {
         cluster_name: "drover".into(),
@@ -416,7 +415,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         raft.clone(),
         crate::raft::snapshot_policy::Sizes {
             log_appended: log_appended_bytes,
-            last_snapshot: snapshot_bytes,
+            last_snapshot: ctx.metrics.snapshot_bytes.clone(),
             rank: crate::raft::snapshot_policy::rank(
                 config.node_id,
                 &peers.iter().map(|(id, _)| *id).collect::<Vec<_>>(),

@@ -48,7 +48,8 @@ pub fn rank(me: crate::model::NodeId, members: &[crate::model::NodeId]) -> u64 {
 /// size of the latest snapshot, both kept up to date by the stores.
 pub struct Sizes {
     pub log_appended: Arc<AtomicU64>,
-    pub last_snapshot: Arc<AtomicU64>,
+    /// The `drover_snapshot_bytes` gauge: the newest snapshot loaded, built or installed.
+    pub last_snapshot: prometheus_client::metrics::gauge::Gauge,
     /// This node's [`rank`].
     pub rank: u64,
 }
@@ -90,7 +91,7 @@ pub async fn run(
         }
         let entries = applied.unwrap_or(0).saturating_sub(snapshot.unwrap_or(0));
         let log_bytes = appended.saturating_sub(baseline);
-        let last = sizes.last_snapshot.load(Ordering::Relaxed);
+        let last = sizes.last_snapshot.get().max(0) as u64;
         if !due(entries, log_bytes, last, min_entries, sizes.rank) {
             continue;
         }

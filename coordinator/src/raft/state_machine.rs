@@ -60,8 +60,6 @@ pub struct StateMachineStore {
     legacy: sled::Tree,
     dir: std::path::PathBuf,
     snapshot_counter: Arc<AtomicU64>,
-    /// Size of the newest snapshot stored (loaded, built or installed), for the snapshot policy.
-    pub snapshot_bytes: Arc<AtomicU64>,
 }
 
 fn write_err(e: impl std::error::Error + 'static) -> StorageError {
@@ -90,12 +88,10 @@ impl StateMachineStore {
             legacy,
             dir: dir.to_owned(),
             snapshot_counter: Arc::new(AtomicU64::new(0)),
-            snapshot_bytes: Arc::default(),
         };
         if let Some((_, bytes)) = store.read_snapshot().map_err(|e| e.to_string())? {
-            store
-                .snapshot_bytes
-                .store(bytes.len() as u64, Ordering::Relaxed);
+            // The snapshot policy sizes the next interval by this gauge.
+            store.metrics.snapshot_bytes.set(bytes.len() as i64);
             let applied = decode_snapshot(&bytes)
                 .map_err(|e| format!("stored snapshot is unreadable: {e}"))?;
             *store.shared.data.write().expect("state lock poisoned") = applied;
@@ -339,9 +335,6 @@ impl SnapshotBuild {
         let secs = started.elapsed().as_secs_f64();
         self.store.metrics.snapshot_build_seconds.observe(secs);
         self.store.metrics.snapshot_bytes.set(data.len() as i64);
-        self.store
-            .snapshot_bytes
-            .store(data.len() as u64, Ordering::Relaxed);
         tracing::info!(bytes = data.len(), secs, index = ?last_applied.map(|l| l.index), "snapshot built");
         Ok(Snapshot {
             meta,
@@ -419,8 +412,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let secs = started.elapsed().as_secs_f64();
         self.metrics.snapshot_install_seconds.observe(secs);
         self.metrics.snapshot_bytes.set(bytes.len() as i64);
-        self.snapshot_bytes
-            .store(bytes.len() as u64, Ordering::Relaxed);
         tracing::info!(bytes = bytes.len(), secs, "snapshot installed");
         Ok(())
     }
