@@ -20,11 +20,47 @@ pub struct Held {
     /// Whether `started` / `finished` went out on the current session.
     pub started_sent: bool,
     pub finished_sent: bool,
+    /// Whether the task is in `Inner::unsent`.
+    queued: bool,
+}
+
+/// The held tasks, and which of them have a report to send: sending looks at those only, not at
+/// every held task (an agent holds up to `HELD_TASKS_MAX`, and sends after every change).
+#[derive(Default)]
+struct Inner {
+    held: BTreeMap<String, Held>,
+    /// Each held task at most once (`Held::queued`), plus ids forgotten since the last send
+    /// (skipped then): emptied by every send.
+    unsent: Vec<String>,
+}
+
+impl Inner {
+    fn queue(&mut self, task_id: &str) {
+        if let Some(h) = self.held.get_mut(task_id)
+            && !h.queued
+        {
+            h.queued = true;
+            self.unsent.push(task_id.to_owned());
+        }
+    }
+}
+
+impl std::ops::Deref for Inner {
+    type Target = BTreeMap<String, Held>;
+    fn deref(&self) -> &Self::Target {
+        &self.held
+    }
+}
+
+impl std::ops::DerefMut for Inner {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.held
+    }
 }
 
 #[derive(Default)]
 pub struct TaskTable {
-    inner: Mutex<BTreeMap<String, Held>>,
+    inner: Mutex<Inner>,
     /// Woken when there is something new to send.
     pub changed: Notify,
 }
@@ -60,6 +96,7 @@ impl TaskTable {
                 stop: None,
                 started_sent: false,
                 finished_sent: false,
+                queued: false,
             },
         );
         Ok(true)
@@ -78,31 +115,33 @@ impl TaskTable {
     }
 
     pub fn started(&self, msg: pb::TaskStarted) {
-        if let Some(h) = self
-            .inner
-            .lock()
-            .unwrap()
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(h) = inner
             .get_mut(&msg.task_id)
             .filter(|h| h.attempt == msg.attempt)
         {
+            let id = msg.task_id.clone();
             h.started = Some(msg);
             h.started_sent = false;
+            inner.queue(&id);
         }
+        drop(inner);
         self.changed.notify_one();
     }
 
     pub fn finished(&self, msg: pb::TaskFinished) {
-        if let Some(h) = self
-            .inner
-            .lock()
-            .unwrap()
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(h) = inner
             .get_mut(&msg.task_id)
             .filter(|h| h.attempt == msg.attempt)
         {
+            let id = msg.task_id.clone();
             h.finished = Some(msg);
             h.finished_sent = false;
             h.stop = None;
+            inner.queue(&id);
         }
+        drop(inner);
         self.changed.notify_one();
     }
 
@@ -121,9 +160,14 @@ impl TaskTable {
 
     /// Marks everything unsent (a new session starts).
     pub fn reset_sent(&self) {
-        for h in self.inner.lock().unwrap().values_mut() {
-            h.started_sent = false;
-            h.finished_sent = false;
+        let mut inner = self.inner.lock().unwrap();
+        let ids: Vec<String> = inner.keys().cloned().collect();
+        for id in ids {
+            if let Some(h) = inner.get_mut(&id) {
+                h.started_sent = false;
+                h.finished_sent = false;
+            }
+            inner.queue(&id);
         }
     }
 
@@ -131,7 +175,13 @@ impl TaskTable {
     pub fn take_unsent(&self) -> Vec<pb::agent_message::Msg> {
         use pb::agent_message::Msg;
         let mut out = Vec::new();
-        for h in self.inner.lock().unwrap().values_mut() {
+        let mut inner = self.inner.lock().unwrap();
+        for id in std::mem::take(&mut inner.unsent) {
+            // Forgotten since it was queued (acknowledged, or superseded and then stale).
+            let Some(h) = inner.get_mut(&id) else {
+                continue;
+            };
+            h.queued = false;
             if let Some(f) = &h.finished {
                 if !h.finished_sent {
                     h.finished_sent = true;
@@ -221,5 +271,77 @@ impl TaskTable {
                 let _ = stop.send(reason.to_owned());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pb::agent_message::Msg;
+
+    fn started(id: &str, attempt: u64) -> pb::TaskStarted {
+        pb::TaskStarted {
+            task_id: id.into(),
+            attempt,
+            ..Default::default()
+        }
+    }
+
+    fn finished(id: &str, attempt: u64) -> pb::TaskFinished {
+        pb::TaskFinished {
+            task_id: id.into(),
+            attempt,
+            ..Default::default()
+        }
+    }
+
+    fn kinds(msgs: &[Msg]) -> Vec<String> {
+        msgs.iter()
+            .map(|m| match m {
+                Msg::Started(s) => format!("started {}", s.task_id),
+                Msg::Finished(f) => format!("finished {}", f.task_id),
+                _ => "other".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_report_goes_once_per_session_and_again_after_a_reset() {
+        let t = TaskTable::default();
+        assert!(t.claim("r/a", 1, "r").unwrap());
+        assert!(t.claim("r/b", 1, "r").unwrap());
+        t.started(started("r/a", 1));
+        t.started(started("r/a", 1));
+        t.started(started("r/b", 1));
+        assert_eq!(kinds(&t.take_unsent()), ["started r/a", "started r/b"]);
+        assert!(t.take_unsent().is_empty(), "nothing new");
+
+        // Finishing replaces the unsent start; a report for another attempt is ignored.
+        t.finished(finished("r/a", 1));
+        t.finished(finished("r/b", 7));
+        assert_eq!(kinds(&t.take_unsent()), ["finished r/a"]);
+
+        // A new session: every held task reports its latest state again.
+        t.reset_sent();
+        assert_eq!(kinds(&t.take_unsent()), ["finished r/a", "started r/b"]);
+
+        // Acknowledged results are forgotten, even when queued meanwhile.
+        t.reset_sent();
+        t.ack("r/a", 1);
+        assert_eq!(kinds(&t.take_unsent()), ["started r/b"]);
+    }
+
+    #[test]
+    fn a_superseded_attempt_reports_nothing_and_the_new_one_reports_once() {
+        let t = TaskTable::default();
+        assert!(t.claim("r/a", 1, "r").unwrap());
+        t.started(started("r/a", 1));
+        assert!(t.claim("r/a", 2, "r").unwrap());
+        t.started(started("r/a", 1));
+        t.started(started("r/a", 2));
+        let sent = t.take_unsent();
+        assert_eq!(kinds(&sent), ["started r/a"]);
+        assert!(matches!(&sent[0], Msg::Started(s) if s.attempt == 2));
+        assert!(t.take_unsent().is_empty());
     }
 }
