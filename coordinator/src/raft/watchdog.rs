@@ -11,11 +11,20 @@
 //! answered outside Raft's core). openraft 0.9's leader sends nothing, heartbeats included, while
 //! its own log write is under way, and on a loaded host such writes took 130-460 ms: elections
 //! under load came from followers campaigning 260-420 ms into one of them. While the leader
-//! answers, the follower holds off, openraft's own election timer included, probing again every
-//! `PROBE_EVERY`, for at most `HOLD_OFF_MAX`: a leader that answers yet sends nothing for that
-//! long (a wedged core, or a one-way partition) is deposed anyway. A dead leader refuses the
-//! connection at once, so a crash costs the probe nothing; an unreachable one costs at most
-//! `PROBE_TIMEOUT`.
+//! answers, the follower holds off, probing again every `PROBE_EVERY`, for at most
+//! `HOLD_OFF_MAX`: a leader that answers yet sends nothing for that long (a wedged core, or a
+//! one-way partition) is deposed anyway. A dead leader refuses the connection at once, so a crash
+//! costs the probe nothing; an unreachable one costs at most `PROBE_TIMEOUT`. The connection to
+//! each new leader is opened in the background as soon as it is known, so a probe is one RPC: on
+//! a host starved by a burst of task processes, probes that also had to do a TLS handshake missed
+//! their deadline and followers campaigned against a live leader.
+//!
+//! openraft's own election timer is off while this node is a follower that has heard from a
+//! leader: the watchdog alone decides then. That timer counts from the last append Raft's core
+//! has processed, not from the last one that arrived, so when this node's own log write stalled
+//! (for a second and more while the kernel wrote back a burst of task files) it fired as the
+//! write returned, with the leader's appends queued behind it. Candidates, leaders and nodes that
+//! never heard from a leader keep it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -102,8 +111,15 @@ pub fn patience(
 const POLL: Duration = Duration::from_millis(10);
 
 /// How long a silent leader has to answer a probe. A busy leader answers within milliseconds
-/// (the reply reads published state); this bounds what a partitioned one adds to failover.
-const PROBE_TIMEOUT: Duration = Duration::from_millis(100);
+/// (the reply reads published state), but on a host whose CPUs are taken by task processes its
+/// runtime threads can wait 100 ms and more to run. This bounds what a partitioned leader adds to
+/// failover; a crashed one refuses at once.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// How long opening the connection to a new leader may take in the background, and the least
+/// time between two attempts.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const CONNECT_EVERY: Duration = Duration::from_millis(500);
 
 /// While holding off, how often the leader is asked again (so its death is still noticed fast).
 const PROBE_EVERY: Duration = Duration::from_millis(50);
@@ -172,12 +188,18 @@ impl Probe {
     }
 }
 
+type ProbeClient = RaftServiceClient<Channel>;
+
 /// Asks a silent leader, over the coordinators' mTLS port, whether it still leads. Keeps one
-/// connection, to the last leader asked.
+/// connection, to the current leader, opened before it is needed (`warm`).
 pub struct LeaderProber {
     peers: Arc<Vec<(NodeId, String)>>,
     tls: TlsMaterial,
-    client: Option<(NodeId, RaftServiceClient<Channel>)>,
+    client: Option<(NodeId, ProbeClient)>,
+    /// A connection being opened in the background, and to whom.
+    opening: Option<(NodeId, tokio::task::JoinHandle<Result<ProbeClient, String>>)>,
+    /// The last background attempt: to whom and when.
+    tried: Option<(NodeId, Instant)>,
 }
 
 impl LeaderProber {
@@ -186,26 +208,79 @@ impl LeaderProber {
             peers,
             tls,
             client: None,
+            opening: None,
+            tried: None,
         }
+    }
+
+    /// Makes sure a connection to `leader` is open or being opened, without waiting for it.
+    pub fn warm(&mut self, leader: NodeId) {
+        self.collect();
+        if matches!(&self.client, Some((id, _)) if *id == leader)
+            || matches!(&self.opening, Some((id, _)) if *id == leader)
+        {
+            return;
+        }
+        if matches!(self.tried, Some((id, at)) if id == leader && at.elapsed() < CONNECT_EVERY) {
+            return;
+        }
+        self.tried = Some((leader, Instant::now()));
+        if let Some((_, old)) = self.opening.take() {
+            old.abort();
+        }
+        let Some(addr) = self.address(leader) else {
+            return;
+        };
+        let tls = self.tls.clone();
+        self.opening = Some((
+            leader,
+            tokio::spawn(async move {
+                let channel = tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    drover_proto::client::connect(&addr, &tls),
+                )
+                .await
+                .map_err(|_| "timed out connecting".to_owned())??;
+                Ok(RaftServiceClient::new(channel))
+            }),
+        ));
+    }
+
+    /// Takes a finished background connection.
+    fn collect(&mut self) {
+        if !self.opening.as_ref().is_some_and(|(_, h)| h.is_finished()) {
+            return;
+        }
+        let Some((id, handle)) = self.opening.take() else {
+            return;
+        };
+        // Finished, so this does not wait.
+        if let Some(Ok(Ok(client))) = output_if_finished(handle) {
+            self.client = Some((id, client));
+        }
+    }
+
+    fn address(&self, leader: NodeId) -> Option<String> {
+        self.peers
+            .iter()
+            .find(|(id, _)| *id == leader)
+            .map(|(_, addr)| addr.clone())
     }
 
     pub async fn probe(&mut self, leader: NodeId, term: u64) -> Probe {
         match tokio::time::timeout(PROBE_TIMEOUT, self.ask(leader)).await {
             Ok(Ok(reply)) => Probe::of(&reply, term),
-            _ => {
-                self.client = None;
-                Probe::Unreachable
-            }
+            // The connection is kept: a late answer says nothing against it, and a dead peer's
+            // channel fails the next call at once.
+            Ok(Err(_)) | Err(_) => Probe::Unreachable,
         }
     }
 
     async fn ask(&mut self, leader: NodeId) -> Result<LeaderProbeReply, String> {
+        self.collect();
         if !matches!(&self.client, Some((id, _)) if *id == leader) {
             let addr = self
-                .peers
-                .iter()
-                .find(|(id, _)| *id == leader)
-                .map(|(_, addr)| addr.clone())
+                .address(leader)
                 .ok_or("the leader is not among the configured peers")?;
             let channel = drover_proto::client::connect(&addr, &self.tls).await?;
             self.client = Some((leader, RaftServiceClient::new(channel)));
@@ -216,6 +291,20 @@ impl LeaderProber {
             .await
             .map(tonic::Response::into_inner)
             .map_err(|s| drover_proto::client::describe_status(&s))
+    }
+}
+
+/// The output of a task that has finished, without waiting.
+fn output_if_finished<T>(
+    handle: tokio::task::JoinHandle<T>,
+) -> Option<Result<T, tokio::task::JoinError>> {
+    use std::future::Future as _;
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let mut handle = std::pin::pin!(handle);
+    match handle.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(r) => Some(r),
+        std::task::Poll::Pending => None,
     }
 }
 
@@ -244,18 +333,10 @@ pub async fn run(raft: Raft, watch: Watch, mut shutdown: tokio::sync::watch::Rec
     // While holding off: when it began, and when the leader was last asked.
     let mut held: Option<Instant> = None;
     let mut probed: Option<Instant> = None;
-    // openraft's own election timer is off exactly while holding off.
-    let release = |held: &mut Option<Instant>| {
-        if held.take().is_some() {
-            raft.runtime_config().elect(true);
-        }
-    };
+    let mut openraft_timer = true;
     loop {
         tokio::select! {
-            _ = shutdown.changed() => {
-                release(&mut held);
-                return;
-            }
+            _ = shutdown.changed() => break,
             _ = tokio::time::sleep(POLL) => {}
         }
         let (state, leader, voters, term) = {
@@ -264,40 +345,50 @@ pub async fn run(raft: Raft, watch: Watch, mut shutdown: tokio::sync::watch::Rec
             let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
             (m.state, m.current_leader, voters, m.current_term)
         };
-        if state != ServerState::Follower || !contact.has_heard() {
+        // See the module's comment for why openraft's own timer is off while watched.
+        let watched = state == ServerState::Follower && contact.has_heard();
+        if watched == openraft_timer {
+            openraft_timer = !watched;
+            raft.runtime_config().elect(openraft_timer);
+        }
+        if !watched {
             // Leaders and candidates have their own timers; count silence from when this ends.
-            release(&mut held);
+            held = None;
             contact.touch();
             continue;
         }
         let Some((wait, rank)) = patience(me, &voters, leader, lease, margin, step) else {
             continue;
         };
+        if let Some(l) = leader {
+            prober.warm(l);
+        }
         let silent = contact.silent_for();
         let since = |at: Option<Instant>| at.map(|t| t.elapsed());
         let mut action = look(silent, wait, since(held), since(probed));
+        let mut found = None;
         if action == Look::Probe {
-            let found = match leader {
+            let answer = match leader {
                 Some(l) => prober.probe(l, term).await,
                 None => Probe::NotLeading,
             };
+            found = Some(answer);
             probed = Some(Instant::now());
             metrics
                 .raft_leader_probes
                 .get_or_create(&ResultLabels {
-                    result: found.label(),
+                    result: answer.label(),
                 })
                 .inc();
             action = if contact.silent_for() <= wait {
                 Look::Quiet // An append arrived while the probe was out.
-            } else if found == Probe::Leading {
+            } else if answer == Probe::Leading {
                 if held.is_none() {
                     tracing::info!(
                         silent_ms = silent.as_millis() as u64,
                         ?leader,
                         "the silent leader answers probes; holding off elections"
                     );
-                    raft.runtime_config().elect(false);
                     held = Some(Instant::now());
                 }
                 Look::Hold
@@ -308,7 +399,7 @@ pub async fn run(raft: Raft, watch: Watch, mut shutdown: tokio::sync::watch::Rec
         match action {
             Look::Hold => continue,
             Look::Quiet => {
-                release(&mut held);
+                held = None;
                 continue;
             }
             Look::Probe | Look::Campaign => {}
@@ -320,25 +411,27 @@ pub async fn run(raft: Raft, watch: Watch, mut shutdown: tokio::sync::watch::Rec
                 "the leader stopped answering, or answered without sending for too long"
             );
         }
-        release(&mut held);
+        held = None;
         tracing::info!(
             silent_ms = contact.silent_for().as_millis() as u64,
             ?leader,
+            probe = found.map_or("none", Probe::label),
             "no append from the leader for longer than its lease; campaigning"
         );
         // Wait as long again before another attempt; openraft retries a lost election itself.
         contact.touch();
         if raft.trigger().elect().await.is_err() {
-            return;
+            break;
         }
         // A later voter campaigns only because the first may have lost on a shorter log; that
         // candidate holds its own vote for the next term, so go one term further at once instead
         // of waiting out openraft's retry. (The first voter never does this, so the two do not
         // leapfrog each other.)
         if rank > 0 && raft.trigger().elect().await.is_err() {
-            return;
+            break;
         }
     }
+    raft.runtime_config().elect(true);
 }
 
 #[cfg(test)]
