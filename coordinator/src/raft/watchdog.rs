@@ -270,9 +270,13 @@ impl LeaderProber {
     pub async fn probe(&mut self, leader: NodeId, term: u64) -> Probe {
         match tokio::time::timeout(PROBE_TIMEOUT, self.ask(leader)).await {
             Ok(Ok(reply)) => Probe::of(&reply, term),
-            // The connection is kept: a late answer says nothing against it, and a dead peer's
-            // channel fails the next call at once.
-            Ok(Err(_)) | Err(_) => Probe::Unreachable,
+            // A failed call drops the connection, so the next probe connects afresh (a dead
+            // leader refuses at once); a late answer says nothing against it, so it is kept.
+            Ok(Err(_)) => {
+                self.client = None;
+                Probe::Unreachable
+            }
+            Err(_) => Probe::Unreachable,
         }
     }
 
