@@ -34,27 +34,13 @@ struct Inner {
     unsent: Vec<String>,
 }
 
-impl Inner {
-    fn queue(&mut self, task_id: &str) {
-        if let Some(h) = self.held.get_mut(task_id)
-            && !h.queued
-        {
-            h.queued = true;
-            self.unsent.push(task_id.to_owned());
+impl Held {
+    /// Puts the task in `unsent` unless it is there already.
+    fn queue(&mut self, task_id: &str, unsent: &mut Vec<String>) {
+        if !self.queued {
+            self.queued = true;
+            unsent.push(task_id.to_owned());
         }
-    }
-}
-
-impl std::ops::Deref for Inner {
-    type Target = BTreeMap<String, Held>;
-    fn deref(&self) -> &Self::Target {
-        &self.held
-    }
-}
-
-impl std::ops::DerefMut for Inner {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.held
     }
 }
 
@@ -69,24 +55,24 @@ impl TaskTable {
     /// Claims a task for an attempt. Returns false if that attempt (or a newer one) is already held.
     pub fn claim(&self, task_id: &str, attempt: u64, run_id: &str) -> Result<bool, String> {
         let mut inner = self.inner.lock().unwrap();
-        if let Some(h) = inner.get(task_id) {
+        if let Some(h) = inner.held.get(task_id) {
             if h.attempt >= attempt {
                 return Ok(false);
             }
             // A newer attempt of a task we still hold: the old one is stale; stop it.
-            if let Some(h) = inner.remove(task_id)
+            if let Some(h) = inner.held.remove(task_id)
                 && let Some(stop) = h.stop
             {
                 let _ = stop.send("superseded by a newer attempt".into());
             }
         }
-        if inner.len() >= limits::HELD_TASKS_MAX {
+        if inner.held.len() >= limits::HELD_TASKS_MAX {
             return Err(format!(
                 "agent holds held_tasks_max ({}) tasks",
                 limits::HELD_TASKS_MAX
             ));
         }
-        inner.insert(
+        inner.held.insert(
             task_id.to_owned(),
             Held {
                 attempt,
@@ -107,6 +93,7 @@ impl TaskTable {
             .inner
             .lock()
             .unwrap()
+            .held
             .get_mut(task_id)
             .filter(|h| h.attempt == attempt)
         {
@@ -116,14 +103,14 @@ impl TaskTable {
 
     pub fn started(&self, msg: pb::TaskStarted) {
         let mut inner = self.inner.lock().unwrap();
-        if let Some(h) = inner
+        let Inner { held, unsent } = &mut *inner;
+        if let Some(h) = held
             .get_mut(&msg.task_id)
             .filter(|h| h.attempt == msg.attempt)
         {
-            let id = msg.task_id.clone();
+            h.queue(&msg.task_id, unsent);
             h.started = Some(msg);
             h.started_sent = false;
-            inner.queue(&id);
         }
         drop(inner);
         self.changed.notify_one();
@@ -131,15 +118,15 @@ impl TaskTable {
 
     pub fn finished(&self, msg: pb::TaskFinished) {
         let mut inner = self.inner.lock().unwrap();
-        if let Some(h) = inner
+        let Inner { held, unsent } = &mut *inner;
+        if let Some(h) = held
             .get_mut(&msg.task_id)
             .filter(|h| h.attempt == msg.attempt)
         {
-            let id = msg.task_id.clone();
+            h.queue(&msg.task_id, unsent);
             h.finished = Some(msg);
             h.finished_sent = false;
             h.stop = None;
-            inner.queue(&id);
         }
         drop(inner);
         self.changed.notify_one();
@@ -150,6 +137,7 @@ impl TaskTable {
         self.inner
             .lock()
             .unwrap()
+            .held
             .iter()
             .map(|(id, h)| pb::RunningTask {
                 task_id: id.clone(),
@@ -161,13 +149,11 @@ impl TaskTable {
     /// Marks everything unsent (a new session starts).
     pub fn reset_sent(&self) {
         let mut inner = self.inner.lock().unwrap();
-        let ids: Vec<String> = inner.keys().cloned().collect();
-        for id in ids {
-            if let Some(h) = inner.get_mut(&id) {
-                h.started_sent = false;
-                h.finished_sent = false;
-            }
-            inner.queue(&id);
+        let Inner { held, unsent } = &mut *inner;
+        for (id, h) in held.iter_mut() {
+            h.started_sent = false;
+            h.finished_sent = false;
+            h.queue(id, unsent);
         }
     }
 
@@ -178,7 +164,7 @@ impl TaskTable {
         let mut inner = self.inner.lock().unwrap();
         for id in std::mem::take(&mut inner.unsent) {
             // Forgotten since it was queued (acknowledged, or superseded and then stale).
-            let Some(h) = inner.get_mut(&id) else {
+            let Some(h) = inner.held.get_mut(&id) else {
                 continue;
             };
             h.queued = false;
@@ -202,18 +188,22 @@ impl TaskTable {
     pub fn ack(&self, task_id: &str, attempt: u64) {
         let mut inner = self.inner.lock().unwrap();
         if inner
+            .held
             .get(task_id)
             .is_some_and(|h| h.attempt == attempt && h.finished.is_some())
         {
-            inner.remove(task_id);
+            inner.held.remove(task_id);
         }
     }
 
     /// Stops (if running) and forgets an attempt the coordinator says is no longer current.
     pub fn drop_stale(&self, task_id: &str, attempt: u64, reason: &str) {
         let mut inner = self.inner.lock().unwrap();
-        if inner.get(task_id).is_some_and(|h| h.attempt == attempt)
-            && let Some(h) = inner.remove(task_id)
+        if inner
+            .held
+            .get(task_id)
+            .is_some_and(|h| h.attempt == attempt)
+            && let Some(h) = inner.held.remove(task_id)
             && let Some(stop) = h.stop
         {
             let _ = stop.send(reason.to_owned());
@@ -226,6 +216,7 @@ impl TaskTable {
             .inner
             .lock()
             .unwrap()
+            .held
             .get_mut(task_id)
             .filter(|h| h.attempt == attempt)
             && let Some(stop) = h.stop.take()
@@ -239,6 +230,7 @@ impl TaskTable {
         self.inner
             .lock()
             .unwrap()
+            .held
             .get(task_id)
             .filter(|h| h.attempt == attempt)
             .and_then(|h| h.started.as_ref())
@@ -249,6 +241,7 @@ impl TaskTable {
         self.inner
             .lock()
             .unwrap()
+            .held
             .get(task_id)
             .filter(|h| h.attempt == attempt)
             .map(|h| h.finished.is_some())
@@ -259,6 +252,7 @@ impl TaskTable {
         self.inner
             .lock()
             .unwrap()
+            .held
             .values()
             .filter(|h| h.finished.is_none())
             .count()
@@ -266,7 +260,7 @@ impl TaskTable {
 
     /// Stops every running task (agent shutdown).
     pub fn stop_all(&self, reason: &str) {
-        for h in self.inner.lock().unwrap().values_mut() {
+        for h in self.inner.lock().unwrap().held.values_mut() {
             if let Some(stop) = h.stop.take() {
                 let _ = stop.send(reason.to_owned());
             }

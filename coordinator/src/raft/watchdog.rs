@@ -214,8 +214,8 @@ impl LeaderProber {
     }
 
     /// Makes sure a connection to `leader` is open or being opened, without waiting for it.
-    pub fn warm(&mut self, leader: NodeId) {
-        self.collect();
+    pub async fn warm(&mut self, leader: NodeId) {
+        self.collect().await;
         if matches!(&self.client, Some((id, _)) if *id == leader)
             || matches!(&self.opening, Some((id, _)) if *id == leader)
         {
@@ -246,16 +246,14 @@ impl LeaderProber {
         ));
     }
 
-    /// Takes a finished background connection.
-    fn collect(&mut self) {
+    /// Takes a finished background connection (never waits for one still opening).
+    async fn collect(&mut self) {
         if !self.opening.as_ref().is_some_and(|(_, h)| h.is_finished()) {
             return;
         }
-        let Some((id, handle)) = self.opening.take() else {
-            return;
-        };
-        // Finished, so this does not wait.
-        if let Some(Ok(Ok(client))) = output_if_finished(handle) {
+        if let Some((id, handle)) = self.opening.take()
+            && let Ok(Ok(client)) = handle.await
+        {
             self.client = Some((id, client));
         }
     }
@@ -281,7 +279,7 @@ impl LeaderProber {
     }
 
     async fn ask(&mut self, leader: NodeId) -> Result<LeaderProbeReply, String> {
-        self.collect();
+        self.collect().await;
         if !matches!(&self.client, Some((id, _)) if *id == leader) {
             let addr = self
                 .address(leader)
@@ -295,20 +293,6 @@ impl LeaderProber {
             .await
             .map(tonic::Response::into_inner)
             .map_err(|s| drover_proto::client::describe_status(&s))
-    }
-}
-
-/// The output of a task that has finished, without waiting.
-fn output_if_finished<T>(
-    handle: tokio::task::JoinHandle<T>,
-) -> Option<Result<T, tokio::task::JoinError>> {
-    use std::future::Future as _;
-    let waker = std::task::Waker::noop();
-    let mut cx = std::task::Context::from_waker(waker);
-    let mut handle = std::pin::pin!(handle);
-    match handle.as_mut().poll(&mut cx) {
-        std::task::Poll::Ready(r) => Some(r),
-        std::task::Poll::Pending => None,
     }
 }
 
@@ -365,7 +349,7 @@ pub async fn run(raft: Raft, watch: Watch, mut shutdown: tokio::sync::watch::Rec
             continue;
         };
         if let Some(l) = leader {
-            prober.warm(l);
+            prober.warm(l).await;
         }
         let silent = contact.silent_for();
         let since = |at: Option<Instant>| at.map(|t| t.elapsed());
