@@ -31,6 +31,7 @@ pub struct Metrics {
     pub rpc_total: Family<RpcLabels, Counter>,
     pub proposal_batch_size: Histogram,
     pub proposal_seconds: Histogram,
+    pub raft_log_sync_seconds: Histogram,
     pub raft_term: Gauge,
     pub raft_is_leader: Gauge,
     pub raft_commit_index: Gauge,
@@ -75,6 +76,13 @@ impl Metrics {
             "raft_proposal_seconds",
             "Time from proposing an entry to its apply",
             proposal_seconds.clone(),
+        );
+        // From 50 us: an idle virtual disk takes 0.3-0.6 ms, a busy one 0.1 ms.
+        let raft_log_sync_seconds = Histogram::new(exponential_buckets(0.00005, 2.0, 16));
+        registry.register(
+            "raft_log_sync_seconds",
+            "Time to make the Raft log durable (one sync per appended batch, vote or truncation)",
+            raft_log_sync_seconds.clone(),
         );
         let raft_term = Gauge::default();
         registry.register("raft_term", "Current Raft term", raft_term.clone());
@@ -206,6 +214,7 @@ impl Metrics {
             rpc_total,
             proposal_batch_size,
             proposal_seconds,
+            raft_log_sync_seconds,
             raft_term,
             raft_is_leader,
             raft_commit_index,

@@ -262,13 +262,14 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         .cache_capacity(crate::limits::SLED_CACHE_BYTES)
         .open()
         .map_err(|e| storage_err(e.to_string()))?;
-    let log_store = LogStore::open(&db, &sled_dir).map_err(|e| storage_err(e.to_string()))?;
+    let metrics = Arc::new(Metrics::new());
+    let log_store = LogStore::open(&db, &sled_dir, metrics.raft_log_sync_seconds.clone())
+        .map_err(|e| storage_err(e.to_string()))?;
     let committed_index = log_store.committed_index.clone();
     let log_appended_bytes = log_store.appended_bytes.clone();
     let fresh = log_store
         .is_fresh()
         .map_err(|e| storage_err(e.to_string()))?;
-    let metrics = Arc::new(Metrics::new());
     let sm =
         StateMachineStore::open(&db, &config.data_dir, metrics.clone()).map_err(storage_err)?;
     let shared = sm.shared.clone();

@@ -13,7 +13,12 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
     ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError> {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = sled_in(dir.path());
-        let log = LogStore::open(&db, &dir.path().join("sled")).expect("log store");
+        let log = LogStore::open(
+            &db,
+            &dir.path().join("sled"),
+            prometheus_client::metrics::histogram::Histogram::new([0.001]),
+        )
+        .expect("log store");
         let sm =
             StateMachineStore::open(&db, dir.path(), Default::default()).expect("state machine");
         Ok((dir, log, sm))

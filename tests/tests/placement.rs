@@ -153,6 +153,11 @@ async fn a_killed_agents_task_reruns_elsewhere_and_its_late_result_is_refused() 
 
         // The dead agent's result for attempt 1 arrives late (simulated with its certificate).
         let leader = cluster.wait_leader(Duration::from_secs(5)).await;
+        // Every node synced its log for the entries above, and says how long that took.
+        for i in 0..3 {
+            let syncs = cluster.metric(i, "drover_raft_log_sync_seconds_count");
+            assert!(syncs.is_some_and(|n| n > 0.0), "node {i}: {syncs:?}");
+        }
         let stale_before = cluster
             .metric(leader, "drover_stale_reports")
             .unwrap_or(0.0);

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, OptionalSend, RaftLogReader, StorageIOError, Vote};
+use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -47,6 +48,8 @@ pub struct LogStore {
     /// the log write-rate metric.
     pub appended_bytes: Arc<AtomicU64>,
     recent: Arc<std::sync::Mutex<Recent>>,
+    /// Durations of the log's syncs (appends, votes, truncations, purges).
+    sync_seconds: Histogram,
     /// The lowest index still readable: one past the purge point. Entries below it may still be
     /// in sled until the background deletion reaches them.
     kept_from: Arc<AtomicU64>,
@@ -140,8 +143,13 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError {
 }
 
 impl LogStore {
-    /// Opens the log in `db`, which sled keeps in `sled_dir`.
-    pub fn open(db: &sled::Db, sled_dir: &std::path::Path) -> Result<Self, sled::Error> {
+    /// Opens the log in `db`, which sled keeps in `sled_dir`; each sync's duration goes into
+    /// `sync_seconds`.
+    pub fn open(
+        db: &sled::Db,
+        sled_dir: &std::path::Path,
+        sync_seconds: Histogram,
+    ) -> Result<Self, sled::Error> {
         let store = Self {
             data_file: Arc::new(std::fs::File::open(sled_dir.join("db")).map_err(sled::Error::Io)?),
             blobs: Arc::new(std::sync::Mutex::new(BlobSync::new(sled_dir.join("blobs")))),
@@ -151,6 +159,7 @@ impl LogStore {
             committed_index: Arc::new(AtomicU64::new(0)),
             appended_bytes: Arc::default(),
             recent: Arc::default(),
+            sync_seconds,
             kept_from: Arc::default(),
             purging: Arc::default(),
         };
@@ -188,7 +197,11 @@ impl LogStore {
         })
         .await
         .map_err(std::io::Error::other)?;
-        warn_if_slow(started);
+        let took = started.elapsed();
+        self.sync_seconds.observe(took.as_secs_f64());
+        if took > SLOW_LOG_WRITE {
+            tracing::warn!(ms = took.as_millis() as u64, "Raft log sync was slow");
+        }
         r
     }
 
@@ -202,13 +215,6 @@ impl LogStore {
 /// way: a write this slow is close to costing an election, and worth an operator's look (like
 /// etcd's "slow fdatasync").
 const SLOW_LOG_WRITE: std::time::Duration = std::time::Duration::from_millis(100);
-
-fn warn_if_slow(started: std::time::Instant) {
-    let took = started.elapsed();
-    if took > SLOW_LOG_WRITE {
-        tracing::warn!(ms = took.as_millis() as u64, "Raft log sync was slow");
-    }
-}
 
 /// sled's `blobs/` directory and the blob files in it already synced.
 struct BlobSync {
@@ -468,6 +474,7 @@ mod tests {
     use super::{BlobSync, Recent};
     use crate::limits;
     use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+    use prometheus_client::metrics::histogram::Histogram;
 
     fn entry(index: u64) -> Entry<super::TypeConfig> {
         Entry {
@@ -530,7 +537,8 @@ mod tests {
             .path(dir.path().join("sled"))
             .open()
             .unwrap();
-        let mut store = super::LogStore::open(&db, &dir.path().join("sled")).unwrap();
+        let mut store =
+            super::LogStore::open(&db, &dir.path().join("sled"), Histogram::new([0.001])).unwrap();
         store.save_vote(&Vote::new(1, 0)).await.unwrap();
         for i in 1..=3_000 {
             let bytes = super::super::codec::encode(&entry(i)).unwrap();
@@ -566,7 +574,8 @@ mod tests {
                 super::super::codec::encode(&entry(2_999)).unwrap(),
             )
             .unwrap();
-        let mut reopened = super::LogStore::open(&db, &dir.path().join("sled")).unwrap();
+        let mut reopened =
+            super::LogStore::open(&db, &dir.path().join("sled"), Histogram::new([0.001])).unwrap();
         assert!(reopened.try_get_log_entries(0..).await.unwrap().is_empty());
         assert_eq!(
             reopened.get_log_state().await.unwrap().last_log_id,
