@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use drover_coordinator::raft::watchdog::{LeaderProber, Probe};
 use drover_proto::pb;
 use drover_tests::{Cluster, ClusterOptions, submit_cmd, wait_done, wait_for};
 
@@ -321,6 +322,69 @@ async fn only_the_leader_answers_a_probe_as_leader_and_only_to_coordinators() {
         for cert in ["admin", "agent"] {
             let e = probe(cert, leader).await.expect_err("only coordinators");
             assert_eq!(e.code(), tonic::Code::PermissionDenied, "{cert}");
+        }
+    })
+    .await
+    .expect("test deadline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followers_probe_reaches_the_leader_over_a_warmed_connection_and_reconnects_after_a_kill()
+{
+    // Guards: the watchdog's leader probe (what holds a follower off a live but silent leader)
+    // opens its connection in the background, answers by the leader's term, counts a killed
+    // leader as unreachable, and after a failed call connects afresh instead of reusing the
+    // dead connection.
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let mut cluster = Cluster::start(ClusterOptions::default()).await;
+        let leader = cluster.wait_leader(Duration::from_secs(10)).await;
+        let term = cluster.metric(leader, "drover_raft_term").expect("term") as u64;
+        let peers: Vec<(u64, String)> = cluster
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.id, cluster.addr(i)))
+            .collect();
+        let id = cluster.nodes[leader].id;
+        let tls = drover_proto::tls::TlsFiles::in_dir(&cluster.tls_dir, "coordinator-1")
+            .load()
+            .unwrap();
+        let mut prober = LeaderProber::new(std::sync::Arc::new(peers), tls);
+
+        prober.warm(id).await;
+        let end = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !prober.connected_to(id).await {
+            assert!(
+                tokio::time::Instant::now() < end,
+                "no connection opened in 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(prober.probe(id, term).await, Probe::Leading);
+        assert_eq!(prober.probe(id, term + 1).await, Probe::NotLeading);
+
+        cluster.kill(leader);
+        assert_eq!(prober.probe(id, term).await, Probe::Unreachable);
+        assert!(
+            !prober.connected_to(id).await,
+            "a failed call drops the connection"
+        );
+
+        // Back, it answers on a new connection: leading again in the same term when it restarted
+        // before the followers campaigned (its vote is on disk), or not leading in it.
+        cluster.restart(leader);
+        let end = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            match prober.probe(id, term).await {
+                Probe::Unreachable => {
+                    assert!(tokio::time::Instant::now() < end, "no answer in 20 s");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Probe::Leading | Probe::NotLeading => {
+                    assert!(prober.connected_to(id).await);
+                    break;
+                }
+            }
         }
     })
     .await

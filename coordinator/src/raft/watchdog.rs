@@ -258,6 +258,12 @@ impl LeaderProber {
         }
     }
 
+    /// Whether a connection to `leader` is open, so a probe is one call.
+    pub async fn connected_to(&mut self, leader: NodeId) -> bool {
+        self.collect().await;
+        matches!(&self.client, Some((id, _)) if *id == leader)
+    }
+
     fn address(&self, leader: NodeId) -> Option<String> {
         self.peers
             .iter()
@@ -307,6 +313,12 @@ pub struct Watch {
     pub metrics: Arc<Metrics>,
 }
 
+/// Whether the watchdog alone decides when this node campaigns, openraft's own election timer
+/// off (see the module's comment): a follower that has heard from a leader.
+fn watches(state: ServerState, heard_from_a_leader: bool) -> bool {
+    state == ServerState::Follower && heard_from_a_leader
+}
+
 pub async fn run(raft: Raft, watch: Watch, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let Watch {
         me,
@@ -333,8 +345,7 @@ pub async fn run(raft: Raft, watch: Watch, mut shutdown: tokio::sync::watch::Rec
             let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
             (m.state, m.current_leader, voters, m.current_term)
         };
-        // See the module's comment for why openraft's own timer is off while watched.
-        let watched = state == ServerState::Follower && contact.has_heard();
+        let watched = watches(state, contact.has_heard());
         if watched == openraft_timer {
             openraft_timer = !watched;
             raft.runtime_config().elect(openraft_timer);
@@ -480,6 +491,22 @@ mod tests {
             look(ms(3_000), patience, Some(HOLD_OFF_MAX), Some(ms(1))),
             Look::Campaign
         );
+    }
+
+    #[test]
+    fn only_a_follower_that_heard_a_leader_turns_openraft_s_timer_off() {
+        use openraft::ServerState::*;
+        assert!(super::watches(Follower, true));
+        // A fresh node must still be able to elect a first leader on openraft's timer, and a
+        // candidate or leader keeps it for its own campaign and step-down.
+        for (state, heard) in [
+            (Follower, false),
+            (Candidate, true),
+            (Leader, true),
+            (Learner, true),
+        ] {
+            assert!(!super::watches(state, heard), "{state:?} heard={heard}");
+        }
     }
 
     #[test]
