@@ -4,6 +4,7 @@
 pub mod backlog;
 pub mod fleet;
 pub mod load;
+pub mod scrape;
 
 /// Wall clock, microseconds since the Unix epoch (the clock the coordinators stamp tasks with).
 pub fn unix_us() -> u64 {

@@ -14,6 +14,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use drover_benches::fleet::Fleet;
 use drover_benches::load::{self, Kind, LoadOptions};
+use drover_benches::scrape::Histogram;
 use drover_proto::client::ClusterClient;
 use drover_proto::pb;
 use drover_proto::tls::TlsFiles;
@@ -186,7 +187,7 @@ async fn main() -> anyhow::Result<()> {
             command,
             agents,
         } => {
-            let (_cluster, client, _, _) = connect(&target, agents).await?;
+            let (cluster, client, _, _) = connect(&target, agents).await?;
             let kind = match kind.as_str() {
                 "noop" => Kind::Noop,
                 "process" => Kind::Process(command.split_whitespace().map(str::to_owned).collect()),
@@ -199,8 +200,12 @@ async fn main() -> anyhow::Result<()> {
                 kind,
                 finish_timeout: Duration::from_secs(600),
             };
+            let before = cluster.as_ref().map(inside_readings);
             let report = load::run(Arc::new(client), &opts).await?;
             print!("{report}");
+            if let (Some(c), Some(before)) = (&cluster, &before) {
+                print_inside(c, before);
+            }
             if !report.is_clean() {
                 bail!("correctness check failed: runs lost, failed or re-run");
             }
@@ -353,6 +358,45 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Each node's histograms of log syncs and of proposals (proposed -> applied), in that order.
+fn inside_readings(c: &Cluster) -> Vec<[Option<Histogram>; 2]> {
+    (0..c.nodes.len())
+        .map(|i| {
+            let text = c.metrics_of(i);
+            [
+                Histogram::parse(&text, "drover_raft_log_sync_seconds"),
+                Histogram::parse(&text, "drover_raft_proposal_seconds"),
+            ]
+        })
+        .collect()
+}
+
+/// What the nodes spent inside the run: where submit -> start goes, from the nodes' own metrics
+/// (bucket bounds, so a p50 here is an upper bound).
+fn print_inside(c: &Cluster, before: &[[Option<Histogram>; 2]]) {
+    let after = inside_readings(c);
+    println!("inside the cluster during the run (count, median's bucket bound, mean):");
+    for (i, (now, then)) in after.iter().zip(before).enumerate() {
+        let since = |k: usize| match (&now[k], &then[k]) {
+            (Some(n), Some(t)) => n.since(t),
+            (Some(n), None) => n.clone(),
+            _ => Histogram::default(),
+        };
+        let node = c.nodes[i].id;
+        println!(
+            "  node {node} Raft log syncs: {}",
+            since(0).describe_seconds()
+        );
+        let proposals = since(1);
+        if proposals.count > 0.0 {
+            println!(
+                "  node {node} proposals, proposed -> applied: {}",
+                proposals.describe_seconds()
+            );
+        }
+    }
 }
 
 /// The highest value of a metric among the nodes that answer (a killed one does not).
