@@ -77,8 +77,9 @@ impl Metrics {
             "Time from proposing an entry to its apply",
             proposal_seconds.clone(),
         );
-        // From 50 us: an idle virtual disk takes 0.3-0.6 ms, a busy one 0.1 ms.
-        let raft_log_sync_seconds = Histogram::new(exponential_buckets(0.00005, 2.0, 16));
+        // From 50 us to ~1.1 s in steps of 1.5x: an idle virtual disk takes 0.3-0.6 ms, a busy one
+        // 0.1 ms, and doubling steps could not tell those apart.
+        let raft_log_sync_seconds = Histogram::new(exponential_buckets(0.00005, 1.5, 20));
         registry.register(
             "raft_log_sync_seconds",
             "Time to make the Raft log durable (one sync per appended batch, vote or truncation)",
