@@ -377,7 +377,7 @@ fn inside_readings(c: &Cluster) -> Vec<[Option<Histogram>; 2]> {
 /// (bucket bounds, so a p50 here is an upper bound).
 fn print_inside(c: &Cluster, before: &[[Option<Histogram>; 2]]) {
     let after = inside_readings(c);
-    println!("inside the cluster during the run (count, median's bucket bound, mean):");
+    println!("inside the cluster during the run (count, bucket bounds of p50 and p99, mean):");
     for (i, (now, then)) in after.iter().zip(before).enumerate() {
         let since = |k: usize| match (&now[k], &then[k]) {
             (Some(n), Some(t)) => n.since(t),

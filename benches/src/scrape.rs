@@ -66,7 +66,7 @@ impl Histogram {
             .map(|&(le, _)| le)
     }
 
-    /// `N, p50 <= X ms, mean Y ms` for a histogram of seconds.
+    /// `N, p50 <= X ms, p99 <= Y ms, mean Z ms` for a histogram of seconds.
     pub fn describe_seconds(&self) -> String {
         let ms = |s: f64| {
             if s.is_finite() {
@@ -75,10 +75,18 @@ impl Histogram {
                 "+Inf".into()
             }
         };
-        match (self.quantile_bound(0.5), self.mean()) {
-            (Some(p50), Some(mean)) => {
-                format!("{}, p50 <= {}, mean {}", self.count, ms(p50), ms(mean))
-            }
+        match (
+            self.quantile_bound(0.5),
+            self.quantile_bound(0.99),
+            self.mean(),
+        ) {
+            (Some(p50), Some(p99), Some(mean)) => format!(
+                "{}, p50 <= {}, p99 <= {}, mean {}",
+                self.count,
+                ms(p50),
+                ms(p99),
+                ms(mean)
+            ),
             _ => "none".into(),
         }
     }
@@ -130,7 +138,10 @@ drover_raft_term 3
         assert_eq!(d.buckets[0].1, 0.0);
         // 900 syncs after the first reading: 300 under 0.2 ms, 800 under 0.4 ms.
         assert_eq!(d.quantile_bound(0.5), Some(0.0004));
-        assert_eq!(d.describe_seconds(), "900, p50 <= 0.40 ms, mean 0.44 ms");
+        assert_eq!(
+            d.describe_seconds(),
+            "900, p50 <= 0.40 ms, p99 <= +Inf, mean 0.44 ms"
+        );
         assert_eq!(Histogram::default().describe_seconds(), "none");
     }
 }
