@@ -445,6 +445,7 @@ async fn wide(
     let first_term = term(&cluster);
     let succeeded = |c: &Cluster| highest_metric(c, "drover_tasks_succeeded") as u64;
     let already = succeeded(&cluster);
+    let inside_before = inside_readings(&cluster);
     let started = Instant::now();
     let completed = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let gate = (outstanding > 0).then(|| drover_benches::backlog::Gate {
@@ -520,6 +521,7 @@ async fn wide(
     if let Some(at) = killed {
         println!("the leader was SIGKILLed {at:.1}s in");
     }
+    print_inside(&cluster, &inside_before);
     Ok(())
 }
 
