@@ -82,7 +82,7 @@ impl Metrics {
         let raft_log_sync_seconds = Histogram::new(exponential_buckets(0.00005, 1.5, 20));
         registry.register(
             "raft_log_sync_seconds",
-            "Time to make the Raft log durable (one sync per appended batch, vote or truncation)",
+            "Time to make the Raft log durable (one sync per appended batch, vote, truncation or purge)",
             raft_log_sync_seconds.clone(),
         );
         let raft_term = Gauge::default();
