@@ -349,43 +349,42 @@ async fn a_followers_probe_reaches_the_leader_over_a_warmed_connection_and_recon
         let tls = drover_proto::tls::TlsFiles::in_dir(&cluster.tls_dir, "coordinator-1")
             .load()
             .unwrap();
-        let mut prober = LeaderProber::new(std::sync::Arc::new(peers), tls);
+        // Behind a lock only so `wait_for`'s closures can share it.
+        let prober = tokio::sync::Mutex::new(LeaderProber::new(std::sync::Arc::new(peers), tls));
 
-        prober.warm(id).await;
-        let end = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !prober.connected_to(id).await {
-            assert!(
-                tokio::time::Instant::now() < end,
-                "no connection opened in 10 s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(prober.probe(id, term).await, Probe::Leading);
-        assert_eq!(prober.probe(id, term + 1).await, Probe::NotLeading);
+        prober.lock().await.warm(id).await;
+        wait_for("the background connection", Duration::from_secs(10), || {
+            let prober = &prober;
+            async move { prober.lock().await.connected_to(id).await.then_some(()) }
+        })
+        .await;
+        let mut p = prober.lock().await;
+        assert_eq!(p.probe(id, term).await, Probe::Leading);
+        assert_eq!(p.probe(id, term + 1).await, Probe::NotLeading);
 
         cluster.kill(leader);
-        assert_eq!(prober.probe(id, term).await, Probe::Unreachable);
+        assert_eq!(p.probe(id, term).await, Probe::Unreachable);
         assert!(
-            !prober.connected_to(id).await,
+            !p.connected_to(id).await,
             "a failed call drops the connection"
         );
+        drop(p);
 
         // Back, it answers on a new connection: leading again in the same term when it restarted
         // before the followers campaigned (its vote is on disk), or not leading in it.
         cluster.restart(leader);
-        let end = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            match prober.probe(id, term).await {
-                Probe::Unreachable => {
-                    assert!(tokio::time::Instant::now() < end, "no answer in 20 s");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+        wait_for(
+            "an answer from the restarted node",
+            Duration::from_secs(20),
+            || {
+                let prober = &prober;
+                async move {
+                    (prober.lock().await.probe(id, term).await != Probe::Unreachable).then_some(())
                 }
-                Probe::Leading | Probe::NotLeading => {
-                    assert!(prober.connected_to(id).await);
-                    break;
-                }
-            }
-        }
+            },
+        )
+        .await;
+        assert!(prober.lock().await.connected_to(id).await);
     })
     .await
     .expect("test deadline");
