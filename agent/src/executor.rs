@@ -18,18 +18,41 @@ use crate::cgroup::{Cgroups, TaskCgroup};
 use crate::limits;
 use crate::tasks::TaskTable;
 
-/// `WORK/logs/RUN/TASK/attempt-N.{stdout,stderr}`.
-pub fn log_path(work_dir: &Path, task_id: &str, attempt: u64, stream: pb::LogStream) -> PathBuf {
-    let ext = if stream == pb::LogStream::Stderr {
+fn stream_ext(stream: pb::LogStream) -> &'static str {
+    if stream == pb::LogStream::Stderr {
         "stderr"
     } else {
         "stdout"
-    };
+    }
+}
+
+/// `WORK/logs/RUN/TASK.attempt-N.{stdout,stderr}`.
+pub fn log_path(work_dir: &Path, task_id: &str, attempt: u64, stream: pb::LogStream) -> PathBuf {
+    attempt_path(work_dir, task_id, attempt, stream_ext(stream))
+}
+
+/// `WORK/logs/RUN/TASK.attempt-N.WHAT`: an attempt's files sit in its run's directory, so an
+/// attempt adds one directory (its working directory) and two files. Each new inode is a large
+/// part of a short task's cost: a directory per task as well cost ~20% more CPU per task in a
+/// file-system benchmark here, and far more right after many deletions (docs/BENCHMARKS.md).
+fn attempt_path(work_dir: &Path, task_id: &str, attempt: u64, what: &str) -> PathBuf {
+    let mut p = work_dir.join("logs");
+    let (dirs, name) = task_id.rsplit_once('/').unwrap_or(("", task_id));
+    for part in dirs.split('/').filter(|p| !p.is_empty()) {
+        p.push(sanitize(part));
+    }
+    p.push(format!("{}.attempt-{attempt}.{what}", sanitize(name)));
+    p
+}
+
+/// Where agents before the flat layout kept a log (`WORK/logs/RUN/TASK/attempt-N.EXT`): still
+/// read, so an upgraded agent serves the logs it kept before the upgrade until they are pruned.
+fn legacy_log_path(work_dir: &Path, task_id: &str, attempt: u64, stream: pb::LogStream) -> PathBuf {
     let mut p = work_dir.join("logs");
     for part in task_id.split('/') {
         p.push(sanitize(part));
     }
-    p.join(format!("attempt-{attempt}.{ext}"))
+    p.join(format!("attempt-{attempt}.{}", stream_ext(stream)))
 }
 
 fn sanitize(s: &str) -> String {
@@ -152,16 +175,17 @@ fn start(
         .ok_or("assignment carried no task spec")?;
     let log = |stream| log_path(work_dir, &assign.task_id, assign.attempt, stream);
     let (stdout_path, stderr_path) = (log(pb::LogStream::Stdout), log(pb::LogStream::Stderr));
-    if let Some(dir) = stdout_path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("creating log dir {}: {e}", dir.display()))?;
-    }
+    // The run's directory exists after its first task: one mkdir per attempt, not two.
     let cwd = if spec.workdir.is_empty() {
-        let dir = stdout_path.with_extension("work");
+        let dir = attempt_path(work_dir, &assign.task_id, assign.attempt, "work");
         std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("creating working dir {}: {e}", dir.display()))?;
+            .map_err(|e| format!("creating log dir and working dir {}: {e}", dir.display()))?;
         dir
     } else {
+        if let Some(dir) = stdout_path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("creating log dir {}: {e}", dir.display()))?;
+        }
         PathBuf::from(&spec.workdir)
     };
     let for_child = |path: &Path| {
@@ -360,7 +384,13 @@ pub async fn read_log(work_dir: &Path, req: &pb::LogRequest, finished: bool) -> 
     let path = log_path(work_dir, &req.task_id, req.attempt, stream);
     let max = req.max_bytes.clamp(1, limits::LOG_READ_BYTES_MAX);
     let result = async {
-        let mut f = tokio::fs::File::open(&path).await?;
+        let mut f = match tokio::fs::File::open(&path).await {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let legacy = legacy_log_path(work_dir, &req.task_id, req.attempt, stream);
+                tokio::fs::File::open(legacy).await.map_err(|_| e)?
+            }
+            opened => opened?,
+        };
         let len = f.metadata().await?.len();
         let start = req.offset.min(len);
         tokio::io::AsyncSeekExt::seek(&mut f, std::io::SeekFrom::Start(start)).await?;
@@ -478,6 +508,64 @@ mod tests {
             outcome.reason.starts_with("creating log dir"),
             "{}",
             outcome.reason
+        );
+    }
+
+    #[tokio::test]
+    async fn an_attempt_adds_one_directory_and_its_two_logs_to_its_runs_directory() {
+        // Guards: the flat layout (every new inode costs a short task dearly) and that the
+        // child runs in its fresh working directory.
+        let dir = tempfile::tempdir().unwrap();
+        let table = TaskTable::default();
+        let a = assign(&["sh", "-c", "pwd; touch made-here"]);
+        table.claim(&a.task_id, 1, &a.run_id).unwrap();
+        let outcome = run_process(dir.path(), &table, None, a).await;
+        assert!(outcome.succeeded, "{}", outcome.reason);
+        let run_dir = dir.path().join("logs").join("r1");
+        let mut entries: Vec<String> = std::fs::read_dir(&run_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        entries.sort();
+        assert_eq!(
+            entries,
+            [
+                "main.attempt-1.stderr",
+                "main.attempt-1.stdout",
+                "main.attempt-1.work"
+            ]
+        );
+        let work = std::fs::canonicalize(run_dir.join("main.attempt-1.work")).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&outcome.stdout_tail).trim_end(),
+            work.display().to_string()
+        );
+        assert!(work.join("made-here").exists());
+    }
+
+    #[tokio::test]
+    async fn logs_kept_in_the_layout_before_the_flat_one_are_still_served() {
+        // Guards: an upgraded agent still serves the logs it kept before the upgrade.
+        let dir = tempfile::tempdir().unwrap();
+        let old = legacy_log_path(dir.path(), "r1/main", 2, pb::LogStream::Stderr);
+        std::fs::create_dir_all(old.parent().unwrap()).unwrap();
+        std::fs::write(&old, b"from before").unwrap();
+        let req = pb::LogRequest {
+            task_id: "r1/main".into(),
+            attempt: 2,
+            stream: pb::LogStream::Stderr as i32,
+            max_bytes: 100,
+            ..Default::default()
+        };
+        let data = read_log(dir.path(), &req, true).await;
+        assert_eq!(data.error, "");
+        assert_eq!(data.data, b"from before");
+        assert!(data.eof);
+        let missing = read_log(dir.path(), &pb::LogRequest { attempt: 3, ..req }, true).await;
+        assert!(
+            missing.error.contains("r1/main.attempt-3.stderr"),
+            "{}",
+            missing.error
         );
     }
 }

@@ -41,6 +41,11 @@ struct Target {
     /// own disks; on the coordinators' filesystem their file creations slow every Raft log sync.
     #[arg(long)]
     agent_work_dir: Option<std::path::PathBuf>,
+    /// Leave the agents' task logs and working directories under --agent-work-dir when the run
+    /// ends. Deleting a large run's files on ext4 without a journal slows the next minutes' file
+    /// creations (see docs/BENCHMARKS.md); keep them to compare process runs back to back.
+    #[arg(long, requires = "agent_work_dir")]
+    keep_agent_files: bool,
 }
 
 #[derive(Subcommand)]
@@ -115,6 +120,11 @@ enum Cmd {
         /// coordinators' data). A tmpfs such as /dev/shm stands in for agent hosts' own disks.
         #[arg(long)]
         agent_work_dir: Option<std::path::PathBuf>,
+        /// Leave the agents' task logs and working directories under --agent-work-dir when the run
+        /// ends. Deleting a large run's files on ext4 without a journal slows the next minutes' file
+        /// creations (see docs/BENCHMARKS.md); keep them to compare process runs back to back.
+        #[arg(long, requires = "agent_work_dir")]
+        keep_agent_files: bool,
     },
     /// Connect simulated agents; measure leader CPU, loss detection and failover behaviour.
     Fleet {
@@ -143,6 +153,7 @@ async fn connect(
     if target.spawn_cluster {
         let mut cluster = Cluster::start(ClusterOptions {
             agent_work_root: target.agent_work_dir.clone(),
+            keep_agent_files: target.keep_agent_files,
             ..ClusterOptions::default()
         })
         .await;
@@ -221,6 +232,7 @@ async fn main() -> anyhow::Result<()> {
             command,
             agents,
             agent_work_dir,
+            keep_agent_files,
         } => {
             let task = match kind.as_str() {
                 "noop" => drover_benches::backlog::noop_task(),
@@ -237,6 +249,7 @@ async fn main() -> anyhow::Result<()> {
                 task,
                 agents,
                 agent_work_dir,
+                keep_agent_files,
             };
             wide(shape, outstanding, kill_leader_after).await?
         }
@@ -413,6 +426,7 @@ struct WideShape {
     task: pb::TaskSpec,
     agents: usize,
     agent_work_dir: Option<std::path::PathBuf>,
+    keep_agent_files: bool,
 }
 
 async fn wide(
@@ -427,6 +441,7 @@ async fn wide(
         task,
         agents,
         agent_work_dir,
+        keep_agent_files,
     } = shape;
     let what = if task.kind == "noop" {
         "no-op tasks".to_string()
@@ -438,6 +453,7 @@ async fn wide(
         addr: vec![],
         tls_dir: None,
         agent_work_dir,
+        keep_agent_files,
     };
     let (cluster, client, _, _) = connect(&target, agents.max(1)).await?;
     let mut cluster = cluster.context("spawned cluster")?;

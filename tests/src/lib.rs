@@ -91,6 +91,11 @@ pub struct ClusterOptions {
     /// every Raft log sync also waits for the journal commit carrying the agents' file
     /// creations (syncs of 100-460 ms, and elections, at 2,000 process tasks a second).
     pub agent_work_root: Option<PathBuf>,
+    /// Leave the agents' directory under `agent_work_root` in place when the cluster is dropped.
+    /// On ext4 without a journal, inodes deleted within the last minute or more are skipped
+    /// (each one looked at) when new ones are allocated, so deleting a large run's files makes
+    /// the next run's file creations many times slower.
+    pub keep_agent_files: bool,
 }
 
 impl Default for ClusterOptions {
@@ -102,6 +107,7 @@ impl Default for ClusterOptions {
             heartbeat_interval_ms: 500,
             absent: None,
             agent_work_root: None,
+            keep_agent_files: false,
         }
     }
 }
@@ -378,6 +384,11 @@ impl Drop for Cluster {
         for (_, a) in &mut self.agents {
             let _ = a.kill();
             let _ = a.wait();
+        }
+        if self.opts.keep_agent_files
+            && let Some(dir) = self.agent_dir.take()
+        {
+            eprintln!("agents' files kept in {}", dir.keep().display());
         }
         for c in self.coordinators.iter_mut().flatten() {
             let _ = c.kill();
