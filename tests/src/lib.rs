@@ -86,10 +86,10 @@ pub struct ClusterOptions {
     /// A member (index) not started with the others; `restart` starts it later.
     pub absent: Option<usize>,
     /// Where agents keep task logs and working directories (a directory of their own is made
-    /// in it, and removed with the cluster); default: the cluster's own directory. On one host,
-    /// another filesystem stands in for the agents' own disks: on the coordinators' filesystem,
-    /// every Raft log sync also waits for the journal commit carrying the agents' file
-    /// creations (syncs of 100-460 ms, and elections, at 2,000 process tasks a second).
+    /// in it, and removed with the cluster unless `keep_agent_files`); default: the cluster's own
+    /// directory. On one host, another filesystem stands in for the agents' own disks: on the
+    /// coordinators' filesystem, the agents' file creations slowed the Raft log syncs (syncs of
+    /// 100-460 ms, and elections, at 2,000 process tasks a second).
     pub agent_work_root: Option<PathBuf>,
     /// Leave the agents' directory under `agent_work_root` in place when the cluster is dropped.
     /// On ext4 without a journal, inodes deleted within the last minute or more are skipped
