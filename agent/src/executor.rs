@@ -32,9 +32,9 @@ pub fn log_path(work_dir: &Path, task_id: &str, attempt: u64, stream: pb::LogStr
 }
 
 /// `WORK/logs/RUN/TASK.attempt-N.WHAT`: an attempt's files sit in its run's directory, so an
-/// attempt adds one directory (its working directory) and two files. Each new inode is a large
-/// part of a short task's cost: a directory per task as well cost ~20% more CPU per task in a
-/// file-system benchmark here, and far more right after many deletions (docs/BENCHMARKS.md).
+/// attempt adds one directory (its working directory) and two files. Each new inode is a visible
+/// part of a short task's cost: a second directory per attempt cost ~7% of the `/bin/true`
+/// throughput here, and creations get far slower after mass deletions (docs/BENCHMARKS.md).
 fn attempt_path(work_dir: &Path, task_id: &str, attempt: u64, what: &str) -> PathBuf {
     let mut p = work_dir.join("logs");
     let (dirs, name) = task_id.rsplit_once('/').unwrap_or(("", task_id));
