@@ -36,7 +36,14 @@ struct Target {
     addr: Vec<String>,
     #[arg(long, env = "DROVER_TLS_DIR")]
     tls_dir: Option<std::path::PathBuf>,
-    /// With --spawn-cluster: where the agents keep task logs and working directories (default:
+    #[command(flatten)]
+    files: AgentFiles,
+}
+
+/// Where the agents of a spawned cluster keep their files, and whether they outlive the run.
+#[derive(Args, Clone)]
+struct AgentFiles {
+    /// With a spawned cluster: where the agents keep task logs and working directories (default:
     /// beside the coordinators' data). A tmpfs such as /dev/shm stands in for agent hosts'
     /// own disks; on the coordinators' filesystem their file creations slow every Raft log sync.
     #[arg(long)]
@@ -116,15 +123,8 @@ enum Cmd {
         /// Agents to start.
         #[arg(long, default_value_t = 1)]
         agents: usize,
-        /// Where the agents keep task logs and working directories (default: beside the
-        /// coordinators' data). A tmpfs such as /dev/shm stands in for agent hosts' own disks.
-        #[arg(long)]
-        agent_work_dir: Option<std::path::PathBuf>,
-        /// Leave the agents' task logs and working directories under --agent-work-dir when the run
-        /// ends. Deleting a large run's files on ext4 without a journal slows the next minutes' file
-        /// creations (see docs/BENCHMARKS.md); keep them to compare process runs back to back.
-        #[arg(long, requires = "agent_work_dir")]
-        keep_agent_files: bool,
+        #[command(flatten)]
+        files: AgentFiles,
     },
     /// Connect simulated agents; measure leader CPU, loss detection and failover behaviour.
     Fleet {
@@ -152,8 +152,8 @@ async fn connect(
 )> {
     if target.spawn_cluster {
         let mut cluster = Cluster::start(ClusterOptions {
-            agent_work_root: target.agent_work_dir.clone(),
-            keep_agent_files: target.keep_agent_files,
+            agent_work_root: target.files.agent_work_dir.clone(),
+            keep_agent_files: target.files.keep_agent_files,
             ..ClusterOptions::default()
         })
         .await;
@@ -231,8 +231,7 @@ async fn main() -> anyhow::Result<()> {
             kind,
             command,
             agents,
-            agent_work_dir,
-            keep_agent_files,
+            files,
         } => {
             let task = match kind.as_str() {
                 "noop" => drover_benches::backlog::noop_task(),
@@ -248,8 +247,7 @@ async fn main() -> anyhow::Result<()> {
                 concurrency,
                 task,
                 agents,
-                agent_work_dir,
-                keep_agent_files,
+                files,
             };
             wide(shape, outstanding, kill_leader_after).await?
         }
@@ -425,8 +423,7 @@ struct WideShape {
     concurrency: usize,
     task: pb::TaskSpec,
     agents: usize,
-    agent_work_dir: Option<std::path::PathBuf>,
-    keep_agent_files: bool,
+    files: AgentFiles,
 }
 
 async fn wide(
@@ -440,8 +437,7 @@ async fn wide(
         concurrency,
         task,
         agents,
-        agent_work_dir,
-        keep_agent_files,
+        files,
     } = shape;
     let what = if task.kind == "noop" {
         "no-op tasks".to_string()
@@ -452,8 +448,7 @@ async fn wide(
         spawn_cluster: true,
         addr: vec![],
         tls_dir: None,
-        agent_work_dir,
-        keep_agent_files,
+        files,
     };
     let (cluster, client, _, _) = connect(&target, agents.max(1)).await?;
     let mut cluster = cluster.context("spawned cluster")?;
