@@ -2,11 +2,12 @@
 //! straight to files on local disk (the full log), whose last bytes become the tail replicated
 //! with the result; a timeout, and a stop that takes down the whole group.
 
+use std::ffi::{OsStr, OsString};
 use std::os::unix::fs::FileExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use drover_proto::pb;
@@ -16,7 +17,14 @@ use tokio::sync::oneshot;
 
 use crate::cgroup::{Cgroups, TaskCgroup};
 use crate::limits;
+use crate::program::{self, ProgramPaths};
 use crate::tasks::TaskTable;
+
+/// Programs found on PATH, shared by every task (see `program`).
+static PROGRAM_PATHS: LazyLock<ProgramPaths> = LazyLock::new(ProgramPaths::default);
+
+/// The agent's own PATH, which a task that sets none inherits.
+static AGENT_PATH: LazyLock<Option<OsString>> = LazyLock::new(|| std::env::var_os("PATH"));
 
 fn stream_ext(stream: pb::LogStream) -> &'static str {
     if stream == pb::LogStream::Stderr {
@@ -197,46 +205,74 @@ fn start(
             .map(Stdio::from)
             .map_err(|e| format!("creating log file {}: {e}", path.display()))
     };
-    let mut cmd = if spec.shell.is_empty() {
+    let (program, args): (&str, Vec<&str>) = if spec.shell.is_empty() {
         let (program, args) = spec
             .argv
             .split_first()
             .ok_or("task has neither command nor shell")?;
-        let mut c = Command::new(program);
-        c.args(args);
-        c
+        (program, args.iter().map(String::as_str).collect())
     } else {
-        let mut c = Command::new("sh");
-        c.arg("-c").arg(&spec.shell);
-        c
+        ("sh", vec!["-c", &spec.shell])
     };
-    cmd.current_dir(&cwd)
-        .envs(&spec.env)
-        .env("DROVER_RUN_ID", &assign.run_id)
-        .env("DROVER_TASK_ID", &assign.task_id)
-        .env("DROVER_ATTEMPT", assign.attempt.to_string())
-        .stdin(Stdio::null())
-        .stdout(for_child(&stdout_path)?)
-        .stderr(for_child(&stderr_path)?)
-        .process_group(0)
-        .kill_on_drop(true);
     let cgroup = cgroups
         .map(|c| c.create(&assign.task_id, assign.attempt, spec.resources.as_ref()))
         .transpose()
         .map_err(|e| format!("cgroup: {e}"))?;
-    if let Some(cg) = &cgroup {
-        let join = cg.join_in_child();
-        // SAFETY: the closure only calls write(2), which is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(join);
+    // The child's PATH: its own if the task sets one, else the agent's.
+    let path_var = spec
+        .env
+        .get("PATH")
+        .map(OsStr::new)
+        .or(AGENT_PATH.as_deref());
+    let found = path_var.and_then(|p| {
+        PROGRAM_PATHS.resolve(
+            OsStr::new(program),
+            p,
+            Instant::now(),
+            program::is_executable_file,
+        )
+    });
+    let command = |exe: &OsStr| -> Result<Command, String> {
+        let mut cmd = Command::new(exe);
+        // argv[0] as the task wrote it, whatever path runs it (multi-call binaries look at it).
+        cmd.arg0(program)
+            .args(&args)
+            .current_dir(&cwd)
+            .envs(&spec.env)
+            .env("DROVER_RUN_ID", &assign.run_id)
+            .env("DROVER_TASK_ID", &assign.task_id)
+            .env("DROVER_ATTEMPT", assign.attempt.to_string())
+            .stdin(Stdio::null())
+            .stdout(for_child(&stdout_path)?)
+            .stderr(for_child(&stderr_path)?)
+            .process_group(0)
+            .kill_on_drop(true);
+        if let Some(cg) = &cgroup {
+            let join = cg.join_in_child();
+            // SAFETY: the closure only calls write(2), which is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(join);
+            }
         }
-    }
+        Ok(cmd)
+    };
+    let failed = |e: std::io::Error| format!("spawn: {program}: {e} (cwd {})", cwd.display());
     // Spawning registers the child with the runtime's reaper; blocking-pool threads are inside
     // the runtime's context, so this works here.
-    let child = cmd.spawn().map_err(|e| {
-        let what = spec.argv.first().map_or("sh", String::as_str);
-        format!("spawn: {what}: {e} (cwd {})", cwd.display())
-    })?;
+    let child = match &found {
+        None => command(OsStr::new(program))?.spawn().map_err(failed)?,
+        Some(exe) => match command(exe.as_os_str())?.spawn() {
+            Ok(child) => child,
+            // The kept path went stale (removed, or not executable after all): the spawn
+            // searches PATH itself this time, so the error, if any, is the usual one.
+            Err(_) => {
+                if let Some(p) = path_var {
+                    PROGRAM_PATHS.forget(OsStr::new(program), p);
+                }
+                command(OsStr::new(program))?.spawn().map_err(failed)?
+            }
+        },
+    };
     // `cmd` goes out of scope here, closing this process's descriptors of the log files.
     Ok(Running {
         child,
@@ -541,6 +577,82 @@ mod tests {
             work.display().to_string()
         );
         assert!(work.join("made-here").exists());
+    }
+
+    fn assign_with_path(argv: &[&str], path_var: &str) -> pb::Assign {
+        let mut a = assign(argv);
+        let spec = a.spec.as_mut().unwrap();
+        spec.env.insert("PATH".into(), path_var.into());
+        a
+    }
+
+    #[tokio::test]
+    async fn a_program_found_on_path_keeps_the_name_it_was_given_as_argv0() {
+        // Guards: the agent runs the program from the path it found, but the child sees the
+        // argv[0] the task wrote (multi-call binaries dispatch on it).
+        let dir = tempfile::tempdir().unwrap();
+        let table = TaskTable::default();
+        let a = assign(&["sh", "-c", "tr '\\0' ' ' < /proc/$$/cmdline"]);
+        table.claim(&a.task_id, 1, &a.run_id).unwrap();
+        let outcome = run_process(dir.path(), &table, None, a).await;
+        assert!(outcome.succeeded, "{}", outcome.reason);
+        let cmdline = String::from_utf8_lossy(&outcome.stdout_tail).into_owned();
+        assert!(cmdline.starts_with("sh -c "), "{cmdline:?}");
+    }
+
+    #[tokio::test]
+    async fn the_tasks_own_path_is_searched_and_a_stale_found_path_falls_back_to_the_search() {
+        // Guards: a task's PATH wins over the agent's, the first directory on it wins, and a
+        // program removed from where it was found is looked for again rather than failing.
+        let dir = tempfile::tempdir().unwrap();
+        let (first, second) = (dir.path().join("first"), dir.path().join("second"));
+        for (d, target) in [(&first, "echo"), (&second, "printf")] {
+            std::fs::create_dir(d).unwrap();
+            let real = ["/usr/bin", "/bin"]
+                .iter()
+                .map(|b| Path::new(b).join(target))
+                .find(|p| p.exists())
+                .unwrap();
+            std::os::unix::fs::symlink(real, d.join("drover-test-tool")).unwrap();
+        }
+        let path_var = format!("{}:{}", first.display(), second.display());
+        let table = TaskTable::default();
+        let run = |attempt: u64| {
+            let mut a = assign_with_path(&["drover-test-tool", "x"], &path_var);
+            a.attempt = attempt;
+            table.claim(&a.task_id, attempt, &a.run_id).unwrap();
+            run_process(dir.path(), &table, None, a)
+        };
+        let outcome = run(1).await;
+        assert!(outcome.succeeded, "{}", outcome.reason);
+        assert_eq!(
+            outcome.stdout_tail, b"x\n",
+            "echo, from the first directory"
+        );
+        let kept = PROGRAM_PATHS.resolve(
+            OsStr::new("drover-test-tool"),
+            OsStr::new(&path_var),
+            Instant::now(),
+            |_| false,
+        );
+        assert_eq!(kept, Some(first.join("drover-test-tool")));
+
+        std::fs::remove_file(first.join("drover-test-tool")).unwrap();
+        let outcome = run(2).await;
+        assert!(outcome.succeeded, "{}", outcome.reason);
+        assert_eq!(
+            outcome.stdout_tail, b"x",
+            "printf, from the second directory"
+        );
+
+        std::fs::remove_file(second.join("drover-test-tool")).unwrap();
+        let outcome = run(3).await;
+        assert!(!outcome.succeeded);
+        assert!(
+            outcome.reason.starts_with("spawn: drover-test-tool: "),
+            "{}",
+            outcome.reason
+        );
     }
 
     #[tokio::test]

@@ -13,6 +13,10 @@ pub const SESSION_OUTBOX_MAX: usize = 4_096;
 /// Bytes returned by one log read.
 pub const LOG_READ_BYTES_MAX: u64 = 4 * 1024 * 1024;
 
+/// Programs whose place on PATH the agent keeps (per program and PATH); more than a host runs
+/// in a few seconds, and each entry is two short strings and a path.
+pub const PROGRAM_PATHS_MAX: usize = 1_024;
+
 /// Grace between SIGTERM and SIGKILL when a task is stopped.
 pub const KILL_GRACE_MS: u64 = 2_000;
 
