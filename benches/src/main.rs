@@ -151,6 +151,10 @@ async fn connect(
     drover_proto::tls::TlsMaterial,
 )> {
     if target.spawn_cluster {
+        if let Some(dir) = &target.files.agent_work_dir {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("--agent-work-dir {}", dir.display()))?;
+        }
         let mut cluster = Cluster::start(ClusterOptions {
             agent_work_root: target.files.agent_work_dir.clone(),
             keep_agent_files: target.files.keep_agent_files,
