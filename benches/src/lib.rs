@@ -34,6 +34,53 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) / ticks)
 }
 
+/// The whole host's CPU time so far, from the first line of /proc/stat, in clock ticks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HostCpu {
+    /// user + nice + system + irq + softirq: work done, by anyone on the host.
+    pub busy: u64,
+    /// Time the hypervisor ran someone else while this guest had work.
+    pub steal: u64,
+}
+
+impl HostCpu {
+    /// Parses /proc/stat's text; None if its `cpu` line is missing or short.
+    pub fn parse(stat: &str) -> Option<HostCpu> {
+        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|f| f.parse().ok())
+            .collect::<Option<_>>()?;
+        let (user, nice, system, irq, softirq, steal) = (
+            *v.first()?,
+            *v.get(1)?,
+            *v.get(2)?,
+            *v.get(5)?,
+            *v.get(6)?,
+            *v.get(7)?,
+        );
+        Some(HostCpu {
+            busy: user + nice + system + irq + softirq,
+            steal,
+        })
+    }
+
+    pub fn read() -> Option<HostCpu> {
+        HostCpu::parse(&std::fs::read_to_string("/proc/stat").ok()?)
+    }
+
+    /// (busy, steal) seconds from `earlier` to `self`.
+    pub fn since(&self, earlier: &HostCpu) -> (f64, f64) {
+        // SAFETY: sysconf has no preconditions.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        (
+            self.busy.saturating_sub(earlier.busy) as f64 / ticks,
+            self.steal.saturating_sub(earlier.steal) as f64 / ticks,
+        )
+    }
+}
+
 /// Resident memory of a process in bytes, from /proc.
 pub fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -82,6 +129,22 @@ pub fn slice_rates(samples: &[(f64, u64)], slice_secs: f64) -> Vec<f64> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn host_cpu_counts_work_but_not_idle_iowait_or_steal_as_busy() {
+        let stat = "cpu  100 5 30 9000 40 2 3 70 0 0\ncpu0 50 2 15 4500 20 1 1 35 0 0\nintr 1\n";
+        let cpu = super::HostCpu::parse(stat).unwrap();
+        assert_eq!(
+            cpu,
+            super::HostCpu {
+                busy: 100 + 5 + 30 + 2 + 3,
+                steal: 70
+            }
+        );
+        assert_eq!(super::HostCpu::parse("cpu0 1 2 3\n"), None, "no total line");
+        assert_eq!(super::HostCpu::parse("cpu  1 2 3\n"), None, "too short");
+        assert!(super::HostCpu::read().is_some(), "this host's /proc/stat");
+    }
+
     use super::{lowest_window_rate, slice_rates};
 
     #[test]

@@ -461,6 +461,7 @@ async fn wide(
     let succeeded = |c: &Cluster| highest_metric(c, "drover_tasks_succeeded") as u64;
     let already = succeeded(&cluster);
     let inside_before = inside_readings(&cluster);
+    let host_before = drover_benches::HostCpu::read();
     let started = Instant::now();
     let completed = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let gate = (outstanding > 0).then(|| drover_benches::backlog::Gate {
@@ -533,6 +534,15 @@ async fn wide(
         .map(|r| format!("{r:.0}"))
         .collect();
     println!("completions/s in each 10 s: {}", slices.join(" "));
+    // Tasks a second moves with whatever else this (shared, virtual) host runs; CPU spent per
+    // task moves less, and steal says how much the hypervisor took away.
+    if let (Some(before), Some(after)) = (host_before, drover_benches::HostCpu::read()) {
+        let (busy, steal) = after.since(&before);
+        println!(
+            "host CPU during the run: {:.0} us busy per task (everything on the host), {steal:.1}s stolen by the hypervisor",
+            busy * 1e6 / accepted.max(1) as f64
+        );
+    }
     if let Some(at) = killed {
         println!("the leader was SIGKILLed {at:.1}s in");
     }
