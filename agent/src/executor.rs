@@ -273,7 +273,7 @@ fn start(
             }
         },
     };
-    // `cmd` goes out of scope here, closing this process's descriptors of the log files.
+    // The `Command` is gone by here, and with it this process's descriptors of the log files.
     Ok(Running {
         child,
         stdout: stdout_path,

@@ -29,9 +29,13 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / clock_ticks_per_sec())
+}
+
+/// The unit of /proc's CPU times.
+fn clock_ticks_per_sec() -> f64 {
     // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some((utime + stime) / ticks)
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
 }
 
 /// The whole host's CPU time so far, from the first line of /proc/stat, in clock ticks.
@@ -72,8 +76,7 @@ impl HostCpu {
 
     /// (busy, steal) seconds from `earlier` to `self`.
     pub fn since(&self, earlier: &HostCpu) -> (f64, f64) {
-        // SAFETY: sysconf has no preconditions.
-        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let ticks = clock_ticks_per_sec();
         (
             self.busy.saturating_sub(earlier.busy) as f64 / ticks,
             self.steal.saturating_sub(earlier.steal) as f64 / ticks,
@@ -129,6 +132,8 @@ pub fn slice_rates(samples: &[(f64, u64)], slice_secs: f64) -> Vec<f64> {
 
 #[cfg(test)]
 mod tests {
+    use super::{lowest_window_rate, slice_rates};
+
     #[test]
     fn host_cpu_counts_work_but_not_idle_iowait_or_steal_as_busy() {
         let stat = "cpu  100 5 30 9000 40 2 3 70 0 0\ncpu0 50 2 15 4500 20 1 1 35 0 0\nintr 1\n";
@@ -144,8 +149,6 @@ mod tests {
         assert_eq!(super::HostCpu::parse("cpu  1 2 3\n"), None, "too short");
         assert!(super::HostCpu::read().is_some(), "this host's /proc/stat");
     }
-
-    use super::{lowest_window_rate, slice_rates};
 
     #[test]
     fn slice_rates_follow_the_counter_over_time() {
