@@ -18,6 +18,7 @@ use tracing::Instrument;
 
 use crate::command::{Command, CommandResult};
 use crate::convert;
+use crate::error::CoordinatorError;
 use crate::limits;
 use crate::model::HeldTask;
 use crate::node::Ctx;
@@ -173,6 +174,33 @@ impl AgentRpc {
     }
 }
 
+/// Proposes a task report, again and again while its session lasts and the failure may pass (a
+/// full proposal queue, a commit not confirmed in time, a lease not regained): the agent sends a
+/// report once per session, so giving up here would leave the task running or placed, as far as
+/// the cluster knows, until the agent next registered. Reports are idempotent (the attempt
+/// fences them), so proposing one whose outcome was unknown is harmless. A leader that steps
+/// down closes its sessions, which ends this.
+async fn propose_report(
+    ctx: &Ctx,
+    cmd: Command,
+    session: &mpsc::Sender<Result<CoordinatorMessage, Status>>,
+) -> Result<CommandResult, CoordinatorError> {
+    let mut pause = REPORT_RETRY_PAUSE_MIN;
+    loop {
+        match ctx.proposer.propose(cmd.clone()).await {
+            Err(e) if e.may_pass() && !session.is_closed() => {
+                tracing::debug!(error = %e, "task report not committed; proposing it again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(REPORT_RETRY_PAUSE_MAX);
+            }
+            result => return result,
+        }
+    }
+}
+
+const REPORT_RETRY_PAUSE_MIN: std::time::Duration = std::time::Duration::from_millis(50);
+const REPORT_RETRY_PAUSE_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn read_session(
     ctx: Arc<Ctx>,
     name: String,
@@ -230,14 +258,15 @@ async fn read_session(
                     } => Some((task_id.clone(), *attempt)),
                     _ => None,
                 };
-                match ctx.proposer.propose(cmd).await {
+                match propose_report(&ctx, cmd, &tx).await {
                     Ok(CommandResult::Reported) => {}
                     Ok(CommandResult::StaleReport { current_attempt }) => {
                         tracing::info!(?ack, current_attempt, "stale report rejected");
                     }
                     Ok(other) => tracing::warn!(?other, "unexpected result for a task report"),
                     Err(e) => {
-                        // Not committed (or unknown): no ack, so the agent keeps it and re-sends.
+                        // Not committed and the session is over: no ack, so the agent keeps the
+                        // report and sends it again on its next session.
                         tracing::debug!(error = %e, "task report not committed");
                         drop(permit);
                         return;

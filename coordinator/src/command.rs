@@ -17,6 +17,13 @@ pub struct Request {
     pub commands: std::sync::Arc<[Command]>,
 }
 
+/// How openraft names an entry's payload in its logs: the size, not the contents.
+impl std::fmt::Display for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} commands at {} us", self.commands.len(), self.now_us)
+    }
+}
+
 /// A submission's placement: per task (index-aligned with the spec's tasks), the agent chosen,
 /// by the leader of `term`; apply refuses it from another term, like a plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

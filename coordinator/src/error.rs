@@ -28,6 +28,17 @@ pub enum CoordinatorError {
 }
 
 impl CoordinatorError {
+    /// Whether the same request may succeed if made again on this node a little later.
+    pub fn may_pass(&self) -> bool {
+        matches!(
+            self,
+            CoordinatorError::NotLeader { leader_addr: None }
+                | CoordinatorError::NoLeader
+                | CoordinatorError::LimitReached { .. }
+                | CoordinatorError::Unknown(_)
+        )
+    }
+
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
         CoordinatorError::InvalidArgument {
             field: field.into(),

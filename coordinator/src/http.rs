@@ -1,5 +1,6 @@
 //! The plain HTTP port: liveness, readiness and Prometheus metrics.
 
+use openraft::async_runtime::WatchReceiver;
 use std::sync::Arc;
 
 use axum::Router;
@@ -29,7 +30,7 @@ async fn readyz(State(ctx): State<Arc<Ctx>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(ctx): State<Arc<Ctx>>) -> impl IntoResponse {
-    ctx.refresh_gauges(&ctx.raft.metrics().borrow().clone());
+    ctx.refresh_gauges(&ctx.raft.metrics().borrow_watched().clone());
     (
         [(
             header::CONTENT_TYPE,

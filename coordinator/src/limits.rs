@@ -33,12 +33,19 @@ pub const PROPOSAL_BATCH_MAX: usize = 2_048;
 /// per append, replication messages stay within the Raft channel's message limit.
 pub const PROPOSAL_BATCH_BYTES_MAX: usize = 2 * 1024 * 1024;
 
-/// How long the leader waits for a follower to receive a snapshot chunk (up to 3 MiB) and, for the
-/// last one, to decode and store the whole snapshot. openraft's default, 200 ms, was shorter than
-/// a follower restarted under a backlog took to take in a 2.7 MiB snapshot over HTTP/2's 64 KiB
+/// How long the leader waits for a follower to receive a snapshot chunk and, for the last one, to
+/// decode and store the whole snapshot. 200 ms (openraft's old default) was shorter than a
+/// follower restarted under a backlog took to take in a 2.7 MiB snapshot over HTTP/2's 64 KiB
 /// flow-control windows: every attempt timed out, was dropped half-received and started over, and
 /// the follower never caught up. A million queued tasks take seconds to decode.
 pub const RAFT_INSTALL_SNAPSHOT_WAIT_MS: u64 = 10_000;
+
+/// Bytes of a snapshot in one message to a follower.
+pub const RAFT_SNAPSHOT_CHUNK_BYTES: usize = 3 * 1024 * 1024;
+
+/// The largest snapshot a follower takes in (a million pending tasks encode to ~145 MiB). A
+/// transfer that would pass it is refused, naming this limit.
+pub const RAFT_SNAPSHOT_RECEIVE_BYTES_MAX: u64 = 4 * 1024 * 1024 * 1024;
 
 /// Entries in one Raft append: times the largest entry (a command at the gRPC message limit,
 /// 8 MiB), within the Raft channel's 64 MiB message limit.
@@ -64,6 +71,10 @@ pub const SCHEDULE_ROUND_TASKS_MAX: usize = 4_096;
 /// and by encoded size (a batch of large submissions can be megabytes). Older reads go to sled.
 pub const RAFT_RECENT_ENTRIES_MAX: usize = 1_024;
 pub const RAFT_RECENT_ENTRY_BYTES_MAX: usize = 32 * 1024 * 1024;
+
+/// Appends handed to the log's sync task and not yet reported durable; one sync serves all of
+/// them. openraft waits to hand over another when this many are waiting.
+pub const RAFT_APPENDS_AWAITING_SYNC_MAX: usize = 1_024;
 
 /// A snapshot file is written back to disk in chunks of this size as it is written, so the Raft
 /// log's syncs never wait behind more than two of them (see `state_machine::write_paced`).
@@ -139,3 +150,9 @@ pub const EXPRESSIONS_MAX: usize = 32;
 
 /// How long a caller waits for its command to commit before the outcome is "unknown".
 pub const COMMIT_WAIT: Duration = Duration::from_secs(10);
+
+/// How long the leader holds a proposal it refused because no quorum answered it within its
+/// lease (a follower's slow log sync, a host starved of CPU), proposing it again as the lease
+/// returns. Well within `COMMIT_WAIT`, so a caller still gets an answer when the lease stays
+/// lost; by then an election is under way and the answer names no leader.
+pub const LEASE_WAIT: Duration = Duration::from_secs(3);

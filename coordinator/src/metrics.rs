@@ -31,6 +31,7 @@ pub struct Metrics {
     pub rpc_total: Family<RpcLabels, Counter>,
     pub proposal_batch_size: Histogram,
     pub proposal_seconds: Histogram,
+    pub proposals_held_for_lease: Counter,
     pub raft_log_sync_seconds: Histogram,
     pub raft_term: Gauge,
     pub raft_is_leader: Gauge,
@@ -76,6 +77,12 @@ impl Metrics {
             "raft_proposal_seconds",
             "Time from proposing an entry to its apply",
             proposal_seconds.clone(),
+        );
+        let proposals_held_for_lease = Counter::default();
+        registry.register(
+            "raft_proposals_held_for_lease",
+            "Proposals the leader refused while no quorum had answered it within its lease, held and proposed again",
+            proposals_held_for_lease.clone(),
         );
         // From 50 us to ~1.1 s in steps of 1.5x: an idle virtual disk takes 0.3-0.6 ms, a busy one
         // 0.1 ms, and doubling steps could not tell those apart.
@@ -215,6 +222,7 @@ impl Metrics {
             rpc_total,
             proposal_batch_size,
             proposal_seconds,
+            proposals_held_for_lease,
             raft_log_sync_seconds,
             raft_term,
             raft_is_leader,

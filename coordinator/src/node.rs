@@ -2,6 +2,7 @@
 //! proposer and the leader loop. Every long-lived task is spawned here, listens for the one
 //! shutdown signal, and is awaited on stop.
 
+use openraft::async_runtime::WatchReceiver;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -83,7 +84,7 @@ impl Ctx {
     }
 
     pub fn not_leader_error(&self) -> CoordinatorError {
-        match self.raft.metrics().borrow().current_leader {
+        match self.raft.metrics().borrow_watched().current_leader {
             Some(id) if id != self.node_id => CoordinatorError::NotLeader {
                 leader_addr: self.addr_of(id),
             },
@@ -93,7 +94,7 @@ impl Ctx {
 
     pub fn require_leader(&self) -> Result<(), CoordinatorError> {
         let m = self.raft.metrics();
-        let m = m.borrow();
+        let m = m.borrow_watched();
         if m.state == ServerState::Leader && m.current_leader == Some(self.node_id) {
             return Ok(());
         }
@@ -103,7 +104,7 @@ impl Ctx {
 
     /// Ready = this node knows a leader and has applied everything it knows to be committed.
     pub fn readiness(&self) -> (bool, String) {
-        let m = self.raft.metrics().borrow().clone();
+        let m = self.raft.metrics().borrow_watched().clone();
         let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
         let committed = self.committed_index.load(Ordering::Relaxed);
         match m.current_leader {
@@ -116,7 +117,7 @@ impl Ctx {
         }
     }
 
-    pub fn refresh_gauges(&self, m: &RaftMetrics<NodeId, BasicNode>) {
+    pub fn refresh_gauges(&self, m: &RaftMetrics<crate::raft::TypeConfig>) {
         let mt = &self.metrics;
         mt.raft_term.set(m.current_term as i64);
         mt.raft_is_leader
@@ -170,7 +171,7 @@ impl Ctx {
     }
 
     pub fn cluster_status(&self) -> pb::ClusterStatusResponse {
-        let m = self.raft.metrics().borrow().clone();
+        let m = self.raft.metrics().borrow_watched().clone();
         let last_log = m.last_log_index.unwrap_or(0);
         let members = self
             .peers
@@ -375,12 +376,9 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
                 .max_encoding_message_size(max),
         )
         .add_service(crate::raft::service::HeardOnArrival {
-            inner: RaftServiceServer::new(RaftRpc {
-                raft: raft.clone(),
-                contact: contact.clone(),
-            })
-            .max_decoding_message_size(max * 8)
-            .max_encoding_message_size(max * 8),
+            inner: RaftServiceServer::new(RaftRpc::new(raft.clone(), contact.clone()))
+                .max_decoding_message_size(max * 8)
+                .max_encoding_message_size(max * 8),
             contact: contact.clone(),
         });
     let (incoming, acceptor) = crate::accept::tls_incoming(

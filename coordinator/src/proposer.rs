@@ -2,9 +2,9 @@
 //! submissions and status reports. Callers wait for their own command's result.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{ClientWriteError, ForwardReason, RaftError};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::Instrument;
 
@@ -13,10 +13,27 @@ use crate::error::CoordinatorError;
 use crate::limits;
 use crate::metrics::Metrics;
 use crate::model::NodeId;
-use crate::raft::Raft;
+use crate::raft::{Raft, TypeConfig};
 use crate::submit_placement::SubmitPlacement;
 
 type Reply = oneshot::Sender<Result<CommandResult, CoordinatorError>>;
+
+/// Between proposals refused for an expired lease: short at first (a quorum usually answers
+/// within a heartbeat or two), doubling up to the maximum.
+const LEASE_PAUSE_MIN: Duration = Duration::from_millis(10);
+const LEASE_PAUSE_MAX: Duration = Duration::from_millis(200);
+
+/// openraft's leader refuses writes while no quorum has answered it within its lease; it still
+/// leads, and under load the lease returns as soon as the followers' slow log syncs finish.
+fn refused_for_lease<T>(
+    result: &Result<T, RaftError<TypeConfig, ClientWriteError<TypeConfig>>>,
+) -> bool {
+    matches!(
+        result,
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))
+            if f.reason == ForwardReason::LeaseExpired
+    )
+}
 
 /// Handle for proposing commands; cheap to clone.
 #[derive(Clone)]
@@ -141,12 +158,24 @@ async fn write_batch(
     let n = commands.len();
     metrics.proposal_batch_size.observe(n as f64);
     let started = std::time::Instant::now();
-    let result = raft
-        .client_write(Request {
-            now_us: now_us(),
-            commands: commands.into(),
-        })
-        .await;
+    let commands: std::sync::Arc<[Command]> = commands.into();
+    let mut pause = LEASE_PAUSE_MIN;
+    let result = loop {
+        let result = raft
+            .client_write(Request {
+                now_us: now_us(),
+                commands: commands.clone(),
+            })
+            .await;
+        // Refused before it was appended: proposing again cannot write it twice.
+        if refused_for_lease(&result) && started.elapsed() + pause < limits::LEASE_WAIT {
+            metrics.proposals_held_for_lease.inc();
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(LEASE_PAUSE_MAX);
+            continue;
+        }
+        break result;
+    };
     metrics
         .proposal_seconds
         .observe(started.elapsed().as_secs_f64());
@@ -166,7 +195,14 @@ async fn write_batch(
                         }),
                     }
                 }
+                // Appended here, then replaced by another leader's log: it may still commit there.
+                RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)) => {
+                    CoordinatorError::Unknown(format!("leadership changed: {f}"))
+                }
                 RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+                    CoordinatorError::Internal(e.to_string())
+                }
+                RaftError::APIError(ClientWriteError::PreconditionFailed(e)) => {
                     CoordinatorError::Internal(e.to_string())
                 }
                 RaftError::Fatal(f) => CoordinatorError::Unknown(format!("raft stopped: {f}")),
@@ -175,5 +211,51 @@ async fn write_batch(
                 let _ = reply.send(Err(err.clone()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::error::{ClientWriteError, Fatal, ForwardReason, ForwardToLeader, RaftError};
+
+    use super::refused_for_lease;
+    use crate::error::CoordinatorError;
+
+    #[test]
+    fn only_a_refusal_for_the_lease_is_proposed_again_and_reports_retry_what_may_pass() {
+        let forward = |reason| -> Result<(), _> {
+            let mut f = ForwardToLeader::empty();
+            f.reason = reason;
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))
+        };
+        assert!(refused_for_lease(&forward(ForwardReason::LeaseExpired)));
+        assert!(!refused_for_lease(&forward(ForwardReason::NotLeader)));
+        assert!(!refused_for_lease(&forward(
+            ForwardReason::LeadershipTransfer
+        )));
+        assert!(!refused_for_lease::<()>(&Err(RaftError::Fatal(
+            Fatal::Stopped
+        ))));
+        assert!(!refused_for_lease(&Ok(())));
+
+        // A task report is proposed again on errors that may pass on the same node.
+        assert!(CoordinatorError::NotLeader { leader_addr: None }.may_pass());
+        assert!(CoordinatorError::Unknown("timed out".into()).may_pass());
+        assert!(
+            CoordinatorError::LimitReached {
+                limit: "proposal_queue_max".into(),
+                message: String::new()
+            }
+            .may_pass()
+        );
+        assert!(
+            !CoordinatorError::NotLeader {
+                leader_addr: Some("127.0.0.1:1".into())
+            }
+            .may_pass(),
+            "another node leads: the session is about to close"
+        );
+        assert!(!CoordinatorError::ShuttingDown.may_pass());
+        assert!(!CoordinatorError::Internal("bug".into()).may_pass());
     }
 }

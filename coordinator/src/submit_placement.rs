@@ -7,6 +7,7 @@
 //! free capacity. The leader keeps them as reservations until their entry is applied, and both
 //! this path and the scheduling rounds see capacity net of them.
 
+use openraft::async_runtime::WatchReceiver;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -103,7 +104,7 @@ impl SubmitPlacement {
     pub fn prepare(&self, commands: &mut [Command]) -> Reservation {
         let term = {
             let m = self.raft.metrics();
-            let m = m.borrow();
+            let m = m.borrow_watched();
             if m.state != ServerState::Leader || m.current_leader != Some(self.node_id) {
                 return Reservation::default();
             }

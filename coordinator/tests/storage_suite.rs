@@ -3,7 +3,7 @@
 use drover_coordinator::raft::log_store::LogStore;
 use drover_coordinator::raft::state_machine::StateMachineStore;
 use drover_coordinator::raft::{StorageError, TypeConfig};
-use openraft::testing::{StoreBuilder, Suite};
+use openraft::testing::log::{StoreBuilder, Suite};
 
 struct SledBuilder;
 
@@ -25,9 +25,11 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
     }
 }
 
-#[test]
-fn sled_storage_passes_the_openraft_suite() {
-    Suite::test_all(SledBuilder).expect("openraft storage suite");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sled_storage_passes_the_openraft_suite() {
+    Suite::test_all(SledBuilder)
+        .await
+        .expect("openraft storage suite");
 }
 
 fn sled_in(dir: &std::path::Path) -> sled::Db {
@@ -43,15 +45,17 @@ async fn a_snapshot_file_survives_a_restart_and_a_damaged_one_is_refused_by_name
     // Guards: snapshots live in a file (written whole, then renamed) that a restart loads; a
     // snapshot an older version kept in sled is still read; a damaged file is an error naming it.
     use openraft::storage::RaftStateMachine;
-    use openraft::{EntryPayload, LogId, RaftSnapshotBuilder};
+    use openraft::{EntryPayload, RaftSnapshotBuilder};
     let dir = tempfile::tempdir().expect("temp dir");
     let db = sled_in(dir.path());
     let mut sm = StateMachineStore::open(&db, dir.path(), Default::default()).expect("open");
-    let entry = openraft::Entry::<TypeConfig> {
-        log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), 1),
+    let entry = drover_coordinator::raft::Entry {
+        log_id: drover_coordinator::raft::log_id(1, 1, 1),
         payload: EntryPayload::Blank,
     };
-    sm.apply(vec![entry]).await.expect("apply");
+    sm.apply(tokio_stream::iter([Ok((entry, None))]))
+        .await
+        .expect("apply");
     let built = sm
         .get_snapshot_builder()
         .await

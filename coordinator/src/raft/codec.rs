@@ -82,27 +82,30 @@ mod tests {
 #[cfg(test)]
 mod entry_tests {
     use super::*;
-    use crate::raft::TypeConfig;
-    use openraft::{BasicNode, CommittedLeaderId, Entry, EntryPayload, LogId, Membership};
+    use crate::raft::{Entry, LogId};
+    use openraft::{BasicNode, EntryPayload, Membership};
     use std::collections::{BTreeMap, BTreeSet};
 
     #[test]
     fn entries_round_trip() {
-        let log_id = LogId::new(CommittedLeaderId::new(1, 2), 3);
+        let log_id = crate::raft::log_id(1, 2, 3);
         for payload in [
-            EntryPayload::<TypeConfig>::Blank,
-            EntryPayload::Membership(Membership::new(
-                vec![BTreeSet::from([1u64, 2])],
-                BTreeMap::from([(1u64, BasicNode::new("a")), (2, BasicNode::new("b"))]),
-            )),
+            EntryPayload::Blank,
+            EntryPayload::Membership(
+                Membership::new(
+                    vec![BTreeSet::from([1u64, 2])],
+                    BTreeMap::from([(1u64, BasicNode::new("a")), (2, BasicNode::new("b"))]),
+                )
+                .unwrap(),
+            ),
         ] {
-            let e = Entry::<TypeConfig> { log_id, payload };
+            let e = Entry { log_id, payload };
             let b = encode(&e).unwrap();
-            let d: Entry<TypeConfig> = decode(&b).unwrap();
+            let d: Entry = decode(&b).unwrap();
             assert_eq!(d.log_id, e.log_id);
         }
-        let v: Option<LogId<u64>> = Some(log_id);
-        let d: Option<LogId<u64>> = decode(&encode(&v).unwrap()).unwrap();
+        let v: Option<LogId> = Some(log_id);
+        let d: Option<LogId> = decode(&encode(&v).unwrap()).unwrap();
         assert_eq!(d, v);
     }
 }

@@ -9,6 +9,12 @@
 //! under `blobs/`, never synced: each sync first syncs the blob files written since the last one,
 //! so the pointer in the log never outlives its blob.
 //!
+//! An append returns once its entries are in sled's buffers and readable; one sync task makes
+//! them durable and reports them so, with every append that arrived meanwhile in the same sync.
+//! openraft 0.10 replicates an entry as soon as the append returns, so the leader's own sync runs
+//! alongside the followers' instead of before them, and its core goes on (heartbeats included)
+//! while a slow sync is under way.
+//!
 //! The newest entries are also kept decoded in memory (`Recent`): replication to each follower
 //! and apply read back what was just appended, and decoding it from sled every time was ~9% of
 //! the leader's CPU. Their commands are reference-counted, so serving them copies nothing.
@@ -19,15 +25,15 @@ use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
-use openraft::{Entry, OptionalSend, RaftLogReader, StorageIOError, Vote};
+use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
+use openraft::{OptionalSend, RaftLogReader};
 use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
 
-use super::{LogId, StorageError, TypeConfig};
+use super::{Entry, LogId, TypeConfig, Vote};
 use crate::limits;
-use crate::model::NodeId;
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
@@ -35,21 +41,17 @@ const KEY_LAST_PURGED: &[u8] = b"last_purged";
 
 #[derive(Clone)]
 pub struct LogStore {
-    db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
-    /// sled's data file (`<sled dir>/db`), for the fdatasync after each flush.
-    data_file: Arc<std::fs::File>,
-    /// sled's blob files and which of them are synced.
-    blobs: Arc<std::sync::Mutex<BlobSync>>,
+    durable: Durability,
+    /// Appends waiting to be reported durable, for the sync task (started by the first append).
+    flushes: Arc<std::sync::OnceLock<mpsc::Sender<IOFlushed<TypeConfig>>>>,
     /// Highest index openraft has told us is committed; read by readiness and cluster status.
     pub committed_index: Arc<AtomicU64>,
     /// Bytes appended since the store was opened (encoded entries), for the snapshot policy and
     /// the log write-rate metric.
     pub appended_bytes: Arc<AtomicU64>,
     recent: Arc<std::sync::Mutex<Recent>>,
-    /// Durations of the log's syncs (appends, votes, truncations, purges).
-    sync_seconds: Histogram,
     /// The lowest index still readable: one past the purge point. Entries below it may still be
     /// in sled until the background deletion reaches them.
     kept_from: Arc<AtomicU64>,
@@ -62,12 +64,12 @@ pub struct LogStore {
 /// them.
 #[derive(Default)]
 struct Recent {
-    entries: VecDeque<(Entry<TypeConfig>, usize)>,
+    entries: VecDeque<(Entry, usize)>,
     bytes: usize,
 }
 
 impl Recent {
-    fn push(&mut self, entry: Entry<TypeConfig>, size: usize) {
+    fn push(&mut self, entry: Entry, size: usize) {
         if self
             .entries
             .back()
@@ -114,7 +116,7 @@ impl Recent {
     }
 
     /// Entries `start..end`, if all of them are here.
-    fn get(&self, start: u64, end: u64) -> Option<Vec<Entry<TypeConfig>>> {
+    fn get(&self, start: u64, end: u64) -> Option<Vec<Entry>> {
         let first = self.entries.front()?.0.log_id.index;
         let last = self.entries.back()?.0.log_id.index;
         if start < first || end > last + 1 || start >= end {
@@ -134,59 +136,28 @@ fn index_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }
 
-fn read_err(e: impl std::error::Error + 'static) -> StorageError {
-    StorageIOError::read_logs(&e).into()
+fn read_err(e: impl std::error::Error + Send + Sync + 'static) -> std::io::Error {
+    std::io::Error::other(format!("reading the Raft log: {e}"))
 }
 
-fn write_err(e: impl std::error::Error + 'static) -> StorageError {
-    StorageIOError::write_logs(&e).into()
+fn write_err(e: impl std::error::Error + Send + Sync + 'static) -> std::io::Error {
+    std::io::Error::other(format!("writing the Raft log: {e}"))
 }
 
-impl LogStore {
-    /// Opens the log in `db`, which sled keeps in `sled_dir`; each sync's duration goes into
-    /// `sync_seconds`.
-    pub fn open(
-        db: &sled::Db,
-        sled_dir: &std::path::Path,
-        sync_seconds: Histogram,
-    ) -> Result<Self, sled::Error> {
-        let store = Self {
-            data_file: Arc::new(std::fs::File::open(sled_dir.join("db")).map_err(sled::Error::Io)?),
-            blobs: Arc::new(std::sync::Mutex::new(BlobSync::new(sled_dir.join("blobs")))),
-            db: db.clone(),
-            log: db.open_tree("raft_log")?,
-            meta: db.open_tree("raft_meta")?,
-            committed_index: Arc::new(AtomicU64::new(0)),
-            appended_bytes: Arc::default(),
-            recent: Arc::default(),
-            sync_seconds,
-            kept_from: Arc::default(),
-            purging: Arc::default(),
-        };
-        let purged: Option<LogId> = store
-            .get_meta(KEY_LAST_PURGED)
-            .map_err(|e| sled::Error::Unsupported(e.to_string()))?;
-        if let Some(p) = purged {
-            store.kept_from.store(p.index + 1, Ordering::Relaxed);
-        }
-        Ok(store)
-    }
+/// What makes sled's writes durable: its data file and blob files, and a record of each sync.
+#[derive(Clone)]
+struct Durability {
+    db: sled::Db,
+    /// sled's data file (`<sled dir>/db`), for the fdatasync after each flush.
+    data_file: Arc<std::fs::File>,
+    /// sled's blob files and which of them are synced.
+    blobs: Arc<std::sync::Mutex<BlobSync>>,
+    /// Durations of the log's syncs (appends, votes, truncations, purges).
+    sync_seconds: Histogram,
+}
 
-    fn get_meta<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
-        match self.meta.get(key).map_err(read_err)? {
-            None => Ok(None),
-            Some(v) => super::codec::decode(&v).map(Some).map_err(read_err),
-        }
-    }
-
-    fn put_meta<T: Serialize>(&self, key: &[u8], value: &T) -> Result<(), StorageError> {
-        let bytes = super::codec::encode(value).map_err(write_err)?;
-        self.meta.insert(key, bytes).map_err(write_err)?;
-        Ok(())
-    }
-
-    /// Flushes sled and syncs its data file (see the module's comment), off the runtime's threads:
-    /// one hop, as sled's `flush_async` was.
+impl Durability {
+    /// Flushes sled and syncs its data file (see the module's comment), off the runtime's threads.
     async fn sync(&self) -> std::io::Result<()> {
         let (db, file, blobs) = (self.db.clone(), self.data_file.clone(), self.blobs.clone());
         let started = std::time::Instant::now();
@@ -205,15 +176,99 @@ impl LogStore {
         r
     }
 
-    /// Whether this store has never been part of a cluster (no vote, no log).
-    pub fn is_fresh(&self) -> Result<bool, StorageError> {
-        Ok(self.get_meta::<Vote<NodeId>>(KEY_VOTE)?.is_none() && self.log.is_empty())
+    /// Reports appends durable until every sender is gone: takes all that are waiting, syncs once
+    /// for all of them (a sync covers everything written before it began), and reports each.
+    async fn report_appends(self, mut waiting: mpsc::Receiver<IOFlushed<TypeConfig>>) {
+        let mut batch = Vec::new();
+        while waiting
+            .recv_many(&mut batch, limits::RAFT_APPENDS_AWAITING_SYNC_MAX)
+            .await
+            > 0
+        {
+            let synced = self.sync().await;
+            for callback in batch.drain(..) {
+                callback.io_completed(match &synced {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+                });
+            }
+        }
     }
 }
 
-/// openraft 0.9's leader sends nothing, heartbeats included, while its own log write is under
-/// way: a write this slow is close to costing an election, and worth an operator's look (like
-/// etcd's "slow fdatasync").
+impl LogStore {
+    /// Opens the log in `db`, which sled keeps in `sled_dir`; each sync's duration goes into
+    /// `sync_seconds`.
+    pub fn open(
+        db: &sled::Db,
+        sled_dir: &std::path::Path,
+        sync_seconds: Histogram,
+    ) -> Result<Self, sled::Error> {
+        let store = Self {
+            durable: Durability {
+                data_file: Arc::new(
+                    std::fs::File::open(sled_dir.join("db")).map_err(sled::Error::Io)?,
+                ),
+                blobs: Arc::new(std::sync::Mutex::new(BlobSync::new(sled_dir.join("blobs")))),
+                db: db.clone(),
+                sync_seconds,
+            },
+            flushes: Arc::default(),
+            log: db.open_tree("raft_log")?,
+            meta: db.open_tree("raft_meta")?,
+            committed_index: Arc::new(AtomicU64::new(0)),
+            appended_bytes: Arc::default(),
+            recent: Arc::default(),
+            kept_from: Arc::default(),
+            purging: Arc::default(),
+        };
+        let purged: Option<LogId> = store
+            .get_meta(KEY_LAST_PURGED)
+            .map_err(|e| sled::Error::Unsupported(e.to_string()))?;
+        if let Some(p) = purged {
+            store.kept_from.store(p.index + 1, Ordering::Relaxed);
+        }
+        Ok(store)
+    }
+
+    fn get_meta<T: DeserializeOwned>(&self, key: &[u8]) -> std::io::Result<Option<T>> {
+        match self.meta.get(key).map_err(read_err)? {
+            None => Ok(None),
+            Some(v) => super::codec::decode(&v).map(Some).map_err(read_err),
+        }
+    }
+
+    fn put_meta<T: Serialize>(&self, key: &[u8], value: &T) -> std::io::Result<()> {
+        let bytes = super::codec::encode(value).map_err(write_err)?;
+        self.meta.insert(key, bytes).map_err(write_err)?;
+        Ok(())
+    }
+
+    async fn sync(&self) -> std::io::Result<()> {
+        self.durable.sync().await
+    }
+
+    /// Whether this store has never been part of a cluster (no vote, no log).
+    pub fn is_fresh(&self) -> std::io::Result<bool> {
+        Ok(self.get_meta::<Vote>(KEY_VOTE)?.is_none() && self.log.is_empty())
+    }
+
+    /// Hands `callback` to the sync task, starting it on first use; waits while
+    /// `RAFT_APPENDS_AWAITING_SYNC_MAX` appends are already waiting.
+    async fn report_when_durable(&self, callback: IOFlushed<TypeConfig>) -> std::io::Result<()> {
+        let tx = self.flushes.get_or_init(|| {
+            let (tx, rx) = mpsc::channel(limits::RAFT_APPENDS_AWAITING_SYNC_MAX);
+            tokio::spawn(self.durable.clone().report_appends(rx));
+            tx
+        });
+        tx.send(callback)
+            .await
+            .map_err(|_| std::io::Error::other("the Raft log's sync task has stopped"))
+    }
+}
+
+/// A sync this slow delays by as much every commit that waits for this node, and is worth an
+/// operator's look (like etcd's "slow fdatasync").
 const SLOW_LOG_WRITE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// sled's `blobs/` directory and the blob files in it already synced.
@@ -276,10 +331,14 @@ impl BlobSync {
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
+    async fn read_vote(&mut self) -> std::io::Result<Option<Vote>> {
+        self.get_meta(KEY_VOTE)
+    }
+
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
-    ) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
+    ) -> std::io::Result<Vec<Entry>> {
         let start = match range.start_bound() {
             Bound::Included(i) => *i,
             Bound::Excluded(i) => i + 1,
@@ -307,7 +366,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let mut out = Vec::new();
         for item in self.log.range((Bound::Included(index_key(start)), end)) {
             let (_, v) = item.map_err(read_err)?;
-            let entry: Entry<TypeConfig> = super::codec::decode(&v).map_err(read_err)?;
+            let entry: Entry = super::codec::decode(&v).map_err(read_err)?;
             out.push(entry);
         }
         Ok(out)
@@ -317,11 +376,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
 impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
-    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+    async fn get_log_state(&mut self) -> std::io::Result<LogState<TypeConfig>> {
         let last_purged: Option<LogId> = self.get_meta(KEY_LAST_PURGED)?;
         let last = match self.log.last().map_err(read_err)? {
             Some((_, v)) => {
-                let entry: Entry<TypeConfig> = super::codec::decode(&v).map_err(read_err)?;
+                let entry: Entry = super::codec::decode(&v).map_err(read_err)?;
                 Some(entry.log_id)
             }
             None => None,
@@ -338,19 +397,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.clone()
     }
 
-    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
+    async fn save_vote(&mut self, vote: &Vote) -> std::io::Result<()> {
         self.put_meta(KEY_VOTE, vote)?;
         self.sync()
             .await
-            .map_err(|e| StorageError::from(StorageIOError::write_vote(&e)))?;
-        Ok(())
+            .map_err(|e| std::io::Error::new(e.kind(), format!("saving the Raft vote: {e}")))
     }
 
-    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
-        self.get_meta(KEY_VOTE)
-    }
-
-    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+    async fn save_committed(&mut self, committed: Option<LogId>) -> std::io::Result<()> {
         // Not flushed: losing it only means re-learning the commit index from the leader.
         if let Some(c) = committed {
             self.committed_index.fetch_max(c.index, Ordering::Relaxed);
@@ -358,7 +412,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.put_meta(KEY_COMMITTED, &committed)
     }
 
-    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+    async fn read_committed(&mut self) -> std::io::Result<Option<LogId>> {
         let committed = self.get_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten();
         if let Some(c) = committed {
             self.committed_index.fetch_max(c.index, Ordering::Relaxed);
@@ -369,10 +423,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn append<I>(
         &mut self,
         entries: I,
-        callback: LogFlushed<TypeConfig>,
-    ) -> Result<(), StorageError>
+        callback: IOFlushed<TypeConfig>,
+    ) -> std::io::Result<()>
     where
-        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
         let mut batch = sled::Batch::default();
@@ -392,16 +446,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 recent.push(entry, size);
             }
         }
-        let flushed = self.sync().await;
-        callback.log_io_completed(flushed);
-        Ok(())
+        self.report_when_durable(callback).await
     }
 
-    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.recent.lock().unwrap().truncate(log_id.index);
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> std::io::Result<()> {
+        let from = last_log_id.map_or(0, |l| l.index + 1);
+        self.recent.lock().unwrap().truncate(from);
         let keys: Vec<_> = self
             .log
-            .range(index_key(log_id.index)..)
+            .range(index_key(from)..)
             .keys()
             .collect::<Result<_, _>>()
             .map_err(write_err)?;
@@ -410,21 +463,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.remove(k);
         }
         self.log.apply_batch(batch).map_err(write_err)?;
-        self.sync().await.map_err(write_err)?;
-        Ok(())
+        self.sync().await
     }
 
-    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+    async fn purge(&mut self, log_id: LogId) -> std::io::Result<()> {
         // Record the purge point first and make it durable: from then on the entries up to it
         // are garbage, never read again (reads start after it), whenever they are deleted.
         // (The sync warns if slow; nothing else here takes time.)
         self.put_meta(KEY_LAST_PURGED, &log_id)?;
-        self.sync().await.map_err(write_err)?;
+        self.sync().await?;
         self.kept_from
             .fetch_max(log_id.index + 1, Ordering::Relaxed);
         self.recent.lock().unwrap().purge(log_id.index);
         // openraft's core waits for this call, and sends nothing meanwhile, heartbeats
-        // included: deleting the thousands of entries a snapshot covers took 200-320 ms with a
+        // included (unlike an append, a purge is not reported through a callback): deleting the thousands of entries a snapshot covers took 200-320 ms with a
         // million tasks in state, long enough for followers to elect another leader. So they
         // are deleted in the background, one purge at a time. Entries a crash leaves behind
         // are deleted by the next purge, which starts from the first entry sled holds.
@@ -473,17 +525,18 @@ fn delete_upto(log: &sled::Tree, index: u64) -> Result<(), sled::Error> {
 mod tests {
     use super::{BlobSync, Recent};
     use crate::limits;
-    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+    use crate::raft::{Entry, log_id};
+    use openraft::EntryPayload;
     use prometheus_client::metrics::histogram::Histogram;
 
-    fn entry(index: u64) -> Entry<super::TypeConfig> {
+    fn entry(index: u64) -> Entry {
         Entry {
-            log_id: LogId::new(CommittedLeaderId::new(1, 0), index),
+            log_id: log_id(1, 0, index),
             payload: EntryPayload::Blank,
         }
     }
 
-    fn indexes(v: Option<Vec<Entry<super::TypeConfig>>>) -> Option<Vec<u64>> {
+    fn indexes(v: Option<Vec<Entry>>) -> Option<Vec<u64>> {
         v.map(|v| v.iter().map(|e| e.log_id.index).collect())
     }
 
@@ -530,8 +583,8 @@ mod tests {
         // Guards: openraft's core waits for purge, so deletion runs in the background; reads
         // and the log state must not see entries at or below the purge point meanwhile, and a
         // store reopened with leftovers below its purge point reads none of them.
+        use openraft::RaftLogReader;
         use openraft::storage::RaftLogStorage;
-        use openraft::{RaftLogReader, Vote};
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new()
             .path(dir.path().join("sled"))
@@ -539,12 +592,15 @@ mod tests {
             .unwrap();
         let mut store =
             super::LogStore::open(&db, &dir.path().join("sled"), Histogram::new([0.001])).unwrap();
-        store.save_vote(&Vote::new(1, 0)).await.unwrap();
+        store
+            .save_vote(&openraft::impls::Vote::new(1, 0))
+            .await
+            .unwrap();
         for i in 1..=3_000 {
             let bytes = super::super::codec::encode(&entry(i)).unwrap();
             store.log.insert(super::index_key(i), bytes).unwrap();
         }
-        let at = |i| LogId::new(CommittedLeaderId::new(1, 0), i);
+        let at = |i| log_id(1, 0, i);
         store.purge(at(2_500)).await.unwrap();
         let read = store.try_get_log_entries(0..3_001).await.unwrap();
         assert_eq!(read.first().map(|e| e.log_id.index), Some(2_501));

@@ -9,15 +9,11 @@ use openraft::BasicNode;
 use crate::command::{Request, Response};
 use crate::model::NodeId;
 
-// openraft's storage traits fix the error type (StorageError, ~224 bytes); our helpers return the
-// same type so `?` flows through without conversion.
 pub mod codec;
-#[allow(clippy::result_large_err)]
 pub mod log_store;
 pub mod network;
 pub mod service;
 pub mod snapshot_policy;
-#[allow(clippy::result_large_err)]
 pub mod state_machine;
 pub mod watchdog;
 
@@ -27,11 +23,25 @@ openraft::declare_raft_types!(
         R = Response,
         NodeId = NodeId,
         Node = BasicNode,
-        Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
-        AsyncRuntime = openraft::TokioRuntime,
 );
 
-pub type Raft = openraft::Raft<TypeConfig>;
-pub type LogId = openraft::LogId<NodeId>;
-pub type StorageError = openraft::StorageError<NodeId>;
+pub type Raft = openraft::Raft<TypeConfig, state_machine::StateMachineStore>;
+pub type LogId = openraft::type_config::alias::LogIdOf<TypeConfig>;
+pub type Vote = openraft::type_config::alias::VoteOf<TypeConfig>;
+pub type Entry = openraft::type_config::alias::EntryOf<TypeConfig>;
+pub type StorageError = openraft::StorageError<TypeConfig>;
+pub type LeaderId = openraft::impls::leader_id_adv::LeaderId<u64, NodeId>;
+
+/// The id of the entry at `index` appended by `node`'s leadership in `term`.
+pub fn log_id(term: u64, node: NodeId, index: u64) -> LogId {
+    LogId::new(
+        LeaderId {
+            term,
+            node_id: node,
+        },
+        index,
+    )
+}
+
+/// A snapshot's bytes, whole: snapshots travel in one message (`RaftNetworkV2::full_snapshot`).
+pub type SnapshotData = Cursor<Vec<u8>>;

@@ -13,6 +13,7 @@
 //! left in sustained runs. Each node waits for a quarter of a snapshot's bytes more per member
 //! ahead of it in id order, which spreads them several seconds apart under load.
 
+use openraft::async_runtime::WatchReceiver;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -62,8 +63,8 @@ pub async fn run(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let metrics = raft.metrics();
-    let snapshot_index = |m: &openraft::RaftMetrics<_, _>| m.snapshot.map(|l| l.index);
-    let mut seen = snapshot_index(&metrics.borrow());
+    let snapshot_index = |m: &openraft::RaftMetrics<_>| m.snapshot.map(|l| l.index);
+    let mut seen = snapshot_index(&metrics.borrow_watched());
     // Log bytes counted at the last snapshot. Bytes already in the log at start are not known;
     // counting from zero only delays the first snapshot after a restart.
     let mut baseline = 0u64;
@@ -76,7 +77,7 @@ pub async fn run(
             _ = shutdown.changed() => return,
         }
         let (snapshot, applied) = {
-            let m = metrics.borrow();
+            let m = metrics.borrow_watched();
             (snapshot_index(&m), m.last_applied.map(|l| l.index))
         };
         let appended = sizes.log_appended.load(Ordering::Relaxed);

@@ -4,23 +4,24 @@
 //! Raft log's appends and held them up for seconds at a million tasks.
 
 use std::io::Cursor;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use openraft::storage::{RaftStateMachine, Snapshot};
-use openraft::{
-    BasicNode, Entry, EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
-    StorageIOError, StoredMembership,
-};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
+use tokio_stream::{Stream, StreamExt};
 
-use super::{LogId, StorageError, TypeConfig};
+use super::{LogId, SnapshotData, TypeConfig};
 use crate::command::Response;
 use crate::limits;
 use crate::metrics::Metrics;
-use crate::model::NodeId;
 use crate::state::State;
+
+type SnapshotMetadata = SnapshotMetaOf<TypeConfig>;
+type StoredMembership = StoredMembershipOf<TypeConfig>;
+type Snapshot = SnapshotOf<TypeConfig, SnapshotData>;
 
 /// Where snapshots were kept before they moved to a file; read once if no file exists yet.
 const KEY_SNAPSHOT_META: &[u8] = b"meta";
@@ -35,7 +36,7 @@ const SNAPSHOT_TAG: &[u8; 8] = b"DRVSNAP1";
 pub struct Applied {
     pub state: State,
     pub last_applied: Option<LogId>,
-    pub last_membership: StoredMembership<NodeId, BasicNode>,
+    pub last_membership: StoredMembership,
 }
 
 /// The applied state, shared read-only with the API services and the leader's loops.
@@ -59,15 +60,14 @@ pub struct StateMachineStore {
     /// The legacy sled tree of snapshots (read when no snapshot file exists).
     legacy: sled::Tree,
     dir: std::path::PathBuf,
-    snapshot_counter: Arc<AtomicU64>,
 }
 
-fn write_err(e: impl std::error::Error + 'static) -> StorageError {
-    StorageIOError::write_snapshot(None, &e).into()
+fn write_err(e: impl std::error::Error + Send + Sync + 'static) -> std::io::Error {
+    std::io::Error::other(format!("writing a snapshot: {e}"))
 }
 
-fn snap_err(e: impl std::error::Error + 'static) -> StorageError {
-    StorageIOError::read_snapshot(None, &e).into()
+fn snap_err(e: impl std::error::Error + Send + Sync + 'static) -> std::io::Error {
+    std::io::Error::other(format!("reading a snapshot: {e}"))
 }
 
 impl StateMachineStore {
@@ -87,7 +87,6 @@ impl StateMachineStore {
             metrics,
             legacy,
             dir: dir.to_owned(),
-            snapshot_counter: Arc::new(AtomicU64::new(0)),
         };
         if let Some((_, bytes)) = store.read_snapshot().map_err(|e| e.to_string())? {
             // The snapshot policy sizes the next interval by this gauge.
@@ -100,7 +99,7 @@ impl StateMachineStore {
     }
 
     /// The stored snapshot's meta and bytes: the file, else what an older version kept in sled.
-    fn read_snapshot(&self) -> Result<Option<Stored>, StorageError> {
+    fn read_snapshot(&self) -> std::io::Result<Option<Stored>> {
         let path = self.dir.join(SNAPSHOT_FILE);
         match std::fs::read(&path) {
             Ok(mut file) => {
@@ -135,11 +134,7 @@ impl StateMachineStore {
 
     /// Writes the snapshot to a new file, syncs it and renames it over the old one, so a crash
     /// leaves either the old snapshot or the new one.
-    fn persist_snapshot(
-        &self,
-        meta: &SnapshotMeta<NodeId, BasicNode>,
-        data: &[u8],
-    ) -> Result<(), StorageError> {
+    fn persist_snapshot(&self, meta: &SnapshotMetadata, data: &[u8]) -> std::io::Result<()> {
         use std::io::Write;
 
         let meta_bytes = super::codec::encode(meta).map_err(write_err)?;
@@ -165,7 +160,7 @@ impl StateMachineStore {
 /// Writes `data` in chunks, each sent to the disk as soon as it is written, waiting for the one
 /// before. Written in one go, a snapshot of ~145 MiB sits in the page cache until `sync_all`,
 /// and three nodes snapshot at the same index: one burst of ~440 MiB for the Raft log's own
-/// syncs to queue behind, and openraft's leader sends nothing while its sync is under way.
+/// syncs to queue behind, and every commit waits for the followers' syncs.
 /// (The elections seen under load came from the log's purge, see `log_store`; this keeps the
 /// snapshot from adding a burst of its own.) Paced, at most two chunks are ever waiting.
 fn write_paced(file: &mut std::fs::File, data: &[u8]) -> std::io::Result<()> {
@@ -233,15 +228,15 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<Applied, super::codec::CodecError
 /// a lower CPU priority, so a busy host serves Raft heartbeats and RPCs first.
 pub struct SnapshotBuild {
     store: StateMachineStore,
-    encoded: Result<Encoded, StorageError>,
+    encoded: std::io::Result<Encoded>,
     started: std::time::Instant,
 }
 
 /// A stored snapshot: its meta and its bytes.
-type Stored = (SnapshotMeta<NodeId, BasicNode>, Vec<u8>);
+type Stored = (SnapshotMetadata, Vec<u8>);
 
 /// The snapshot's bytes and where in the log they stand.
-type Encoded = (Vec<u8>, Option<LogId>, StoredMembership<NodeId, BasicNode>);
+type Encoded = (Vec<u8>, Option<LogId>, StoredMembership);
 
 impl StateMachineStore {
     async fn encode_now(&self) -> SnapshotBuild {
@@ -272,7 +267,7 @@ const BACKGROUND_NICENESS: i32 = 10;
 async fn in_background<R: Send + 'static>(
     name: &str,
     f: impl FnOnce() -> R + Send + 'static,
-) -> Result<R, StorageError> {
+) -> std::io::Result<R> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name(name.to_owned())
@@ -299,7 +294,9 @@ fn lower_this_threads_priority() {
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuild {
-    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+    type SnapshotData = SnapshotData;
+
+    async fn build_snapshot(&mut self) -> std::io::Result<Snapshot> {
         use tracing::Instrument;
         self.persist()
             .instrument(tracing::info_span!("build_snapshot"))
@@ -308,21 +305,15 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuild {
 }
 
 impl SnapshotBuild {
-    async fn persist(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+    async fn persist(&mut self) -> std::io::Result<Snapshot> {
         let started = self.started;
         let (data, last_applied, last_membership) = std::mem::replace(
             &mut self.encoded,
             Err(snap_err(std::io::Error::other("snapshot already built"))),
         )?;
-        let n = self.store.snapshot_counter.fetch_add(1, Ordering::Relaxed);
-        let snapshot_id = match last_applied {
-            Some(l) => format!("{}-{}-{n}", l.leader_id, l.index),
-            None => format!("none-{n}"),
-        };
         let meta = SnapshotMeta {
             last_log_id: last_applied,
             last_membership,
-            snapshot_id,
         };
         let (store, meta_copy) = (self.store.clone(), meta.clone());
         let data = in_background("snapshot-persist", move || {
@@ -338,31 +329,32 @@ impl SnapshotBuild {
         tracing::info!(bytes = data.len(), secs, index = ?last_applied.map(|l| l.index), "snapshot built");
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Cursor::new(data),
         })
     }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotData = SnapshotData;
     type SnapshotBuilder = SnapshotBuild;
 
-    async fn applied_state(
-        &mut self,
-    ) -> Result<(Option<LogId>, StoredMembership<NodeId, BasicNode>), StorageError> {
+    async fn applied_state(&mut self) -> std::io::Result<(Option<LogId>, StoredMembership)> {
         Ok(self
             .shared
             .read(|a| (a.last_applied, a.last_membership.clone())))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    async fn apply<S>(&mut self, entries: S) -> std::io::Result<()>
     where
-        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
-        I::IntoIter: OptionalSend,
+        S: Stream<Item = std::io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
     {
-        let mut responses = Vec::new();
+        // Gathered first: the write lock cannot be held across the stream's awaits, and taking
+        // it once per batch keeps readers' waits short.
+        let batch: Vec<EntryResponder<TypeConfig>> = entries.collect::<Result<_, _>>().await?;
+        let mut responses = Vec::with_capacity(batch.len());
         {
             let mut data = self.shared.data.write().expect("state lock poisoned");
-            for entry in entries {
+            for (entry, responder) in batch {
                 let span = tracing::debug_span!(
                     "raft_apply",
                     index = entry.log_id.index,
@@ -380,27 +372,32 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         Response::default()
                     }
                 };
-                responses.push(response);
+                responses.push((responder, response));
             }
         }
         self.shared.applied.notify_one();
-        Ok(responses)
+        for (responder, response) in responses {
+            if let Some(r) = responder {
+                r.send(response);
+            }
+        }
+        Ok(())
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         self.encode_now().await
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
-    }
-
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta<NodeId, BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
-    ) -> Result<(), StorageError> {
-        let _span = tracing::info_span!("install_snapshot", id = %meta.snapshot_id).entered();
+        meta: &SnapshotMetadata,
+        snapshot: SnapshotData,
+    ) -> std::io::Result<()> {
+        let _span = tracing::info_span!(
+            "install_snapshot",
+            index = ?meta.last_log_id.map(|l| l.index)
+        )
+        .entered();
         let started = std::time::Instant::now();
         let bytes = snapshot.into_inner();
         let mut applied = decode_snapshot(&bytes).map_err(snap_err)?;
@@ -416,10 +413,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+    async fn get_current_snapshot(&mut self) -> std::io::Result<Option<Snapshot>> {
         Ok(self.read_snapshot()?.map(|(meta, data)| Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Cursor::new(data),
         }))
     }
 }

@@ -1,16 +1,18 @@
-//! Follower-side election trigger. openraft 0.9 lets a follower campaign only after the leader's
+//! Follower-side election trigger. openraft lets a follower campaign only after the leader's
 //! lease plus its own random election timeout, plus a back-off of twice the maximum timeout when
-//! another node's log is longer: after a leader dies, writes stopped for 0.47 s or, when the
-//! follower that was behind campaigned first, for 0.8-1 s. The watchdog campaigns as soon as
+//! another node's log is longer: after a leader died, writes stopped for 0.47 s or, when the
+//! follower that was behind campaigned first, for 0.8-1 s (measured with openraft 0.9). The watchdog campaigns as soon as
 //! the lease has run out without an append from the leader, the voters going in node order a
 //! step apart, so the second can still win the next term when the first had the shorter log.
 //! Voters still refuse any candidate while they hear from a live leader (the lease), so a slow
 //! follower cannot depose a healthy leader this way.
 //!
 //! Before campaigning, the follower asks the silent leader whether it still leads (`LeaderProbe`,
-//! answered outside Raft's core). openraft 0.9's leader sends nothing, heartbeats included, while
-//! its own log write is under way, and on a loaded host such writes took 130-460 ms: elections
-//! under load came from followers campaigning 260-420 ms into one of them. While the leader
+//! answered outside Raft's core). openraft 0.9's leader sent nothing, heartbeats included, while
+//! its own log write was under way, and on a loaded host such writes took 130-460 ms: elections
+//! under load came from followers campaigning 260-420 ms into one of them. openraft 0.10 goes on
+//! while an append is being synced, but still waits for votes, truncations and purges, and a
+//! starved host delays its heartbeats past their timeout all the same. While the leader
 //! answers, the follower holds off, probing again every `PROBE_EVERY`, for at most
 //! `HOLD_OFF_MAX`: a leader that answers yet sends nothing for that long (a wedged core, or a
 //! one-way partition) is deposed anyway. A dead leader refuses the connection at once, so a crash
@@ -26,6 +28,7 @@
 //! write returned, with the leader's appends queued behind it. Candidates, leaders and nodes that
 //! never heard from a leader keep it.
 
+use openraft::async_runtime::WatchReceiver;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -341,7 +344,7 @@ pub async fn run(raft: Raft, watch: Watch, mut shutdown: tokio::sync::watch::Rec
         }
         let (state, leader, voters, term) = {
             let m = raft.metrics();
-            let m = m.borrow();
+            let m = m.borrow_watched();
             let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
             (m.state, m.current_leader, voters, m.current_term)
         };
@@ -419,14 +422,14 @@ pub async fn run(raft: Raft, watch: Watch, mut shutdown: tokio::sync::watch::Rec
         );
         // Wait as long again before another attempt; openraft retries a lost election itself.
         contact.touch();
-        if raft.trigger().elect().await.is_err() {
+        if raft.trigger().elect(false).await.is_err() {
             break;
         }
         // A later voter campaigns only because the first may have lost on a shorter log; that
         // candidate holds its own vote for the next term, so go one term further at once instead
         // of waiting out openraft's retry. (The first voter never does this, so the two do not
         // leapfrog each other.)
-        if rank > 0 && raft.trigger().elect().await.is_err() {
+        if rank > 0 && raft.trigger().elect(false).await.is_err() {
             break;
         }
     }
