@@ -1,5 +1,5 @@
 //! The Raft log and vote in sled. sled only syncs in the background, so every append and vote is
-//! made durable before it is reported so: one sync per appended batch, never one per entry.
+//! made durable before it is reported so: at most one sync per appended batch, never one per entry.
 //!
 //! sled's own flush is not enough: sled 0.34 writes with `sync_file_range`, which waits for the
 //! pages to reach the disk but neither flushes the disk's volatile write cache nor commits the
