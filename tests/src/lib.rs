@@ -227,6 +227,29 @@ impl Cluster {
         self.coordinators[i] = Some(child);
     }
 
+    /// Stops coordinator `i` in place (SIGSTOP): alive, connections open, answering nothing, like
+    /// a host frozen by its hypervisor. `resume` undoes it; a stopped process is still killed
+    /// (SIGKILL) when the cluster is dropped.
+    pub fn pause(&self, i: usize) {
+        self.signal(i, libc::SIGSTOP);
+    }
+
+    pub fn resume(&self, i: usize) {
+        self.signal(i, libc::SIGCONT);
+    }
+
+    fn signal(&self, i: usize, sig: libc::c_int) {
+        let pid = self.coordinator_pid(i).expect("coordinator running") as libc::pid_t;
+        // SAFETY: kill(2) with a PID of a child this cluster started and has not reaped.
+        let r = unsafe { libc::kill(pid, sig) };
+        assert_eq!(
+            r,
+            0,
+            "signal {sig} to coordinator {i}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
     /// PID of coordinator `i`, if running.
     pub fn coordinator_pid(&self, i: usize) -> Option<u32> {
         self.coordinators[i].as_ref().map(|c| c.id())

@@ -292,6 +292,57 @@ async fn a_task_running_across_a_leader_failover_keeps_its_attempt_and_result() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_that_could_not_commit_is_proposed_again_once_a_quorum_answers() {
+    // Guards: with both followers frozen the leader cannot commit the agent's result; it holds
+    // the write for its lease, then proposes the report again while the session lasts, so the
+    // result lands once the followers are back, without the agent registering again.
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let mut cluster = Cluster::start(ClusterOptions::default()).await;
+        cluster.add_agent("worker-1", &[]).await;
+        let client = cluster.client();
+        let run_id = submit_cmd(&client, &["sh", "-c", "sleep 1; echo late"]).await;
+        wait_for(
+            "the task to be running",
+            Duration::from_secs(20),
+            || async {
+                let run = droverctl::cli::get_run(&client, &run_id).await.ok()?;
+                (run.tasks[0].state == pb::TaskState::Running as i32).then_some(())
+            },
+        )
+        .await;
+        let leader = cluster.wait_leader(Duration::from_secs(10)).await;
+        let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+        for &f in &followers {
+            cluster.pause(f);
+        }
+        // Frozen long enough for the task to end and its report to be refused past the
+        // proposer's hold (`LEASE_WAIT`, 3 s): without proposing it again, the run never ends.
+        wait_for(
+            "the leader to hold a write for its lease",
+            Duration::from_secs(20),
+            || async {
+                (cluster.metric(leader, "drover_raft_proposals_held_for_lease_total")? > 0.0)
+                    .then_some(())
+            },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        for &f in &followers {
+            cluster.resume(f);
+        }
+        let run = wait_done(&client, &run_id, Duration::from_secs(60)).await;
+        assert_eq!(run.state, pb::RunState::Succeeded as i32, "{run:?}");
+        assert_eq!(
+            run.tasks[0].attempt, 1,
+            "the task must not have been re-run"
+        );
+        assert_eq!(stdout_of(&run), "late\n");
+    })
+    .await
+    .expect("test deadline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_leader_answers_a_probe_as_leader_and_only_to_coordinators() {
     // Guards: a follower's election watchdog holds off only for a node that leads in its term,
     // and no certificate but a coordinator's can ask (an answer holds off elections).
