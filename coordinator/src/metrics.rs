@@ -38,6 +38,7 @@ pub struct Metrics {
     pub raft_commit_index: Gauge,
     pub raft_applied_index: Gauge,
     pub raft_last_log_index: Gauge,
+    pub raft_purged_index: Gauge,
     pub tasks: Family<StateLabels, Gauge>,
     pub agents: Family<StateLabels, Gauge>,
     pub agent_sessions: Gauge,
@@ -117,6 +118,12 @@ impl Metrics {
             "raft_last_log_index",
             "Last log index on this node",
             raft_last_log_index.clone(),
+        );
+        let raft_purged_index = Gauge::default();
+        registry.register(
+            "raft_purged_index",
+            "Highest log index compacted away on this node (covered by its snapshot)",
+            raft_purged_index.clone(),
         );
         let tasks = Family::<StateLabels, Gauge>::default();
         registry.register(
@@ -229,6 +236,7 @@ impl Metrics {
             raft_commit_index,
             raft_applied_index,
             raft_last_log_index,
+            raft_purged_index,
             tasks,
             agents,
             agent_sessions,

@@ -126,6 +126,8 @@ impl Ctx {
             .set(m.last_applied.map(|l| l.index).unwrap_or(0) as i64);
         mt.raft_last_log_index
             .set(m.last_log_index.unwrap_or(0) as i64);
+        mt.raft_purged_index
+            .set(m.purged.map(|l| l.index).unwrap_or(0) as i64);
         mt.raft_commit_index
             .set(self.committed_index.load(Ordering::Relaxed) as i64);
         mt.raft_log_appended_bytes

@@ -203,6 +203,10 @@ async fn a_follower_that_missed_500_runs_catches_up_and_serves_them() {
         let mut cluster = Cluster::start(opts).await;
         let leader = cluster.wait_leader(Duration::from_secs(10)).await;
         let follower = (leader + 1) % 3;
+        let follower_had = wait_for("the follower's status", Duration::from_secs(10), || async {
+            Some(cluster.status_of(follower).await?.last_log_index)
+        })
+        .await;
         cluster.kill(follower);
         let client = std::sync::Arc::new(cluster.client());
         let mut submitted = Vec::new();
@@ -217,6 +221,18 @@ async fn a_follower_that_missed_500_runs_catches_up_and_serves_them() {
             submitted.extend(batch.join_all().await);
         }
         assert_eq!(submitted.len(), 500);
+        // openraft keeps entries a replication to the stopped follower still has in flight, so
+        // wait until the leader has compacted away what the follower lacks: only a snapshot
+        // can bring it back then.
+        wait_for(
+            "the leader to compact its log past the stopped follower",
+            Duration::from_secs(60),
+            || async {
+                (cluster.metric(leader, "drover_raft_purged_index")? > follower_had as f64)
+                    .then_some(())
+            },
+        )
+        .await;
         cluster.restart(follower);
         let reader = cluster.client_as("viewer", vec![cluster.addr(follower)]);
         let runs = wait_for(
