@@ -13,6 +13,19 @@ fn stdout_of(run: &pb::Run) -> String {
         .into_owned()
 }
 
+/// Waits until the run's first task is running on an agent.
+async fn wait_running(client: &drover_proto::client::ClusterClient, run_id: &str) {
+    wait_for(
+        "the task to be running",
+        Duration::from_secs(20),
+        || async {
+            let run = droverctl::cli::get_run(client, run_id).await.ok()?;
+            (run.tasks[0].state == pb::TaskState::Running as i32).then_some(())
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_hello_runs_to_success_with_its_output() {
     // Guards: submit -> schedule -> agent runs a process -> result replicated, on 3 nodes + 1 agent.
@@ -275,15 +288,7 @@ async fn a_task_running_across_a_leader_failover_keeps_its_attempt_and_result() 
         cluster.add_agent("worker-1", &[]).await;
         let client = cluster.client();
         let run_id = submit_cmd(&client, &["sh", "-c", "sleep 2; echo survived"]).await;
-        wait_for(
-            "the task to be running",
-            Duration::from_secs(20),
-            || async {
-                let run = droverctl::cli::get_run(&client, &run_id).await.ok()?;
-                (run.tasks[0].state == pb::TaskState::Running as i32).then_some(())
-            },
-        )
-        .await;
+        wait_running(&client, &run_id).await;
         let leader = cluster.wait_leader(Duration::from_secs(10)).await;
         cluster.kill(leader);
         let run = wait_done(&client, &run_id, Duration::from_secs(60)).await;
@@ -317,15 +322,7 @@ async fn a_result_that_could_not_commit_is_proposed_again_once_a_quorum_answers(
         cluster.add_agent("worker-1", &[]).await;
         let client = cluster.client();
         let run_id = submit_cmd(&client, &["sh", "-c", "sleep 1; echo late"]).await;
-        wait_for(
-            "the task to be running",
-            Duration::from_secs(20),
-            || async {
-                let run = droverctl::cli::get_run(&client, &run_id).await.ok()?;
-                (run.tasks[0].state == pb::TaskState::Running as i32).then_some(())
-            },
-        )
-        .await;
+        wait_running(&client, &run_id).await;
         let leader = cluster.wait_leader(Duration::from_secs(10)).await;
         let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
         for &f in &followers {
