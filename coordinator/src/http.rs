@@ -1,6 +1,5 @@
 //! The plain HTTP port: liveness, readiness and Prometheus metrics.
 
-use openraft::async_runtime::WatchReceiver;
 use std::sync::Arc;
 
 use axum::Router;
@@ -8,6 +7,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use openraft::async_runtime::WatchReceiver;
 
 use crate::node::Ctx;
 

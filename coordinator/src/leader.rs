@@ -2,13 +2,13 @@
 //! agent sessions. Every node runs it; it acts only while its node leads. Timers are absolute
 //! deadlines checked each tick, so a failover neither loses nor doubles them.
 
-use openraft::async_runtime::WatchReceiver;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use drover_proto::pb::{self, coordinator_message::Msg};
 use openraft::ServerState;
+use openraft::async_runtime::WatchReceiver;
 use tonic::Status;
 use tracing::Instrument;
 

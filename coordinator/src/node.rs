@@ -2,7 +2,6 @@
 //! proposer and the leader loop. Every long-lived task is spawned here, listens for the one
 //! shutdown signal, and is awaited on stop.
 
-use openraft::async_runtime::WatchReceiver;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,6 +13,7 @@ use drover_proto::pb::agent_service_server::AgentServiceServer;
 use drover_proto::pb::client_service_server::ClientServiceServer;
 use drover_proto::pb::raft_service_server::RaftServiceServer;
 use drover_proto::tls::{TlsFiles, TlsMaterial};
+use openraft::async_runtime::WatchReceiver;
 use openraft::metrics::RaftMetrics;
 use openraft::{BasicNode, ServerState, SnapshotPolicy};
 use tokio::sync::watch;

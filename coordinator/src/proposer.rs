@@ -158,7 +158,7 @@ async fn write_batch(
     let n = commands.len();
     metrics.proposal_batch_size.observe(n as f64);
     let started = std::time::Instant::now();
-    let commands: std::sync::Arc<[Command]> = commands.into();
+    let commands: Arc<[Command]> = commands.into();
     let mut pause = LEASE_PAUSE_MIN;
     let result = loop {
         let result = raft

@@ -7,11 +7,11 @@
 //! free capacity. The leader keeps them as reservations until their entry is applied, and both
 //! this path and the scheduling rounds see capacity net of them.
 
-use openraft::async_runtime::WatchReceiver;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use openraft::ServerState;
+use openraft::async_runtime::WatchReceiver;
 
 use crate::command::{Command, CommandResult, Placement};
 use crate::limits;

@@ -1,11 +1,11 @@
 //! The receiving side of Raft peer traffic. Only certificates with the coordinator role may call.
 
-use openraft::async_runtime::WatchReceiver;
 use std::task::{Context, Poll};
 
 use drover_proto::identity::{Role, cached_identity, require_role};
 use drover_proto::pb::raft_service_server::RaftService;
 use drover_proto::pb::{LeaderProbeReply, LeaderProbeRequest, RaftPayload};
+use openraft::async_runtime::WatchReceiver;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::codegen::{Service, http};
@@ -18,16 +18,16 @@ use super::{Raft, Vote};
 use crate::limits;
 
 pub struct RaftRpc {
-    pub raft: Raft,
+    raft: Raft,
     /// Touched on every append and snapshot chunk from a leader (see `watchdog`).
-    pub contact: std::sync::Arc<super::watchdog::LeaderContact>,
+    contact: std::sync::Arc<super::watchdog::LeaderContact>,
     /// The snapshot being received, if any (one at a time).
-    pub receiving: tokio::sync::Mutex<Option<Receiving>>,
+    receiving: tokio::sync::Mutex<Option<Receiving>>,
 }
 
 /// A snapshot partly received: whose, which, and the bytes so far.
 #[derive(Debug)]
-pub struct Receiving {
+struct Receiving {
     vote: Vote,
     meta: openraft::type_config::alias::SnapshotMetaOf<super::TypeConfig>,
     bytes: Vec<u8>,

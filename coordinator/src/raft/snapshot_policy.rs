@@ -13,10 +13,11 @@
 //! left in sustained runs. Each node waits for a quarter of a snapshot's bytes more per member
 //! ahead of it in id order, which spreads them several seconds apart under load.
 
-use openraft::async_runtime::WatchReceiver;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use openraft::async_runtime::WatchReceiver;
 
 use super::Raft;
 

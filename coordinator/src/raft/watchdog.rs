@@ -28,7 +28,6 @@
 //! write returned, with the leader's appends queued behind it. Candidates, leaders and nodes that
 //! never heard from a leader keep it.
 
-use openraft::async_runtime::WatchReceiver;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -37,6 +36,7 @@ use drover_proto::pb::raft_service_client::RaftServiceClient;
 use drover_proto::pb::{LeaderProbeReply, LeaderProbeRequest};
 use drover_proto::tls::TlsMaterial;
 use openraft::ServerState;
+use openraft::async_runtime::WatchReceiver;
 use tonic::transport::Channel;
 
 use super::Raft;
