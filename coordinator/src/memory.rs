@@ -3,15 +3,34 @@
 //! for ten, before returning them: with a million queued tasks the leader then held 1.64-1.68 GiB
 //! where glibc's malloc held 1.19 GiB. Returned at once, it holds 1.40 GiB, perhaps for a few
 //! percent of throughput (one noisy pair; docs/BENCHMARKS.md).
+//!
+//! Returning memory at once does not mix with transparent huge pages: mimalloc asks for them on
+//! its arenas, so memory returned in small pieces came back on the next allocation as a fresh
+//! 2 MiB page the kernel had to zero, and `clear_page` was an eighth of the host's CPU under
+//! sustained load. The coordinator turns huge pages off for itself (docs/BENCHMARKS.md,
+//! thirteenth session).
 
 /// mimalloc 3's `mi_option_purge_delay` (its position in `mi_option_e`; libmimalloc-sys names
 /// only some of the options). A test checks that the option at this position has its default.
 const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
 
-/// Makes mimalloc return freed memory at once. Call first thing in `main`.
+/// Makes mimalloc return freed memory at once, and the kernel back it with small pages only.
+/// Call first thing in `main`.
 pub fn return_freed_memory_promptly() {
     // SAFETY: setting an option takes plain integers; mimalloc reads it on each purge decision.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) }
+    disable_huge_pages();
+}
+
+/// Turns transparent huge pages off for this process, whatever mimalloc or the system's THP
+/// setting ask for; the kernel checks it at every page fault, so mappings made before this call
+/// are covered too. A kernel without the call leaves things as they were.
+fn disable_huge_pages() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: PR_SET_THP_DISABLE takes plain integers and changes only this process's flags.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
 }
 
 /// Hands memory freed inside the heaps back to the OS: after a snapshot of a large state, most of
@@ -31,6 +50,16 @@ pub fn release_free_memory() {
 
 #[cfg(test)]
 mod tests {
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn huge_pages_are_off_once_configured() {
+        // Not the whole configuration: the purge delay test reads mimalloc's default.
+        super::disable_huge_pages();
+        // SAFETY: reading the flag takes plain integers.
+        let disabled = unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) };
+        assert_eq!(disabled, 1);
+    }
+
     #[test]
     fn the_purge_delay_option_is_where_we_set_it() {
         // mimalloc 3 purges after 1,000 ms by default; the options either side default to 1
