@@ -7,6 +7,7 @@ use clap::Parser;
 
 pub fn main() -> ExitCode {
     crate::memory::return_freed_memory_promptly();
+    crate::memory::disable_huge_pages();
     drover_proto::tls::install_crypto_provider();
     if let Err(e) = drover_proto::config_file::load_into_env(crate::config::ENV_VARS) {
         eprintln!("error: {e}");

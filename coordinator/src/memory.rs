@@ -7,25 +7,25 @@
 //! Returning memory at once does not mix with transparent huge pages: mimalloc asks for them on
 //! its arenas, so memory returned in small pieces came back on the next allocation as a fresh
 //! 2 MiB page the kernel had to zero, and `clear_page` was an eighth of the host's CPU under
-//! sustained load. The coordinator turns huge pages off for itself (docs/BENCHMARKS.md,
-//! thirteenth session).
+//! sustained load. The coordinator's program turns huge pages off for itself (docs/BENCHMARKS.md,
+//! thirteenth session). `droverctl` does not: the setting passes to every process it starts,
+//! and `droverctl dev` runs agents in its own process, whose tasks must get the host's setting.
 
 /// mimalloc 3's `mi_option_purge_delay` (its position in `mi_option_e`; libmimalloc-sys names
 /// only some of the options). A test checks that the option at this position has its default.
 const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
 
-/// Makes mimalloc return freed memory at once, and the kernel back it with small pages only.
-/// Call first thing in `main`.
+/// Makes mimalloc return freed memory at once. Call first thing in `main`.
 pub fn return_freed_memory_promptly() {
     // SAFETY: setting an option takes plain integers; mimalloc reads it on each purge decision.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) }
-    disable_huge_pages();
 }
 
 /// Turns transparent huge pages off for this process, whatever mimalloc or the system's THP
 /// setting ask for; the kernel checks it at every page fault, so mappings made before this call
-/// are covered too. A kernel without the call leaves things as they were.
-fn disable_huge_pages() {
+/// are covered too. A kernel without the call leaves things as they were. Children inherit it,
+/// across `exec` too: only for a program that starts no tasks.
+pub fn disable_huge_pages() {
     #[cfg(target_os = "linux")]
     // SAFETY: PR_SET_THP_DISABLE takes plain integers and changes only this process's flags.
     unsafe {

@@ -13,6 +13,15 @@ fn stdout_of(run: &pb::Run) -> String {
         .into_owned()
 }
 
+/// A process's `THP_enabled` line from its status (Linux 5.0 and later report it).
+fn thp_line(pid: &str) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("THP_enabled:"))
+        .map(|l| format!("{l}\n"))
+}
+
 /// Waits until the run's first task is running on an agent.
 async fn wait_running(client: &drover_proto::client::ClusterClient, run_id: &str) {
     wait_for(
@@ -52,6 +61,20 @@ async fn echo_hello_runs_to_success_with_its_output() {
         assert_eq!(run.tasks[0].agent, "worker-1");
         let outcome = run.tasks[0].outcome.as_ref().unwrap();
         assert_eq!(outcome.exit_code, Some(0));
+
+        // The coordinators turn transparent huge pages off for themselves; a task keeps the
+        // setting the agent was started with (the flag passes to children).
+        match thp_line("self") {
+            None => eprintln!("huge-page check skipped: this kernel reports no THP_enabled"),
+            Some(own) => {
+                let pid = cluster.coordinator_pid(0).unwrap().to_string();
+                assert_eq!(thp_line(&pid).as_deref(), Some("THP_enabled:\t0\n"));
+                let run_id =
+                    submit_cmd(&client, &["grep", "THP_enabled", "/proc/self/status"]).await;
+                let run = wait_done(&client, &run_id, Duration::from_secs(30)).await;
+                assert_eq!(stdout_of(&run), own);
+            }
+        }
 
         // The full log comes from the agent's disk through the leader.
         let out = cluster

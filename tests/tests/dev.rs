@@ -32,8 +32,23 @@ fn droverctl_dev_runs_the_demo_to_success_and_stops_everything() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Its agents run in its own process, and their tasks inherit its huge-page setting: it must
+    // leave the one it was started with (the coordinator's program turns it off for itself).
+    let thp = |pid: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()?
+            .lines()
+            .find(|l| l.starts_with("THP_enabled:"))
+            .map(str::to_owned)
+    };
+    let own_thp = thp("self");
+    let mut dev_thp = None;
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while child.try_wait().unwrap().is_none() {
+        // The last reading while it runs (an exited process reports none).
+        if let Some(t) = thp(&child.id().to_string()) {
+            dev_thp = Some(t);
+        }
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
             panic!("droverctl dev did not finish the demo within 120 s");
@@ -49,6 +64,10 @@ fn droverctl_dev_runs_the_demo_to_success_and_stops_everything() {
         "{stdout}"
     );
     assert!(stderr.contains("export DROVER_ADDR="), "{stderr}");
+    match own_thp {
+        None => eprintln!("huge-page check skipped: this kernel reports no THP_enabled"),
+        Some(own) => assert_eq!(dev_thp, Some(own)),
+    }
     // Everything it started is gone: its ports are free again.
     assert!(std::net::TcpListener::bind(("127.0.0.1", base)).is_ok());
 }
