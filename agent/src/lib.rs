@@ -13,6 +13,7 @@ pub mod config;
 pub mod entry;
 pub mod executor;
 pub mod limits;
+pub mod memory;
 pub mod program;
 pub mod session;
 pub mod tasks;
