@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use criterion::{Criterion, criterion_group, criterion_main};
 use drover_coordinator::command::{Command, Request};
 use drover_coordinator::model::{
-    LabelExpr, LabelOp, Program, Resources, RunSpec, Strategy, TaskSpec,
+    LabelExpr, LabelOp, Outcome, Program, Resources, RunSpec, Strategy, TaskSpec,
 };
+use drover_coordinator::raft::codec;
 use drover_coordinator::scheduler::{self, AgentSlot, PendingTask, View};
 use drover_coordinator::state::State;
 
@@ -121,6 +122,50 @@ fn benches(c: &mut Criterion) {
     let bytes = serde_json::to_vec(&big).unwrap();
     c.bench_function("snapshot_decode_20000_runs", |b| {
         b.iter(|| serde_json::from_slice::<State>(&bytes).unwrap())
+    });
+
+    byte_fields(c);
+}
+
+/// A snapshot chunk's 3 MiB through the Raft codec, as the chunk has it (bytes) and as a plain
+/// `Vec<u8>` field (one element at a time), in the same run; and a task outcome with full tails.
+fn byte_fields(c: &mut Criterion) {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct AsBytes {
+        #[serde(with = "codec::bytes")]
+        data: Vec<u8>,
+    }
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct AsVec {
+        data: Vec<u8>,
+    }
+    let data: Vec<u8> = (0..3 << 20).map(|i: u32| (i * 31) as u8).collect();
+    let as_bytes = AsBytes { data: data.clone() };
+    let as_vec = AsVec { data };
+    c.bench_function("codec_encode_3mib_as_bytes", |b| {
+        b.iter(|| codec::encode(&as_bytes).unwrap())
+    });
+    c.bench_function("codec_encode_3mib_as_vec", |b| {
+        b.iter(|| codec::encode(&as_vec).unwrap())
+    });
+    let encoded = codec::encode(&as_bytes).unwrap();
+    c.bench_function("codec_decode_3mib_as_bytes", |b| {
+        b.iter(|| codec::decode::<AsBytes>(&encoded).unwrap())
+    });
+    c.bench_function("codec_decode_3mib_as_vec", |b| {
+        b.iter(|| codec::decode::<AsVec>(&encoded).unwrap())
+    });
+    let outcome = Outcome {
+        exit_code: Some(0),
+        reason: String::new(),
+        duration_ms: 12,
+        stdout_tail: vec![b'x'; 4096],
+        stderr_tail: vec![b'y'; 4096],
+        succeeded: true,
+        ..Default::default()
+    };
+    c.bench_function("codec_round_trip_outcome_4kib_tails", |b| {
+        b.iter(|| codec::decode::<Outcome>(&codec::encode(&outcome).unwrap()).unwrap())
     });
 }
 

@@ -36,10 +36,94 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     }
 }
 
+/// `#[serde(with = "bytes")]` for a `Vec<u8>` field: serde writes a plain `Vec<u8>` one element at
+/// a time, and postcard then spends a call per byte on a snapshot chunk's 3 MiB or an output
+/// tail's 4 KiB. As bytes it is one copy. postcard writes both the same way (the length, then
+/// the bytes), so nodes of either build read each other's entries and chunks, and no `FORMAT`
+/// change is needed.
+pub mod bytes {
+    use serde::{Deserializer, Serializer, de};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_bytes(Visitor)
+    }
+
+    struct Visitor;
+
+    impl<'de> de::Visitor<'de> for Visitor {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("bytes")
+        }
+
+        fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+
+        fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
+
+        // Formats without a bytes type (JSON) hand over a sequence of numbers.
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
+            while let Some(b) = seq.next_element()? {
+                v.push(b);
+            }
+            Ok(v)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::command::{Command, Request};
+
+    #[test]
+    fn bytes_fields_encode_as_a_plain_vec_did_and_read_from_json_too() {
+        #[derive(Serialize, serde::Deserialize, Debug, PartialEq)]
+        struct AsBytes {
+            #[serde(with = "bytes")]
+            data: Vec<u8>,
+            after: u32,
+        }
+        #[derive(Serialize, serde::Deserialize)]
+        struct AsVec {
+            data: Vec<u8>,
+            after: u32,
+        }
+        // Lengths either side of a varint byte boundary.
+        for len in [0usize, 1, 127, 128, 300, 70_000] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let new = AsBytes {
+                data: data.clone(),
+                after: 9,
+            };
+            let old = AsVec { data, after: 9 };
+            let bytes = encode(&new).unwrap();
+            assert_eq!(bytes, encode(&old).unwrap(), "len {len}");
+            assert_eq!(decode::<AsBytes>(&bytes).unwrap(), new);
+            let json = serde_json::to_string(&old).unwrap();
+            assert_eq!(serde_json::to_string(&new).unwrap(), json);
+            assert_eq!(serde_json::from_str::<AsBytes>(&json).unwrap(), new);
+        }
+        assert!(matches!(
+            decode::<AsBytes>(
+                &encode(&AsVec {
+                    data: vec![1; 10],
+                    after: 1
+                })
+                .unwrap()[..8]
+            ),
+            Err(CodecError::Malformed(_))
+        ));
+    }
 
     #[test]
     fn round_trips_and_refuses_other_formats() {

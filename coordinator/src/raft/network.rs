@@ -49,6 +49,7 @@ pub struct SnapshotChunk {
     pub meta: SnapshotMetaOf<TypeConfig>,
     /// Where `data` starts in the snapshot's bytes.
     pub offset: u64,
+    #[serde(with = "super::codec::bytes")]
     pub data: Vec<u8>,
     /// The last chunk: install the snapshot.
     pub done: bool,
