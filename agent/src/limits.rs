@@ -17,6 +17,11 @@ pub const LOG_READ_BYTES_MAX: u64 = 4 * 1024 * 1024;
 /// in a few seconds, and each entry is two short strings and a path.
 pub const PROGRAM_PATHS_MAX: usize = 1_024;
 
+/// How long a task's start goes unreported: a task that ends sooner sends its finish alone (it
+/// carries the start time), one command for the coordinators to replicate and apply instead of
+/// two. Most short tasks end well within it; a longer one shows as running this much later.
+pub const STARTED_REPORT_HOLD_MS: u64 = 50;
+
 /// Grace between SIGTERM and SIGKILL when a task is stopped.
 pub const KILL_GRACE_MS: u64 = 2_000;
 

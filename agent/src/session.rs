@@ -79,6 +79,18 @@ pub async fn run(
     }
 }
 
+/// Something new to report, or a held-back start report came due.
+async fn report_wake(
+    changed: &tokio::sync::Notify,
+    due: std::pin::Pin<&mut tokio::time::Sleep>,
+    armed: bool,
+) {
+    tokio::select! {
+        _ = changed.notified() => {}
+        _ = due, if armed => {}
+    }
+}
+
 fn redirect_or_fail(status: &tonic::Status) -> End {
     match leader_hint(status) {
         Some(leader) => End::Redirect(leader),
@@ -121,6 +133,11 @@ async fn session(
         Err(status) => return redirect_or_fail(&status),
     };
     let mut registered = false;
+    // Wakes the loop when the first held-back start report is due (`TaskTable::take_unsent`);
+    // one timer, moved rather than made again on every pass.
+    let start_due = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(start_due);
+    let mut start_due_armed = false;
     let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -170,8 +187,20 @@ async fn session(
                     tracing::debug!("outbox full; skipping a heartbeat");
                 }
             }
-            _ = table.changed.notified(), if registered => {
-                for m in table.take_unsent() {
+            _ = report_wake(&table.changed, start_due.as_mut(), start_due_armed), if registered => {
+                let hold = Duration::from_millis(limits::STARTED_REPORT_HOLD_MS);
+                let (msgs, due) = table.take_unsent(std::time::Instant::now(), hold);
+                match due {
+                    Some(due) => {
+                        let due = tokio::time::Instant::from_std(due);
+                        if !start_due_armed || start_due.deadline() != due {
+                            start_due.as_mut().reset(due);
+                        }
+                        start_due_armed = true;
+                    }
+                    None => start_due_armed = false,
+                }
+                for m in msgs {
                     if tx.send(AgentMessage { msg: Some(m) }).await.is_err() {
                         return End::Failed("session outbox closed".into());
                     }

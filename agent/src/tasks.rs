@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use drover_proto::pb;
 use tokio::sync::{Notify, oneshot};
@@ -22,6 +23,8 @@ pub struct Held {
     pub finished_sent: bool,
     /// Whether the task is in `Inner::unsent`.
     queued: bool,
+    /// When `started` was recorded here: its report waits until `hold` has passed since.
+    started_seen: Option<Instant>,
 }
 
 /// The held tasks, and which of them have a report to send: sending looks at those only, not at
@@ -30,7 +33,7 @@ pub struct Held {
 struct Inner {
     held: BTreeMap<String, Held>,
     /// Each held task at most once (`Held::queued`), plus ids forgotten since the last send
-    /// (skipped then): emptied by every send.
+    /// (skipped then): every send empties it but for starts still held back.
     unsent: Vec<String>,
 }
 
@@ -83,6 +86,7 @@ impl TaskTable {
                 started_sent: false,
                 finished_sent: false,
                 queued: false,
+                started_seen: None,
             },
         );
         Ok(true)
@@ -111,6 +115,7 @@ impl TaskTable {
             h.queue(&msg.task_id, unsent);
             h.started = Some(msg);
             h.started_sent = false;
+            h.started_seen = Some(Instant::now());
         }
         drop(inner);
         self.changed.notify_one();
@@ -157,17 +162,26 @@ impl TaskTable {
         }
     }
 
-    /// Reports not yet sent on this session, marked sent.
-    pub fn take_unsent(&self) -> Vec<pb::agent_message::Msg> {
+    /// Reports not yet sent on this session, marked sent, and when the next held one is due.
+    ///
+    /// A start is reported only once it is `hold` old: a task that ends within that time sends
+    /// one report (its finish, which carries the start time) instead of two, so the coordinators
+    /// replicate and apply one command instead of two. Finishes go at once.
+    pub fn take_unsent(
+        &self,
+        now: Instant,
+        hold: Duration,
+    ) -> (Vec<pb::agent_message::Msg>, Option<Instant>) {
         use pb::agent_message::Msg;
         let mut out = Vec::new();
+        let mut next_due: Option<Instant> = None;
         let mut inner = self.inner.lock().unwrap();
-        for id in std::mem::take(&mut inner.unsent) {
+        let Inner { held, unsent } = &mut *inner;
+        unsent.retain(|id| {
             // Forgotten since it was queued (acknowledged, or superseded and then stale).
-            let Some(h) = inner.held.get_mut(&id) else {
-                continue;
+            let Some(h) = held.get_mut(id) else {
+                return false;
             };
-            h.queued = false;
             if let Some(f) = &h.finished {
                 if !h.finished_sent {
                     h.finished_sent = true;
@@ -177,11 +191,18 @@ impl TaskTable {
             } else if let Some(s) = &h.started
                 && !h.started_sent
             {
+                let due = h.started_seen.map_or(now, |seen| seen + hold);
+                if due > now {
+                    next_due = Some(next_due.map_or(due, |d| d.min(due)));
+                    return true;
+                }
                 h.started_sent = true;
                 out.push(Msg::Started(s.clone()));
             }
-        }
-        out
+            h.queued = false;
+            false
+        });
+        (out, next_due)
     }
 
     /// The coordinator committed the result: forget the task.
@@ -289,6 +310,11 @@ mod tests {
         }
     }
 
+    /// Everything due, with no start held back.
+    fn now(t: &TaskTable) -> Vec<Msg> {
+        t.take_unsent(Instant::now(), Duration::ZERO).0
+    }
+
     fn kinds(msgs: &[Msg]) -> Vec<String> {
         msgs.iter()
             .map(|m| match m {
@@ -307,22 +333,22 @@ mod tests {
         t.started(started("r/a", 1));
         t.started(started("r/a", 1));
         t.started(started("r/b", 1));
-        assert_eq!(kinds(&t.take_unsent()), ["started r/a", "started r/b"]);
-        assert!(t.take_unsent().is_empty(), "nothing new");
+        assert_eq!(kinds(&now(&t)), ["started r/a", "started r/b"]);
+        assert!(now(&t).is_empty(), "nothing new");
 
         // Finishing replaces the unsent start; a report for another attempt is ignored.
         t.finished(finished("r/a", 1));
         t.finished(finished("r/b", 7));
-        assert_eq!(kinds(&t.take_unsent()), ["finished r/a"]);
+        assert_eq!(kinds(&now(&t)), ["finished r/a"]);
 
         // A new session: every held task reports its latest state again.
         t.reset_sent();
-        assert_eq!(kinds(&t.take_unsent()), ["finished r/a", "started r/b"]);
+        assert_eq!(kinds(&now(&t)), ["finished r/a", "started r/b"]);
 
         // Acknowledged results are forgotten, even when queued meanwhile.
         t.reset_sent();
         t.ack("r/a", 1);
-        assert_eq!(kinds(&t.take_unsent()), ["started r/b"]);
+        assert_eq!(kinds(&now(&t)), ["started r/b"]);
     }
 
     #[test]
@@ -333,9 +359,50 @@ mod tests {
         assert!(t.claim("r/a", 2, "r").unwrap());
         t.started(started("r/a", 1));
         t.started(started("r/a", 2));
-        let sent = t.take_unsent();
+        let sent = now(&t);
         assert_eq!(kinds(&sent), ["started r/a"]);
         assert!(matches!(&sent[0], Msg::Started(s) if s.attempt == 2));
-        assert!(t.take_unsent().is_empty());
+        assert!(now(&t).is_empty());
+    }
+
+    #[test]
+    fn a_start_waits_for_its_hold_and_a_finish_within_it_replaces_it() {
+        // Long enough that no pause of this test's thread lets a start come due by itself.
+        let hold = Duration::from_secs(3600);
+        let t = TaskTable::default();
+        assert!(t.claim("r/a", 1, "r").unwrap());
+        assert!(t.claim("r/b", 1, "r").unwrap());
+        t.started(started("r/a", 1));
+        t.started(started("r/b", 1));
+        let t0 = Instant::now();
+        let (sent, due) = t.take_unsent(t0, hold);
+        assert!(sent.is_empty(), "starts younger than the hold wait");
+        let due = due.expect("a held start names when it is due");
+        assert!(due > t0 && due <= t0 + hold);
+
+        // r/a ends within the hold: one report, its finish; r/b's start stays held.
+        t.finished(finished("r/a", 1));
+        let (sent, due_again) = t.take_unsent(t0, hold);
+        assert_eq!(kinds(&sent), ["finished r/a"]);
+        let due = due_again.expect("r/b's start is still held");
+        assert!(due <= t0 + hold);
+
+        // Once due, the start goes, once.
+        let (sent, due) = t.take_unsent(due, hold);
+        assert_eq!(kinds(&sent), ["started r/b"]);
+        assert_eq!(due, None);
+        assert!(now(&t).is_empty());
+
+        // A new session reports every held task again, each start once it is due.
+        assert!(t.claim("r/c", 1, "r").unwrap());
+        t.started(started("r/c", 1));
+        t.reset_sent();
+        let (sent, due) = t.take_unsent(Instant::now(), hold);
+        assert_eq!(kinds(&sent), ["finished r/a"]);
+        let (sent, due) = t.take_unsent(due.unwrap() + hold, hold);
+        let mut sent = kinds(&sent);
+        sent.sort();
+        assert_eq!(sent, ["started r/b", "started r/c"]);
+        assert_eq!(due, None);
     }
 }

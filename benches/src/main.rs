@@ -461,6 +461,7 @@ async fn wide(
     let succeeded = |c: &Cluster| highest_metric(c, "drover_tasks_succeeded") as u64;
     let already = succeeded(&cluster);
     let inside_before = inside_readings(&cluster);
+    let reports_before = agent_reports(&cluster);
     let host_before = drover_benches::HostCpu::read();
     let started = Instant::now();
     let completed = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -546,8 +547,23 @@ async fn wide(
     if let Some(at) = killed {
         println!("the leader was SIGKILLed {at:.1}s in");
     }
+    let reports = agent_reports(&cluster);
+    println!(
+        "reports from the agents per task: {:.2} started, {:.2} finished",
+        (reports[0] - reports_before[0]) / accepted.max(1) as f64,
+        (reports[1] - reports_before[1]) / accepted.max(1) as f64
+    );
     print_inside(&cluster, &inside_before);
     Ok(())
+}
+
+/// Task reports the nodes have received from agents: started, finished (summed over the nodes,
+/// since agents follow the leader).
+fn agent_reports(c: &Cluster) -> [f64; 2] {
+    ["task_started", "task_finished"].map(|kind| {
+        let name = format!("drover_agent_reports_total{{kind=\"{kind}\"}}");
+        (0..3).filter_map(|i| c.metric(i, &name)).sum()
+    })
 }
 
 async fn backlog(

@@ -20,6 +20,7 @@ use crate::command::{Command, CommandResult};
 use crate::convert;
 use crate::error::CoordinatorError;
 use crate::limits;
+use crate::metrics::KindLabels;
 use crate::model::HeldTask;
 use crate::node::Ctx;
 
@@ -244,6 +245,10 @@ async fn read_session(
                 started_at_us: f.started_at_us,
             },
         };
+        ctx.metrics
+            .agent_reports
+            .get_or_create(&KindLabels { kind: cmd.kind() })
+            .inc();
         let Ok(permit) = reports.clone().acquire_owned().await else {
             return;
         };

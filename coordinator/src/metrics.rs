@@ -22,6 +22,11 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
     pub state: String,
 }
@@ -29,6 +34,7 @@ pub struct StateLabels {
 pub struct Metrics {
     pub registry: Registry,
     pub rpc_total: Family<RpcLabels, Counter>,
+    pub agent_reports: Family<KindLabels, Counter>,
     pub proposal_batch_size: Histogram,
     pub proposal_seconds: Histogram,
     pub proposals_held_for_lease: Counter,
@@ -66,6 +72,12 @@ impl Metrics {
             "rpc",
             "gRPC requests served, by method and status code",
             rpc_total.clone(),
+        );
+        let agent_reports = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "agent_reports",
+            "Task reports received from agents on this node, by kind (task_started, task_finished)",
+            agent_reports.clone(),
         );
         let proposal_batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 12));
         registry.register(
@@ -227,6 +239,7 @@ impl Metrics {
         Self {
             registry,
             rpc_total,
+            agent_reports,
             proposal_batch_size,
             proposal_seconds,
             proposals_held_for_lease,
