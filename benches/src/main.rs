@@ -558,7 +558,8 @@ async fn wide(
 }
 
 /// Task reports the nodes have received from agents: started, finished (summed over the nodes,
-/// since agents follow the leader).
+/// since agents follow the leader). A node killed during the run (`--kill-leader-after`) no
+/// longer answers, so its share is missing and the figures read low.
 fn agent_reports(c: &Cluster) -> [f64; 2] {
     ["task_started", "task_finished"].map(|kind| {
         let name = format!("drover_agent_reports_total{{kind=\"{kind}\"}}");
