@@ -357,13 +357,13 @@ async fn run_process(
     };
     // Whatever the leader process left behind in its group goes with it.
     kill_group(pid, libc::SIGKILL);
-    let collected = tokio::task::spawn_blocking(move || {
-        let usage = cgroup.as_ref().map(|c| c.usage()).unwrap_or_default();
-        drop(cgroup);
-        (tail_of(&stdout), tail_of(&stderr), usage)
-    })
-    .await;
-    let (stdout_tail, stderr_tail, usage) = collected.unwrap_or_default();
+    // Read here, not in the blocking pool: it is a few small reads of local files, and in the
+    // pool it queued behind every start waiting there (an agent given a thousand short tasks
+    // has that many), so a task's finish went out hundreds of ms after it ended and its start,
+    // held back to ride with the finish, had gone out alone by then: twice the reports.
+    let usage = cgroup.as_ref().map(|c| c.usage()).unwrap_or_default();
+    drop(cgroup);
+    let (stdout_tail, stderr_tail) = (tail_of(&stdout), tail_of(&stderr));
     if usage.oom_killed && reason.is_empty() {
         reason = "oom".into();
     }
