@@ -18,6 +18,7 @@ use tokio::sync::oneshot;
 use crate::cgroup::{Cgroups, TaskCgroup};
 use crate::limits;
 use crate::program::{self, ProgramPaths};
+use crate::spawn::{self, Launch, Spawned};
 use crate::tasks::TaskTable;
 
 /// Programs found on PATH, shared by every task (see `program`).
@@ -156,9 +157,69 @@ async fn run_noop(
     (outcome, started_at_us)
 }
 
+/// A started process: by the lean start (`spawn`), or by the standard library's.
+enum Child {
+    Lean(Spawned),
+    Std(tokio::process::Child),
+}
+
+impl Child {
+    fn id(&self) -> u32 {
+        match self {
+            Child::Lean(c) => c.id(),
+            Child::Std(c) => c.id().unwrap_or(0),
+        }
+    }
+
+    async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        match self {
+            Child::Lean(c) => c.wait().await,
+            Child::Std(c) => c.wait().await,
+        }
+    }
+}
+
+/// Variables the agent sets for every task, over the task's own of the same name.
+const DROVER_VARS: [&str; 3] = ["DROVER_RUN_ID", "DROVER_TASK_ID", "DROVER_ATTEMPT"];
+
+/// Starts a found program with no cgroup to join, the common case, by `spawn`.
+fn start_lean(
+    exe: &Path,
+    program: &str,
+    args: &[&str],
+    cwd: &Path,
+    stdio: [std::fs::File; 3],
+    assign: &pb::Assign,
+    task_env: &std::collections::HashMap<String, String>,
+) -> std::io::Result<Spawned> {
+    let attempt = assign.attempt.to_string();
+    let ours = [&assign.run_id, &assign.task_id, &attempt];
+    let env: Vec<(&OsStr, &OsStr)> = task_env
+        .iter()
+        .filter(|(k, _)| !DROVER_VARS.contains(&k.as_str()))
+        .map(|(k, v)| (OsStr::new(k), OsStr::new(v)))
+        .chain(
+            DROVER_VARS
+                .iter()
+                .zip(ours)
+                .map(|(k, v)| (OsStr::new(k), OsStr::new(v))),
+        )
+        .collect();
+    let launch = Launch::new(
+        exe.as_os_str(),
+        std::iter::once(program)
+            .chain(args.iter().copied())
+            .map(OsStr::new),
+        &env,
+        cwd.as_os_str(),
+        stdio.map(std::os::fd::OwnedFd::from),
+    )?;
+    spawn::spawn(&launch)
+}
+
 /// A started attempt and what is collected from it once it ends.
 struct Running {
-    child: tokio::process::Child,
+    child: Child,
     /// The log files the child writes to directly; read back for the replicated tails. The agent
     /// keeps no descriptor of its own open on them while the task runs: at a thousand running
     /// tasks those were two thousand descriptors that every later spawn copied into its child
@@ -257,6 +318,32 @@ fn start(
         Ok(cmd)
     };
     let failed = |e: std::io::Error| format!("spawn: {program}: {e} (cwd {})", cwd.display());
+    if let Some(exe) = found.as_deref().filter(|_| cgroup.is_none()) {
+        let open = |path: &Path| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(path)
+                .map_err(|e| format!("creating log file {}: {e}", path.display()))
+        };
+        let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+        let stdio = [null, open(&stdout_path)?, open(&stderr_path)?];
+        // Registering the pidfd needs the runtime's context, which blocking-pool threads have.
+        match start_lean(exe, program, &args, &cwd, stdio, assign, &spec.env) {
+            Ok(child) => {
+                return Ok(Running {
+                    child: Child::Lean(child),
+                    stdout: stdout_path,
+                    stderr: stderr_path,
+                    cgroup,
+                });
+            }
+            // Whatever went wrong, the standard library's start below tries again and, if it
+            // fails too, gives the usual error.
+            Err(e) => tracing::debug!(program, error = %e, "lean start failed"),
+        }
+    }
     // Spawning registers the child with the runtime's reaper; blocking-pool threads are inside
     // the runtime's context, so this works here.
     let child = match &found {
@@ -275,7 +362,7 @@ fn start(
     };
     // The `Command` is gone by here, and with it this process's descriptors of the log files.
     Ok(Running {
-        child,
+        child: Child::Std(child),
         stdout: stdout_path,
         stderr: stderr_path,
         cgroup,
@@ -324,7 +411,7 @@ async fn run_process(
         stderr,
         cgroup,
     } = running;
-    let pid = child.id().unwrap_or(0);
+    let pid = child.id();
     let (stop_tx, stop_rx) = oneshot::channel();
     table.set_stop(&assign.task_id, assign.attempt, stop_tx);
     let started_at_us = now_us();
@@ -400,10 +487,7 @@ fn kill_group(pid: u32, sig: i32) {
 }
 
 /// SIGTERM to the group, then SIGKILL after a grace period.
-async fn stop_group(
-    pid: u32,
-    child: &mut tokio::process::Child,
-) -> std::io::Result<std::process::ExitStatus> {
+async fn stop_group(pid: u32, child: &mut Child) -> std::io::Result<std::process::ExitStatus> {
     kill_group(pid, libc::SIGTERM);
     match tokio::time::timeout(Duration::from_millis(limits::KILL_GRACE_MS), child.wait()).await {
         Ok(s) => s,

@@ -16,6 +16,7 @@ pub mod limits;
 pub mod memory;
 pub mod program;
 pub mod session;
+pub mod spawn;
 pub mod tasks;
 
 pub use config::Config;
