@@ -327,7 +327,14 @@ fn start(
                 .open(path)
                 .map_err(|e| format!("creating log file {}: {e}", path.display()))
         };
-        let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+        // A copy of one descriptor kept open: no path to look up per task.
+        static DEV_NULL: LazyLock<std::io::Result<std::fs::File>> =
+            LazyLock::new(|| std::fs::File::open("/dev/null"));
+        let null = match &*DEV_NULL {
+            Ok(f) => f.try_clone(),
+            Err(_) => std::fs::File::open("/dev/null"),
+        }
+        .map_err(|e| format!("/dev/null: {e}"))?;
         let stdio = [null, open(&stdout_path)?, open(&stderr_path)?];
         // Registering the pidfd needs the runtime's context, which blocking-pool threads have.
         match start_lean(exe, program, &args, &cwd, stdio, assign, &spec.env) {

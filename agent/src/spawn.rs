@@ -13,7 +13,7 @@
 //! others keep the standard library's path (a PATH search, a join done in the child before exec).
 
 use std::cell::RefCell;
-use std::ffi::{CString, OsStr, c_char, c_int, c_void};
+use std::ffi::{CStr, CString, OsStr, c_char, c_int, c_void};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
@@ -28,10 +28,11 @@ use tokio::io::unix::AsyncFd;
 /// thread's buffer (the thread is suspended meanwhile, so one buffer per thread is enough).
 const CHILD_STACK_BYTES: usize = 64 * 1024;
 
-/// The agent's own environment, read once: tasks inherit it, under what the task sets.
-static AGENT_ENV: LazyLock<Vec<(Vec<u8>, Vec<u8>)>> = LazyLock::new(|| {
+/// The agent's own environment, read once, as `NAME=value` with the name's length: tasks inherit
+/// it, under what the task sets, and the child's environment points into it.
+static AGENT_ENV: LazyLock<Vec<(usize, CString)>> = LazyLock::new(|| {
     std::env::vars_os()
-        .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+        .filter_map(|(k, v)| Some((k.len(), env_entry(k.as_bytes(), v.as_bytes()).ok()?)))
         .collect()
 });
 
@@ -39,6 +40,7 @@ static AGENT_ENV: LazyLock<Vec<(Vec<u8>, Vec<u8>)>> = LazyLock::new(|| {
 pub struct Launch {
     exe: CString,
     argv: Vec<CString>,
+    inherited: Vec<&'static CStr>,
     envp: Vec<CString>,
     cwd: CString,
     stdio: [OwnedFd; 3],
@@ -75,12 +77,15 @@ impl Launch {
             .into_iter()
             .map(|a| c_string(a.as_bytes(), "an argument"))
             .collect::<io::Result<Vec<_>>>()?;
-        let mut envp = Vec::with_capacity(AGENT_ENV.len() + env.len());
-        for (k, v) in AGENT_ENV.iter() {
-            if !env.iter().any(|(tk, _)| tk.as_bytes() == k.as_slice()) {
-                envp.push(env_entry(k, v)?);
-            }
-        }
+        let inherited = AGENT_ENV
+            .iter()
+            .filter(|(n, kv)| {
+                let name = &kv.as_bytes()[..*n];
+                !env.iter().any(|(k, _)| k.as_bytes() == name)
+            })
+            .map(|(_, kv)| kv.as_c_str())
+            .collect();
+        let mut envp = Vec::with_capacity(env.len());
         for (k, v) in env {
             if k.is_empty() || k.as_bytes().contains(&b'=') {
                 return Err(io::Error::new(
@@ -108,6 +113,7 @@ impl Launch {
         Ok(Launch {
             exe: c_string(exe.as_bytes(), "the program path")?,
             argv,
+            inherited,
             envp,
             cwd: c_string(cwd.as_bytes(), "the working directory")?,
             stdio: [a?, b?, c?],
@@ -192,9 +198,11 @@ pub fn spawn(launch: &Launch) -> io::Result<Spawned> {
         .chain(std::iter::once(std::ptr::null()))
         .collect();
     let envp: Vec<*const c_char> = launch
-        .envp
+        .inherited
         .iter()
-        .map(|e| e.as_ptr())
+        .copied()
+        .chain(launch.envp.iter().map(CString::as_c_str))
+        .map(CStr::as_ptr)
         .chain(std::iter::once(std::ptr::null()))
         .collect();
     let args = ChildArgs {
