@@ -257,15 +257,15 @@ fn start(
         }
         PathBuf::from(&spec.workdir)
     };
-    let for_child = |path: &Path| {
+    let open_log = |path: &Path| {
         std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .open(path)
-            .map(Stdio::from)
             .map_err(|e| format!("creating log file {}: {e}", path.display()))
     };
+    let for_child = |path: &Path| open_log(path).map(Stdio::from);
     let (program, args): (&str, Vec<&str>) = if spec.shell.is_empty() {
         let (program, args) = spec
             .argv
@@ -319,14 +319,6 @@ fn start(
     };
     let failed = |e: std::io::Error| format!("spawn: {program}: {e} (cwd {})", cwd.display());
     if let Some(exe) = found.as_deref().filter(|_| cgroup.is_none()) {
-        let open = |path: &Path| {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(path)
-                .map_err(|e| format!("creating log file {}: {e}", path.display()))
-        };
         // A copy of one descriptor kept open: no path to look up per task.
         static DEV_NULL: LazyLock<std::io::Result<std::fs::File>> =
             LazyLock::new(|| std::fs::File::open("/dev/null"));
@@ -335,7 +327,7 @@ fn start(
             Err(_) => std::fs::File::open("/dev/null"),
         }
         .map_err(|e| format!("/dev/null: {e}"))?;
-        let stdio = [null, open(&stdout_path)?, open(&stderr_path)?];
+        let stdio = [null, open_log(&stdout_path)?, open_log(&stderr_path)?];
         // Registering the pidfd needs the runtime's context, which blocking-pool threads have.
         match start_lean(exe, program, &args, &cwd, stdio, assign, &spec.env) {
             Ok(child) => {
