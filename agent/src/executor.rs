@@ -180,7 +180,13 @@ impl Child {
 }
 
 /// Variables the agent sets for every task, over the task's own of the same name.
-const DROVER_VARS: [&str; 3] = ["DROVER_RUN_ID", "DROVER_TASK_ID", "DROVER_ATTEMPT"];
+fn drover_vars(assign: &pb::Assign) -> [(&'static str, String); 3] {
+    [
+        ("DROVER_RUN_ID", assign.run_id.clone()),
+        ("DROVER_TASK_ID", assign.task_id.clone()),
+        ("DROVER_ATTEMPT", assign.attempt.to_string()),
+    ]
+}
 
 /// Starts a found program with no cgroup to join, the common case, by `spawn`.
 fn start_lean(
@@ -189,21 +195,14 @@ fn start_lean(
     args: &[&str],
     cwd: &Path,
     stdio: [std::fs::File; 3],
-    assign: &pb::Assign,
     task_env: &std::collections::HashMap<String, String>,
+    ours: &[(&str, String)],
 ) -> std::io::Result<Spawned> {
-    let attempt = assign.attempt.to_string();
-    let ours = [&assign.run_id, &assign.task_id, &attempt];
     let env: Vec<(&OsStr, &OsStr)> = task_env
         .iter()
-        .filter(|(k, _)| !DROVER_VARS.contains(&k.as_str()))
+        .filter(|(k, _)| !ours.iter().any(|(name, _)| name == k))
         .map(|(k, v)| (OsStr::new(k), OsStr::new(v)))
-        .chain(
-            DROVER_VARS
-                .iter()
-                .zip(ours)
-                .map(|(k, v)| (OsStr::new(k), OsStr::new(v))),
-        )
+        .chain(ours.iter().map(|(k, v)| (OsStr::new(k), OsStr::new(v))))
         .collect();
     let launch = Launch::new(
         exe.as_os_str(),
@@ -293,6 +292,7 @@ fn start(
             program::is_executable_file,
         )
     });
+    let ours = drover_vars(assign);
     let command = |exe: &OsStr| -> Result<Command, String> {
         let mut cmd = Command::new(exe);
         // argv[0] as the task wrote it, whatever path runs it (multi-call binaries look at it).
@@ -300,9 +300,7 @@ fn start(
             .args(&args)
             .current_dir(&cwd)
             .envs(&spec.env)
-            .env("DROVER_RUN_ID", &assign.run_id)
-            .env("DROVER_TASK_ID", &assign.task_id)
-            .env("DROVER_ATTEMPT", assign.attempt.to_string())
+            .envs(ours.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(for_child(&stdout_path)?)
             .stderr(for_child(&stderr_path)?)
@@ -329,7 +327,7 @@ fn start(
         .map_err(|e| format!("/dev/null: {e}"))?;
         let stdio = [null, open_log(&stdout_path)?, open_log(&stderr_path)?];
         // Registering the pidfd needs the runtime's context, which blocking-pool threads have.
-        match start_lean(exe, program, &args, &cwd, stdio, assign, &spec.env) {
+        match start_lean(exe, program, &args, &cwd, stdio, &spec.env, &ours) {
             Ok(child) => {
                 return Ok(Running {
                     child: Child::Lean(child),
@@ -610,6 +608,26 @@ mod tests {
         assert_eq!(outcome.stderr_tail, b"err\n");
         let log = log_path(dir.path(), "r1/main", 1, pb::LogStream::Stderr);
         assert_eq!(std::fs::read(log).unwrap(), b"err\n");
+    }
+
+    #[tokio::test]
+    async fn both_starts_give_the_task_its_variables_under_the_agents_own() {
+        // Guards: `sh` is found on PATH (the lean start), `/bin/sh` is not searched for (the
+        // standard library's); each passes the task's variables, and the DROVER_* ones win.
+        let dir = tempfile::tempdir().unwrap();
+        let table = TaskTable::default();
+        for (i, sh) in ["sh", "/bin/sh"].into_iter().enumerate() {
+            let script = "echo $DROVER_RUN_ID $DROVER_TASK_ID $DROVER_ATTEMPT $X";
+            let mut a = assign(&[sh, "-c", script]);
+            a.attempt = i as u64 + 1;
+            let spec = a.spec.as_mut().unwrap();
+            spec.env.insert("X".into(), "x".into());
+            spec.env.insert("DROVER_ATTEMPT".into(), "99".into());
+            table.claim(&a.task_id, a.attempt, &a.run_id).unwrap();
+            let outcome = run_process(dir.path(), &table, None, a).await;
+            let want = format!("r1 r1/main {} x\n", i + 1);
+            assert_eq!(String::from_utf8_lossy(&outcome.stdout_tail), want, "{sh}");
+        }
     }
 
     #[tokio::test]
