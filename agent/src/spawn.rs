@@ -28,6 +28,9 @@ use tokio::io::unix::AsyncFd;
 /// thread's buffer (the thread is suspended meanwhile, so one buffer per thread is enough).
 const CHILD_STACK_BYTES: usize = 64 * 1024;
 
+/// One past the highest signal number on Linux (glibc's `_NSIG`).
+const NSIG: c_int = 65;
+
 /// The agent's own environment, read once, as `NAME=value` with the name's length: tasks inherit
 /// it, under what the task sets, and the child's environment points into it.
 static AGENT_ENV: LazyLock<Vec<(usize, CString)>> = LazyLock::new(|| {
@@ -149,7 +152,7 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
         // default, and SIGPIPE too (Rust ignores it in the agent; programs expect the default).
         let mut dfl: libc::sigaction = std::mem::zeroed();
         dfl.sa_sigaction = libc::SIG_DFL;
-        for sig in 1..65 {
+        for sig in 1..NSIG {
             if sig == libc::SIGKILL || sig == libc::SIGSTOP {
                 continue;
             }
@@ -496,9 +499,35 @@ mod tests {
         let l = launch(&[out.to_str().unwrap()], &[], "/", &out);
         let e = spawn(&l).err().expect("fails");
         assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
-        // SAFETY: waitpid(-1, WNOHANG) on our own children only reads their state.
-        let r = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) };
-        assert!(r <= 0, "a failed spawn left child {r} to collect");
+        let left = uncollected_from_this_thread();
+        assert!(left.is_empty(), "failed spawns left {left:?} to collect");
+    }
+
+    /// Children of this process, dead and not collected, that never exec'd: they still carry the
+    /// spawning thread's name. Read from /proc, collecting nothing, since the children of tests
+    /// running alongside (`cargo test` runs them in one process) are theirs to collect.
+    fn uncollected_from_this_thread() -> Vec<String> {
+        let parent = std::process::id().to_string();
+        let thread = std::fs::read_to_string("/proc/thread-self/comm").unwrap();
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // "PID (NAME) STATE PPID ...", where NAME may hold spaces and parentheses.
+            let (Some((head, rest)), Some(open)) = (stat.rsplit_once(") "), stat.find(" (")) else {
+                continue;
+            };
+            let name = &head[open + 2..];
+            let mut fields = rest.split_whitespace();
+            if fields.next() == Some("Z")
+                && fields.next() == Some(parent.as_str())
+                && name == thread.trim_end()
+            {
+                found.push(stat);
+            }
+        }
+        found
     }
 
     #[test]
