@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use clap::Parser;
+use drover_proto::identity::{PeerIdentity, Role};
 use drover_proto::pb;
 use drover_proto::quantity::{parse_bytes, parse_cpu_millis};
 
@@ -31,11 +32,14 @@ pub struct Config {
     #[arg(long, env = "DROVER_TLS_DIR")]
     pub tls_dir: PathBuf,
 
-    /// Certificate name inside --tls-dir.
-    #[arg(long, env = "DROVER_TLS_NAME", default_value = "agent")]
-    pub tls_name: String,
+    /// Certificate name inside --tls-dir (NAME.pem, NAME-key.pem) [default: the agent's name].
+    /// The certificate's common name is the agent's name: `droverctl certs issue --role agent
+    /// --name NAME`.
+    #[arg(long, env = "DROVER_TLS_NAME")]
+    pub tls_name: Option<String>,
 
-    /// This agent's name, unique in the cluster [default: the host name].
+    /// This agent's name, unique in the cluster; it must be its certificate's name [default: the
+    /// certificate's name, and the certificate's file name defaults to the host name].
     #[arg(long, env = "DROVER_AGENT_NAME")]
     pub name: Option<String>,
 
@@ -87,6 +91,21 @@ pub const ENV_VARS: &[&str] = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error(
+        "--name {name}: certificate {file}.pem is issued to agent '{cert}', and the coordinator \
+         accepts an agent only under its certificate's name; pass --name {cert}, or issue one for \
+         this name: droverctl certs issue --role agent --name {name}"
+    )]
+    CertName {
+        name: String,
+        file: String,
+        cert: String,
+    },
+    #[error(
+        "certificate {file}.pem has role '{role}', not agent: issue one with droverctl certs issue \
+         --role agent --name NAME"
+    )]
+    CertRole { file: String, role: String },
     #[error("--labels '{0}': expected k=v")]
     BadLabel(String),
     #[error("--resources '{entry}': {message}")]
@@ -96,6 +115,30 @@ pub enum ConfigError {
 impl Config {
     pub fn agent_name(&self) -> String {
         self.name.clone().unwrap_or_else(host_name)
+    }
+
+    /// The file name of the agent's certificate inside --tls-dir.
+    pub fn cert_name(&self) -> String {
+        self.tls_name.clone().unwrap_or_else(|| self.agent_name())
+    }
+
+    /// The agent's name given its certificate's: they must agree, because the coordinator
+    /// accepts an agent only under the name its certificate carries.
+    pub fn name_from_certificate(&self, cert: &PeerIdentity) -> Result<String, ConfigError> {
+        if cert.role != Role::Agent {
+            return Err(ConfigError::CertRole {
+                file: self.cert_name(),
+                role: cert.role.to_string(),
+            });
+        }
+        match &self.name {
+            Some(n) if *n != cert.name => Err(ConfigError::CertName {
+                name: n.clone(),
+                file: self.cert_name(),
+                cert: cert.name.clone(),
+            }),
+            _ => Ok(cert.name.clone()),
+        }
     }
 
     pub fn parsed_labels(&self) -> Result<BTreeMap<String, String>, ConfigError> {

@@ -29,6 +29,8 @@ pub enum StartError {
     Config(#[from] config::ConfigError),
     #[error(transparent)]
     Tls(#[from] drover_proto::tls::TlsError),
+    #[error("reading the agent's certificate: {0}")]
+    Certificate(String),
     #[error("creating the work dir {path}: {source}")]
     WorkDir {
         path: String,
@@ -63,7 +65,9 @@ impl AgentHandle {
 }
 
 pub async fn start(config: Config) -> Result<AgentHandle, StartError> {
-    let tls = TlsFiles::in_dir(&config.tls_dir, &config.tls_name).load()?;
+    let tls = TlsFiles::in_dir(&config.tls_dir, &config.cert_name()).load()?;
+    let cert = tls.own_identity().map_err(StartError::Certificate)?;
+    let name = config.name_from_certificate(&cert)?;
     let cgroups = match cgroup::detect(config.cgroup_root.as_deref()) {
         Ok(c) => {
             tracing::info!(
@@ -80,7 +84,7 @@ pub async fn start(config: Config) -> Result<AgentHandle, StartError> {
         }
     };
     let identity = Identity {
-        name: config.agent_name(),
+        name,
         labels: config.parsed_labels()?.into_iter().collect(),
         resources: config.parsed_resources()?,
         class: config.class.clone(),

@@ -55,14 +55,23 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// Starts `n` simulated agents named `PREFIX-N`.
+    /// Starts `n` simulated agents named `PREFIX-N`, each with a certificate of its own (an
+    /// agent registers only under its certificate's name), signed in memory by the CA in
+    /// `tls_dir` (which must hold its key).
     pub async fn start(
         addrs: Vec<String>,
-        tls: TlsMaterial,
+        tls_dir: &std::path::Path,
         n: usize,
         prefix: &str,
         noop_ms: u64,
-    ) -> Fleet {
+    ) -> Result<Fleet, droverctl::certs::CertError> {
+        let ca = droverctl::certs::Authority::open(tls_dir)?;
+        let ca_pem = std::fs::read(tls_dir.join("ca.pem")).map_err(|source| {
+            droverctl::certs::CertError::Io {
+                path: tls_dir.join("ca.pem").display().to_string(),
+                source,
+            }
+        })?;
         let stats = Arc::new(FleetStats::default());
         let addrs = Arc::new(addrs);
         let connecting = Arc::new(Semaphore::new(CONNECTS_IN_FLIGHT));
@@ -71,10 +80,22 @@ impl Fleet {
         for i in 0..n {
             let stop = Arc::new(Stop::default());
             stops.push(stop.clone());
+            let name = format!("{prefix}-{i}");
+            let issued = ca.issue(
+                drover_proto::identity::Role::Agent,
+                &name,
+                &[],
+                droverctl::certs::VALID_FOR_DEFAULT,
+            )?;
+            let tls = TlsMaterial::from_pem(
+                ca_pem.clone(),
+                issued.cert_pem.into_bytes(),
+                issued.key_pem.into_bytes(),
+            );
             let sim = Sim {
-                name: format!("{prefix}-{i}"),
+                name,
                 addrs: addrs.clone(),
-                tls: tls.clone(),
+                tls,
                 stats: stats.clone(),
                 stop,
                 noop_ms,
@@ -83,11 +104,11 @@ impl Fleet {
             };
             tasks.push(tokio::spawn(sim.run()));
         }
-        Fleet {
+        Ok(Fleet {
             stats,
             stops,
             tasks,
-        }
+        })
     }
 
     /// Stops one simulated agent abruptly (as if its host died): its session just ends.

@@ -148,7 +148,7 @@ async fn connect(
     Option<Cluster>,
     ClusterClient,
     Vec<String>,
-    drover_proto::tls::TlsMaterial,
+    std::path::PathBuf,
 )> {
     if target.spawn_cluster {
         if let Some(dir) = &target.files.agent_work_dir {
@@ -170,8 +170,8 @@ async fn connect(
         }
         let client = cluster.client();
         let addrs = cluster.addrs();
-        let tls = TlsFiles::in_dir(&cluster.tls_dir, "agent").load()?;
-        return Ok((Some(cluster), client, addrs, tls));
+        let tls_dir = cluster.tls_dir.clone();
+        return Ok((Some(cluster), client, addrs, tls_dir));
     }
     let dir = target
         .tls_dir
@@ -181,12 +181,7 @@ async fn connect(
         bail!("--addr (or DROVER_ADDR) is needed without --spawn-cluster");
     }
     let client = ClusterClient::new(target.addr.clone(), TlsFiles::in_dir(&dir, "admin").load()?);
-    Ok((
-        None,
-        client,
-        target.addr.clone(),
-        TlsFiles::in_dir(&dir, "agent").load()?,
-    ))
+    Ok((None, client, target.addr.clone(), dir))
 }
 
 #[tokio::main]
@@ -267,9 +262,9 @@ async fn main() -> anyhow::Result<()> {
             runs,
             steady_secs,
         } => {
-            let (cluster, client, addrs, tls) = connect(&target, 0).await?;
+            let (cluster, client, addrs, tls_dir) = connect(&target, 0).await?;
             let started = Instant::now();
-            let fleet = Fleet::start(addrs, tls, agents, "sim", 0).await;
+            let fleet = Fleet::start(addrs, &tls_dir, agents, "sim", 0).await?;
             let deadline = Instant::now() + Duration::from_secs(300);
             while fleet
                 .stats

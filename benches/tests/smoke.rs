@@ -31,10 +31,9 @@ async fn a_short_load_loses_nothing_and_runs_nothing_twice() {
         }
 
         // Simulated agents take work too, through real sessions.
-        let tls = drover_proto::tls::TlsFiles::in_dir(&cluster.tls_dir, "agent")
-            .load()
+        let fleet = Fleet::start(cluster.addrs(), &cluster.tls_dir, 20, "smoke-sim", 0)
+            .await
             .unwrap();
-        let fleet = Fleet::start(cluster.addrs(), tls, 20, "smoke-sim", 0).await;
         drover_tests::wait_for("20 simulated agents", Duration::from_secs(30), || async {
             (fleet
                 .stats

@@ -35,6 +35,89 @@ fn valid_agent_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
+/// Bounds on what a registration may carry: it is replicated into every node's memory and
+/// snapshot, so an agent cannot be allowed to send megabytes of labels.
+const REGISTER_LABEL_VALUE_BYTES_MAX: usize = 256;
+const REGISTER_TEXT_BYTES_MAX: usize = 128;
+const REGISTER_EXTENDED_MAX: usize = 32;
+
+/// Checks a registration before anything is written. The name must be the certificate's: one
+/// agent's certificate must not let its holder take another agent's assignments (and their
+/// environment), report its results or requeue its work.
+pub fn check_register(reg: &pb::Register, cert_name: &str) -> Result<(), Status> {
+    if !valid_agent_name(&reg.name) {
+        return Err(Status::invalid_argument(format!(
+            "register.name: '{}' must be 1-253 characters of A-Z, a-z, 0-9, '-', '_', '.'",
+            reg.name
+        )));
+    }
+    if reg.name != cert_name {
+        return Err(Status::permission_denied(format!(
+            "certificate '{cert_name}' may register only as agent '{cert_name}', not '{}'; give \
+             each agent a certificate of its own: droverctl certs issue --role agent --name {}",
+            reg.name, reg.name
+        )));
+    }
+    let too_long = |field: &str, len: usize, max: usize| {
+        Status::invalid_argument(format!("{field}: {len} bytes; at most {max} allowed"))
+    };
+    if reg.labels.len() > limits::LABELS_MAX {
+        return Err(Status::invalid_argument(format!(
+            "register.labels: {} entries; at most {} allowed",
+            reg.labels.len(),
+            limits::LABELS_MAX
+        )));
+    }
+    for (k, v) in &reg.labels {
+        if k.is_empty() || k.len() > limits::NAME_BYTES_MAX {
+            return Err(Status::invalid_argument(format!(
+                "register.labels: key '{k}' must be 1-{} bytes",
+                limits::NAME_BYTES_MAX
+            )));
+        }
+        if v.len() > REGISTER_LABEL_VALUE_BYTES_MAX {
+            return Err(too_long(
+                &format!("register.labels.{k}"),
+                v.len(),
+                REGISTER_LABEL_VALUE_BYTES_MAX,
+            ));
+        }
+    }
+    for (field, text) in [
+        ("register.class", &reg.class),
+        ("register.pool", &reg.pool),
+        ("register.version", &reg.version),
+        ("register.isolation", &reg.isolation),
+    ] {
+        if text.len() > REGISTER_TEXT_BYTES_MAX {
+            return Err(too_long(field, text.len(), REGISTER_TEXT_BYTES_MAX));
+        }
+    }
+    if reg.running.len() > limits::AGENT_TASKS_MAX {
+        return Err(Status::invalid_argument(format!(
+            "register.running: {} tasks; an agent holds at most {}",
+            reg.running.len(),
+            limits::AGENT_TASKS_MAX
+        )));
+    }
+    if let Some(r) = &reg.resources {
+        if r.extended.len() > REGISTER_EXTENDED_MAX {
+            return Err(Status::invalid_argument(format!(
+                "register.resources.extended: {} entries; at most {REGISTER_EXTENDED_MAX} allowed",
+                r.extended.len()
+            )));
+        }
+        if let Some(k) = r.extended.keys().find(|k| k.len() > limits::NAME_BYTES_MAX) {
+            return Err(too_long(
+                "register.resources.extended key",
+                k.len(),
+                limits::NAME_BYTES_MAX,
+            ));
+        }
+    }
+    Ok(())
+}
+
 type SessionStream = Pin<Box<dyn Stream<Item = Result<CoordinatorMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -62,7 +145,7 @@ impl AgentRpc {
         &self,
         req: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<SessionStream>, Status> {
-        require_role(&req, "an agent session", &[Role::Agent])?;
+        let cert = require_role(&req, "an agent session", &[Role::Agent])?;
         self.ctx.require_leader()?;
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(limits::REGISTER_WAIT, inbound.message())
@@ -76,12 +159,7 @@ impl AgentRpc {
                 "the first message of a session must be register",
             ));
         };
-        if !valid_agent_name(&reg.name) {
-            return Err(Status::invalid_argument(format!(
-                "register.name: '{}' must be 1-253 characters of A-Z, a-z, 0-9, '-', '_', '.'",
-                reg.name
-            )));
-        }
+        check_register(&reg, &cert.name)?;
         let name = reg.name.clone();
         tracing::Span::current().record("agent", name.as_str());
         let held: Vec<HeldTask> = reg

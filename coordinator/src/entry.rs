@@ -45,7 +45,14 @@ pub fn main() -> ExitCode {
             _ = stop.changed() => {}
         }
         tracing::info!("shutting down");
+        let halted = node.halted().map(str::to_owned);
         node.shutdown().await;
-        ExitCode::SUCCESS
+        match halted {
+            Some(reason) => {
+                eprintln!("error: the coordinator stopped itself: {reason}");
+                ExitCode::FAILURE
+            }
+            None => ExitCode::SUCCESS,
+        }
     })
 }

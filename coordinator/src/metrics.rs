@@ -54,6 +54,8 @@ pub struct Metrics {
     pub tasks_failed: Gauge<u64, AtomicU64>,
     pub stale_reports: Gauge<u64, AtomicU64>,
     pub agents_lost: Gauge<u64, AtomicU64>,
+    pub assignments_dropped: Gauge<u64, AtomicU64>,
+    pub apply_panics: Counter,
     pub schedule_rounds: Counter,
     pub tasks_placed: Counter,
     pub snapshot_build_seconds: Histogram,
@@ -187,6 +189,19 @@ impl Metrics {
             "Agents declared lost (replicated count)",
             agents_lost.clone(),
         );
+        let assignments_dropped = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "assignments_dropped",
+            "Planned assignments apply refused: task no longer pending, agent gone, draining or \
+             without room (replicated count)",
+            assignments_dropped.clone(),
+        );
+        let apply_panics = Counter::default();
+        registry.register(
+            "apply_panics",
+            "Log entries whose apply panicked on this node (the node stops after one)",
+            apply_panics.clone(),
+        );
         let schedule_rounds = Counter::default();
         registry.register(
             "schedule_rounds",
@@ -259,6 +274,8 @@ impl Metrics {
             tasks_failed,
             stale_reports,
             agents_lost,
+            assignments_dropped,
+            apply_panics,
             schedule_rounds,
             tasks_placed,
             snapshot_build_seconds,

@@ -50,12 +50,15 @@ impl Resources {
     pub fn plus(&self, other: &Resources) -> Resources {
         let mut extended = self.extended.clone();
         for (k, v) in &other.extended {
-            *extended.entry(k.clone()).or_default() += v;
+            let e = extended.entry(k.clone()).or_default();
+            *e = e.saturating_add(*v);
         }
+        // Saturating: apply runs this on replicated input, where an overflow panic would stop
+        // every replica on the same entry.
         Resources {
-            cpu_millis: self.cpu_millis + other.cpu_millis,
-            memory_bytes: self.memory_bytes + other.memory_bytes,
-            gpus: self.gpus + other.gpus,
+            cpu_millis: self.cpu_millis.saturating_add(other.cpu_millis),
+            memory_bytes: self.memory_bytes.saturating_add(other.memory_bytes),
+            gpus: self.gpus.saturating_add(other.gpus),
             extended,
         }
     }
@@ -320,6 +323,17 @@ pub struct Agent {
 impl Agent {
     pub fn free(&self) -> Resources {
         self.total.minus(&self.used)
+    }
+
+    /// Holds more than it offers: it re-registered with less capacity than its tasks use. It
+    /// takes no new work, not even a task asking for nothing, until enough of them finish.
+    pub fn over_committed(&self) -> bool {
+        !self.used.fits_in(&self.total)
+    }
+
+    /// Whether a task asking for `request` may be added to what it holds.
+    pub fn can_take(&self, request: &Resources) -> bool {
+        self.used.plus(request).fits_in(&self.total)
     }
 }
 

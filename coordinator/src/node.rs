@@ -169,6 +169,7 @@ impl Ctx {
             mt.tasks_failed.set(s.counters.tasks_failed);
             mt.stale_reports.set(s.counters.stale_reports);
             mt.agents_lost.set(s.counters.agents_lost);
+            mt.assignments_dropped.set(s.counters.assignments_dropped);
         });
     }
 
@@ -222,11 +223,18 @@ pub struct NodeHandle {
     pub ctx: Arc<Ctx>,
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
-    shutdown: watch::Sender<bool>,
+    shutdown: Arc<watch::Sender<bool>>,
+    halted: Arc<std::sync::OnceLock<String>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl NodeHandle {
+    /// Why the node stopped itself, if it did: Raft hit a fatal error (a storage failure, or an
+    /// entry whose apply panicked). The program exits non-zero with this.
+    pub fn halted(&self) -> Option<&str> {
+        self.halted.get().map(String::as_str)
+    }
+
     /// Resolves when a shutdown has been requested.
     pub fn shutdown_requested(&self) -> watch::Receiver<bool> {
         self.shutdown.subscribe()
@@ -327,6 +335,8 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         })?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shutdown_tx = Arc::new(shutdown_tx);
+    let halted = Arc::new(std::sync::OnceLock::new());
     let mut tasks = Vec::new();
     let sessions = Arc::new(Sessions::default());
     let contact = Arc::new(crate::raft::watchdog::LeaderContact::default());
@@ -444,6 +454,12 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         ctx.clone(),
         shutdown_rx.clone(),
     )));
+    tasks.push(tokio::spawn(watch_raft(
+        raft.clone(),
+        halted.clone(),
+        shutdown_tx.clone(),
+        shutdown_rx.clone(),
+    )));
 
     if fresh {
         let members: BTreeMap<NodeId, BasicNode> = peers
@@ -481,6 +497,38 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         grpc_addr,
         http_addr,
         shutdown: shutdown_tx,
+        halted,
         tasks,
     })
+}
+
+/// Stops the whole node once Raft has stopped on its own. A node whose Raft is dead but whose
+/// gRPC server still answers would look alive to agents and clients (and to a load balancer's
+/// health check) while serving nothing; stopped, they move to the other nodes.
+async fn watch_raft(
+    raft: Raft,
+    halted: Arc<std::sync::OnceLock<String>>,
+    stop: Arc<watch::Sender<bool>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut metrics = raft.metrics();
+    let reason = loop {
+        if let Err(fatal) = &metrics.borrow_watched().running_state {
+            break fatal.to_string();
+        }
+        tokio::select! {
+            changed = metrics.changed() => {
+                if changed.is_err() {
+                    break "Raft stopped".to_owned();
+                }
+            }
+            _ = shutdown.changed() => return,
+        }
+    };
+    if *shutdown.borrow() {
+        return;
+    }
+    tracing::error!(%reason, "Raft stopped on a fatal error; shutting this node down");
+    let _ = halted.set(reason);
+    let _ = stop.send(true);
 }

@@ -65,7 +65,8 @@ pub struct AgentSlot {
     pub class: String,
     pub labels: BTreeMap<String, String>,
     pub free: Resources,
-    /// More tasks it may hold (`limits::AGENT_TASKS_MAX` less those it holds).
+    /// More tasks it may hold (`limits::AGENT_TASKS_MAX` less those it holds; 0 while it holds
+    /// more than it offers).
     pub slots: usize,
 }
 
@@ -293,7 +294,8 @@ fn unplaced_reason(task: &PendingTask<'_>, class: &str, agents: &[AgentSlot]) ->
     if matching.iter().all(|a| a.slots == 0) {
         let word = if m == 1 { "agent" } else { "agents" };
         return format!(
-            "{m} {word} in class {class} could take it, but each holds its maximum of {} tasks",
+            "{m} {word} in class {class} could take it, but each holds its maximum of {} tasks \
+             or more than it now offers (it re-registered smaller)",
             crate::limits::AGENT_TASKS_MAX
         );
     }

@@ -439,8 +439,10 @@ impl State {
                 dropped += 1;
                 continue;
             };
-            let fits = task.spec.resources.fits_in(&agent.free())
-                && agent.tasks.len() < limits::AGENT_TASKS_MAX;
+            // Checked against the total, not `free()`: an agent that re-registered with less than
+            // it holds has a free capacity that saturates at zero, which a zero request would fit.
+            let fits =
+                agent.can_take(&task.spec.resources) && agent.tasks.len() < limits::AGENT_TASKS_MAX;
             if task.state != TaskState::Pending
                 || task.attempt != a.attempt
                 || agent.state != AgentState::Active
@@ -450,11 +452,6 @@ impl State {
                 continue;
             }
             agent.used = agent.used.plus(&task.spec.resources);
-            assert!(
-                agent.used.fits_in(&agent.total),
-                "invariant: agent {} over-committed",
-                agent.name
-            );
             agent.tasks.insert(task.id.clone());
             task.state = TaskState::Assigned;
             task.agent = Some(a.agent.clone());

@@ -621,3 +621,53 @@ fn the_oldest_finished_runs_are_forgotten_past_the_run_or_task_limit() {
     let again = submit(&mut s, "k1", &["t1"], 1);
     assert_ne!(again, runs[1], "a forgotten run's key starts a new run");
 }
+
+#[test]
+fn an_agent_registering_below_what_it_holds_takes_nothing_more_and_apply_does_not_panic() {
+    // Guards: before, apply asserted `used <= total` after adding a zero request to an agent that
+    // had re-registered smaller, and every replica panicked on that entry (and on its replay).
+    let mut s = State::default();
+    register(&mut s, "a", 2_000, vec![]);
+    let big = task_id(&submit(&mut s, "", &["big"], 1_500), "big");
+    assign(&mut s, 1, &big, 1, "a");
+    let held = vec![HeldTask {
+        task_id: big.clone(),
+        attempt: 1,
+    }];
+    // Restarted with less capacity, still holding its task: accepted, the task stays placed.
+    assert!(matches!(
+        register(&mut s, "a", 1_000, held),
+        CommandResult::Registered { ref requeued, .. } if requeued.is_empty()
+    ));
+    assert!(s.agents["a"].over_committed());
+    let zero = task_id(&submit(&mut s, "", &["zero"], 0), "zero");
+    let dropped_before = s.counters.assignments_dropped;
+    assert!(matches!(
+        assign(&mut s, 1, &zero, 1, "a"),
+        CommandResult::PlanApplied { ref accepted, dropped: 1 } if accepted.is_empty()
+    ));
+    assert_eq!(s.counters.assignments_dropped, dropped_before + 1);
+    assert_eq!(s.tasks[&zero].state, TaskState::Pending);
+    // The scheduler is not offered it either, so the leader does not plan it over and over.
+    let slot = crate::submit_placement::agent_slot(&s.agents["a"], None);
+    assert_eq!(slot.slots, 0);
+    // Once the big task finishes, it fits again.
+    finish(&mut s, "a", &big, 1, true);
+    assert!(!s.agents["a"].over_committed());
+    assert!(matches!(
+        assign(&mut s, 1, &zero, 1, "a"),
+        CommandResult::PlanApplied { ref accepted, dropped: 0 } if accepted.len() == 1
+    ));
+}
+
+#[test]
+fn capacity_sums_saturate_instead_of_overflowing() {
+    let huge = Resources {
+        cpu_millis: u64::MAX,
+        memory_bytes: u64::MAX,
+        gpus: u64::MAX,
+        extended: [("x".to_owned(), u64::MAX)].into(),
+    };
+    let sum = huge.plus(&huge);
+    assert_eq!(sum, huge);
+}

@@ -64,7 +64,11 @@ pub fn agent_slot(a: &Agent, reserved: Option<&(Resources, usize)>) -> AgentSlot
         class: a.class.clone(),
         labels: a.labels.clone(),
         free,
-        slots: limits::AGENT_TASKS_MAX.saturating_sub(held),
+        slots: if a.over_committed() {
+            0
+        } else {
+            limits::AGENT_TASKS_MAX.saturating_sub(held)
+        },
     }
 }
 

@@ -111,21 +111,25 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum CertsCmd {
-    /// Create a dev CA and certificates for coordinators, agents and each client role.
+    /// Create a CA and certificates for the coordinators and each client role (agents get theirs
+    /// with `issue --role agent --name NAME`). The CA key goes to DIR/private/.
     Init {
         #[arg(long)]
         dir: PathBuf,
         /// How many coordinator certificates (coordinator-1..N).
         #[arg(long, default_value_t = 3)]
         coordinators: u32,
-        /// Extra DNS names or IPs for every certificate (e.g. container host names).
+        /// Extra DNS names or IPs for the coordinators' certificates (e.g. container host names).
         #[arg(long, value_delimiter = ',')]
         san: Vec<String>,
         /// Replace an existing CA in --dir.
         #[arg(long)]
         force: bool,
+        /// How long the certificates are valid (the CA: 10 years).
+        #[arg(long, value_parser = parse_duration, default_value = "365d")]
+        valid_for: Duration,
     },
-    /// Issue one more certificate from the CA in --dir.
+    /// Issue one more certificate from the CA in --dir. An agent's name is its certificate's.
     Issue {
         #[arg(long)]
         dir: PathBuf,
@@ -135,8 +139,38 @@ pub enum CertsCmd {
         /// Certificate name (files NAME.pem, NAME-key.pem; also its CommonName).
         #[arg(long)]
         name: String,
+        /// Extra DNS names or IPs (coordinators only: only they serve).
         #[arg(long, value_delimiter = ',')]
         san: Vec<String>,
+        #[arg(long, value_parser = parse_duration, default_value = "365d")]
+        valid_for: Duration,
+    },
+    /// Issue certificates again with a new key and expiry, keeping role, name and host names.
+    Renew {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Certificate names to renew.
+        names: Vec<String>,
+        /// Renew every certificate in --dir (not the CA).
+        #[arg(long, conflicts_with = "names")]
+        all: bool,
+        #[arg(long, value_parser = parse_duration, default_value = "365d")]
+        valid_for: Duration,
+    },
+    /// List the certificates in --dir with their roles and expiry.
+    List {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Copy what one member needs (ca.pem, NAME.pem, NAME-key.pem) into --out: no CA key, no
+    /// other member's key.
+    Bundle {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -312,8 +346,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             coordinators,
             san,
             force,
+            valid_for,
         }) => {
-            let made = crate::certs::init(&dir, coordinators, &san, force)?;
+            let made = crate::certs::init(&dir, coordinators, &san, force, valid_for)?;
             eprintln!(
                 "created {} certificates in {}: {}",
                 made.len(),
@@ -327,9 +362,45 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             role,
             name,
             san,
+            valid_for,
         }) => {
-            crate::certs::issue(&dir, &role, &name, &san)?;
+            crate::certs::issue(&dir, &role, &name, &san, valid_for)?;
             eprintln!("issued {name}.pem ({role}) in {}", dir.display());
+            Ok(0)
+        }
+        Command::Certs(CertsCmd::Renew {
+            dir,
+            names,
+            all,
+            valid_for,
+        }) => {
+            let names = if all {
+                crate::certs::list(&dir)?
+                    .into_iter()
+                    .map(|c| c.name)
+                    .collect()
+            } else if names.is_empty() {
+                anyhow::bail!("name the certificates to renew, or pass --all");
+            } else {
+                names
+            };
+            for c in crate::certs::renew(&dir, &names, valid_for)? {
+                println!("{}", output::cert_line(&c));
+            }
+            Ok(0)
+        }
+        Command::Certs(CertsCmd::List { dir }) => {
+            for c in crate::certs::list(&dir)? {
+                println!("{}", output::cert_line(&c));
+            }
+            Ok(0)
+        }
+        Command::Certs(CertsCmd::Bundle { dir, name, out }) => {
+            let out = crate::certs::bundle(&dir, &name, &out)?;
+            eprintln!(
+                "wrote ca.pem, {name}.pem and {name}-key.pem to {}",
+                out.display()
+            );
             Ok(0)
         }
         Command::Dev(args) => crate::dev::run(args).await,

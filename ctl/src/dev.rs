@@ -53,7 +53,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<i32> {
     init_logging(dir)?;
     let tls_dir = dir.join("tls");
     if !tls_dir.join("ca.pem").exists() {
-        crate::certs::init(&tls_dir, 3, &[], false)?;
+        crate::certs::init(&tls_dir, 3, &[], false, crate::certs::VALID_FOR_DEFAULT)?;
         eprintln!("created a dev CA and certificates in {}", tls_dir.display());
     }
     let ports: Vec<u16> = (0..3).map(|i| args.base_port + i).collect();
@@ -98,12 +98,22 @@ pub async fn run(args: DevArgs) -> anyhow::Result<i32> {
     eprintln!("started 3 coordinators on {}", addrs.join(", "));
     let mut agents = Vec::new();
     for n in 1..=args.agents {
+        let name = format!("dev-agent-{n}");
+        if !tls_dir.join(format!("{name}.pem")).exists() {
+            crate::certs::issue(
+                &tls_dir,
+                "agent",
+                &name,
+                &[],
+                crate::certs::VALID_FOR_DEFAULT,
+            )?;
+        }
         let config = drover_agent::Config {
             config: None,
             coordinator: addrs.clone(),
             tls_dir: tls_dir.clone(),
-            tls_name: "agent".into(),
-            name: Some(format!("dev-agent-{n}")),
+            tls_name: None,
+            name: Some(name),
             labels: vec![format!("zone={}", if n % 2 == 1 { "a" } else { "b" })],
             resources: vec![],
             class: "default".into(),

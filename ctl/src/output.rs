@@ -475,3 +475,26 @@ pub fn print_json(v: &Value) {
         serde_json::to_string_pretty(v).expect("a Value always serialises")
     );
 }
+
+/// One line per certificate: name, role, when it expires (and how soon), host names.
+pub fn cert_line(c: &crate::certs::CertInfo) -> String {
+    let now = (now_ms() / 1000) as i64;
+    let left = c.not_after - now;
+    let span = |s: i64| {
+        if s >= 2 * 86_400 {
+            format!("{} days", s / 86_400)
+        } else {
+            duration(s as u64 * 1000)
+        }
+    };
+    let when = if left <= 0 {
+        format!("EXPIRED {} ago", span(-left))
+    } else {
+        format!("expires in {}", span(left))
+    };
+    let mut line = format!("{:<24} {:<12} {when}", c.name, c.role.as_str());
+    if !c.sans.is_empty() {
+        let _ = write!(line, "  hosts: {}", c.sans.join(", "));
+    }
+    line
+}

@@ -105,19 +105,72 @@ pub fn describe_transport_error(addr: &str, err: &tonic::transport::Error) -> St
 
 /// Opens an mTLS channel to one coordinator, eagerly, so handshake failures surface here.
 pub async fn connect(addr: &str, tls: &TlsMaterial) -> Result<Channel, String> {
-    let endpoint = Endpoint::from_shared(format!("https://{addr}"))
-        .map_err(|e| format!("bad coordinator address '{addr}': {e}"))?
-        .tls_config(tls.client_config())
-        .map_err(|e| describe_transport_error(addr, &e))?
+    let bad_addr = |e: String| format!("bad coordinator address '{addr}': {e}");
+    // The TLS is ours (see `CoordinatorOnly`), so tonic dials plain `http` through it.
+    let endpoint =
+        Endpoint::from_shared(format!("http://{addr}")).map_err(|e| bad_addr(e.to_string()))?;
+    let host = endpoint.uri().host().unwrap_or_default();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let server_name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| bad_addr(e.to_string()))?;
+    let connector = TlsConnector {
+        config: tls
+            .coordinator_client_config()
+            .map_err(|e| format!("TLS identity: {e}"))?,
+        server_name,
+    };
+    let endpoint = endpoint
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(RPC_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5));
     endpoint
-        .connect()
+        .connect_with_connector(connector)
         .await
         .map_err(|e| describe_transport_error(addr, &e))
+}
+
+/// TCP, then a TLS handshake with our client config, for tonic's channel (which reconnects
+/// through it as well).
+#[derive(Clone)]
+struct TlsConnector {
+    config: std::sync::Arc<rustls::ClientConfig>,
+    server_name: rustls::pki_types::ServerName<'static>,
+}
+
+type Connected = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+impl tower_service::Service<tonic::transport::Uri> for TlsConnector {
+    type Response = Connected;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Connected, std::io::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: tonic::transport::Uri) -> Self::Future {
+        let config = self.config.clone();
+        let name = self.server_name.clone();
+        Box::pin(async move {
+            let host = uri.host().unwrap_or_default();
+            let host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            let port = uri.port_u16().unwrap_or(80);
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await?;
+            Ok(hyper_util::rt::TokioIo::new(tls))
+        })
+    }
 }
 
 /// A leader-following client for the ClientService.

@@ -1,11 +1,10 @@
-//! Loading the PEM files that make up a node's identity, and turning them into tonic TLS configs.
+//! Loading the PEM files that make up a node's identity, and turning them into rustls configs.
 //!
 //! A TLS directory made by `droverctl certs init` holds `ca.pem` and, for each identity NAME,
 //! `NAME.pem` (certificate) and `NAME-key.pem` (private key).
 
 use std::path::{Path, PathBuf};
-
-use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+use std::sync::{Arc, OnceLock};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -40,11 +39,11 @@ impl TlsFiles {
     }
 
     pub fn load(&self) -> Result<TlsMaterial, TlsError> {
-        Ok(TlsMaterial {
-            ca_pem: read_pem("CA certificate", &self.ca)?,
-            cert_pem: read_pem("certificate", &self.cert)?,
-            key_pem: read_pem("private key", &self.key)?,
-        })
+        Ok(TlsMaterial::from_pem(
+            read_pem("CA certificate", &self.ca)?,
+            read_pem("certificate", &self.cert)?,
+            read_pem("private key", &self.key)?,
+        ))
     }
 }
 
@@ -69,6 +68,8 @@ pub struct TlsMaterial {
     pub ca_pem: Vec<u8>,
     pub cert_pem: Vec<u8>,
     pub key_pem: Vec<u8>,
+    /// Built on first use and shared by every connection made with this identity.
+    client: Arc<OnceLock<Result<Arc<rustls::ClientConfig>, String>>>,
 }
 
 impl std::fmt::Debug for TlsMaterial {
@@ -78,22 +79,22 @@ impl std::fmt::Debug for TlsMaterial {
 }
 
 impl TlsMaterial {
+    pub fn from_pem(ca_pem: Vec<u8>, cert_pem: Vec<u8>, key_pem: Vec<u8>) -> Self {
+        Self {
+            ca_pem,
+            cert_pem,
+            key_pem,
+            client: Arc::default(),
+        }
+    }
+
     /// Server side: present our certificate and require a client certificate signed by our CA;
     /// HTTP/2 only. A rustls config rather than tonic's, because the coordinator runs the
     /// handshakes itself (it bounds how many run at once).
-    pub fn server_config(&self) -> Result<std::sync::Arc<rustls::ServerConfig>, String> {
+    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, String> {
+        use rustls::pki_types::PrivateKeyDer;
         use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let certs = |pem: &[u8], what: &str| {
-            CertificateDer::pem_slice_iter(pem)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("{what}: {e}"))
-        };
-        let mut roots = rustls::RootCertStore::empty();
-        for ca in certs(&self.ca_pem, "CA certificate")? {
-            roots.add(ca).map_err(|e| format!("CA certificate: {e}"))?;
-        }
-        let verifier = rustls::server::WebPkiClientVerifier::builder(roots.into())
+        let verifier = rustls::server::WebPkiClientVerifier::builder(self.roots()?.into())
             .build()
             .map_err(|e| format!("client verifier: {e}"))?;
         let key = PrivateKeyDer::from_pem_slice(&self.key_pem)
@@ -103,15 +104,121 @@ impl TlsMaterial {
             .with_single_cert(certs(&self.cert_pem, "certificate")?, key)
             .map_err(|e| format!("certificate and key: {e}"))?;
         config.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(std::sync::Arc::new(config))
+        Ok(Arc::new(config))
     }
 
-    /// Client side: trust only our CA and present our certificate. The server name checked is the
-    /// host of the address dialled (coordinator certificates carry localhost and 127.0.0.1).
-    pub fn client_config(&self) -> ClientTlsConfig {
-        ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&self.ca_pem))
-            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
+    /// The role and name our own certificate carries.
+    pub fn own_identity(&self) -> Result<crate::identity::PeerIdentity, String> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let leaf = CertificateDer::pem_slice_iter(&self.cert_pem)
+            .next()
+            .ok_or("no certificate in the PEM")?
+            .map_err(|e| e.to_string())?;
+        crate::identity::identity_from_der(leaf.as_ref())
+    }
+
+    /// Client side: trust only our CA, present our certificate, and accept only a server whose
+    /// certificate names the host dialled and carries the coordinator role. The CA signs agents'
+    /// and clients' certificates too; without the role check, any of them (or a stolen one)
+    /// could stand in for a coordinator and collect agents' assignments or clients' specs.
+    pub fn coordinator_client_config(&self) -> Result<Arc<rustls::ClientConfig>, String> {
+        self.client
+            .get_or_init(|| self.build_client_config())
+            .clone()
+    }
+
+    fn build_client_config(&self) -> Result<Arc<rustls::ClientConfig>, String> {
+        use rustls::pki_types::PrivateKeyDer;
+        use rustls::pki_types::pem::PemObject;
+        let roots = self.roots()?;
+        let inner = rustls::client::WebPkiServerVerifier::builder(Arc::new(roots))
+            .build()
+            .map_err(|e| format!("server verifier: {e}"))?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem)
+            .map_err(|e| format!("private key: {e}"))?;
+        let mut config = rustls::ClientConfig::builder()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(CoordinatorOnly { inner }))
+            .with_client_auth_cert(certs(&self.cert_pem, "certificate")?, key)
+            .map_err(|e| format!("certificate and key: {e}"))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    fn roots(&self) -> Result<rustls::RootCertStore, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in certs(&self.ca_pem, "CA certificate")? {
+            roots.add(ca).map_err(|e| format!("CA certificate: {e}"))?;
+        }
+        Ok(roots)
+    }
+}
+
+fn certs(
+    pem: &[u8],
+    what: &str,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{what}: {e}"))
+}
+
+/// The standard chain and host-name checks, then the role: only a coordinator may serve.
+#[derive(Debug)]
+pub struct CoordinatorOnly {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for CoordinatorOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        let id = crate::identity::cached_identity(end_entity.as_ref())
+            .map_err(rustls::Error::General)?;
+        if id.role != crate::identity::Role::Coordinator {
+            return Err(rustls::Error::General(format!(
+                "the server's certificate '{}' has role '{}': only a coordinator may serve",
+                id.name, id.role
+            )));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 

@@ -132,7 +132,14 @@ impl Cluster {
             .tempdir()
             .unwrap();
         let tls_dir = dir.path().join("tls");
-        droverctl::certs::init(&tls_dir, opts.nodes as u32, &[], false).unwrap();
+        droverctl::certs::init(
+            &tls_dir,
+            opts.nodes as u32,
+            &[],
+            false,
+            droverctl::certs::VALID_FOR_DEFAULT,
+        )
+        .unwrap();
         let nodes = (1..=opts.nodes)
             .map(|id| NodeSpec {
                 id,
@@ -340,6 +347,7 @@ impl Cluster {
             .path()
             .join(format!("agent-{name}"));
         let log = std::fs::File::create(self.dir.path().join(format!("agent-{name}.log"))).unwrap();
+        self.agent_cert(name);
         let child = Command::new(bin("drover-agent"))
             .arg("--coordinator")
             .arg(self.addrs().join(","))
@@ -359,6 +367,20 @@ impl Cluster {
         let pid = child.id();
         self.agents.push((name.to_owned(), child));
         pid
+    }
+
+    /// Issues the certificate an agent called `name` registers with, unless it exists.
+    pub fn agent_cert(&self, name: &str) {
+        if !self.tls_dir.join(format!("{name}.pem")).exists() {
+            droverctl::certs::issue(
+                &self.tls_dir,
+                "agent",
+                name,
+                &[],
+                droverctl::certs::VALID_FOR_DEFAULT,
+            )
+            .unwrap();
+        }
     }
 
     pub async fn agent(&self, name: &str) -> Option<pb::GetAgentResponse> {
@@ -494,4 +516,86 @@ pub async fn wait_done(client: &ClusterClient, run_id: &str, deadline: Duration)
     droverctl::cli::wait_run(client, run_id, deadline)
         .await
         .expect("run finished")
+}
+
+/// An agent played by the test itself over the real protocol: it says exactly what the test
+/// wants, including what no real agent would (a smaller capacity while holding tasks, another
+/// agent's name).
+pub struct RawAgent {
+    pub tx: tokio::sync::mpsc::Sender<pb::AgentMessage>,
+    pub inbound: tonic::Streaming<pb::CoordinatorMessage>,
+}
+
+impl RawAgent {
+    /// Opens a session to `addr` with certificate `cert` (a name in the cluster's TLS dir) and
+    /// sends `register`; returns the session and the coordinator's first answer.
+    pub async fn connect(
+        tls_dir: &Path,
+        cert: &str,
+        addr: &str,
+        register: pb::Register,
+    ) -> Result<(RawAgent, pb::Registered), tonic::Status> {
+        use pb::agent_message::Msg as In;
+        use pb::coordinator_message::Msg as Out;
+        let tls = TlsFiles::in_dir(tls_dir, cert).load().unwrap();
+        let channel = drover_proto::client::connect(addr, &tls)
+            .await
+            .map_err(tonic::Status::unavailable)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tx.send(pb::AgentMessage {
+            msg: Some(In::Register(register)),
+        })
+        .await
+        .unwrap();
+        let mut inbound = pb::agent_service_client::AgentServiceClient::new(channel)
+            .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        match inbound.message().await? {
+            Some(pb::CoordinatorMessage {
+                msg: Some(Out::Registered(reg)),
+            }) => Ok((RawAgent { tx, inbound }, reg)),
+            other => panic!("expected Registered first, got {other:?}"),
+        }
+    }
+
+    /// The next assignment sent to this agent (other messages are skipped).
+    pub async fn next_assign(&mut self, deadline: Duration) -> pb::Assign {
+        use pb::coordinator_message::Msg as Out;
+        tokio::time::timeout(deadline, async {
+            loop {
+                match self.inbound.message().await {
+                    Ok(Some(pb::CoordinatorMessage {
+                        msg: Some(Out::Assign(a)),
+                    })) => return a,
+                    Ok(Some(_)) => continue,
+                    other => panic!("session ended before an assignment: {other:?}"),
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no assignment within {deadline:?}"))
+    }
+
+    pub async fn send(&self, msg: pb::agent_message::Msg) {
+        self.tx
+            .send(pb::AgentMessage { msg: Some(msg) })
+            .await
+            .expect("session open");
+    }
+
+    /// Reports `task`'s `attempt` finished with exit code 0.
+    pub async fn finish(&self, task_id: &str, attempt: u64) {
+        self.send(pb::agent_message::Msg::Finished(pb::TaskFinished {
+            task_id: task_id.to_owned(),
+            attempt,
+            outcome: Some(pb::TaskOutcome {
+                succeeded: true,
+                exit_code: Some(0),
+                ..Default::default()
+            }),
+            started_at_us: 0,
+        }))
+        .await;
+    }
 }

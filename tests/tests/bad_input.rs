@@ -5,7 +5,7 @@ use std::time::Duration;
 use drover_proto::client::{CallError, ClusterClient};
 use drover_proto::pb;
 use drover_proto::tls::TlsFiles;
-use drover_tests::{Cluster, ClusterOptions, submit_cmd};
+use drover_tests::{Cluster, ClusterOptions, RawAgent, submit_cmd};
 use tonic::Code;
 
 const TEST_DEADLINE: Duration = Duration::from_secs(150);
@@ -78,7 +78,8 @@ async fn every_bad_input_gets_a_clear_error() {
         assert!(e.to_string().contains("spec.tasks[0].command"), "{e}");
 
         // An agent certificate calling a client write: PERMISSION_DENIED naming the role.
-        let as_agent = cluster.client_as("agent", cluster.addrs());
+        cluster.agent_cert("w1");
+        let as_agent = cluster.client_as("w1", cluster.addrs());
         let e = droverctl::cli::submit(&as_agent, one_task("a", &["true"]))
             .await
             .unwrap_err();
@@ -93,7 +94,7 @@ async fn every_bad_input_gets_a_clear_error() {
 
         // A certificate from another CA: refused at the handshake; droverctl says so in one line.
         let other = cluster.path().join("other-ca");
-        droverctl::certs::init(&other, 1, &[], false).unwrap();
+        droverctl::certs::init(&other, 1, &[], false, droverctl::certs::VALID_FOR_DEFAULT).unwrap();
         let out = cluster
             .ctl()
             .env("DROVER_TLS_DIR", &other)
@@ -269,6 +270,121 @@ async fn clients_stalled_mid_handshake_delay_nobody() {
         )
         .await;
         drop(stalled);
+    })
+    .await
+    .expect("test deadline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_returning_smaller_than_it_holds_does_not_stop_the_cluster() {
+    // Guards: apply once asserted `used <= total` after placing a task that asks for nothing on
+    // an agent that had re-registered below what it held; every replica panicked on that entry,
+    // and again on replaying it at restart: the cluster was down for good.
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let cluster = Cluster::start(ClusterOptions::default()).await;
+        let client = cluster.client();
+        let leader = cluster.wait_leader(Duration::from_secs(10)).await;
+        let resources = |cpu_millis| {
+            Some(pb::Resources {
+                cpu_millis,
+                memory_bytes: 1 << 30,
+                ..Default::default()
+            })
+        };
+        let register = |cpu, running| pb::Register {
+            name: "shrinking".into(),
+            resources: resources(cpu),
+            class: "default".into(),
+            running,
+            ..Default::default()
+        };
+        cluster.agent_cert("shrinking");
+        let (mut first, _) = RawAgent::connect(
+            &cluster.tls_dir,
+            "shrinking",
+            &cluster.addr(leader),
+            register(2_000, vec![]),
+        )
+        .await
+        .unwrap();
+        let big = drover_tests::submit_task(
+            &client,
+            pb::TaskSpec {
+                resources: resources(1_500),
+                ..drover_tests::shell_task("true")
+            },
+        )
+        .await;
+        let assigned = first.next_assign(Duration::from_secs(10)).await;
+        assert!(assigned.task_id.starts_with(&big));
+        drop(first);
+
+        // Back with half the capacity, still holding the task.
+        let held = vec![pb::RunningTask {
+            task_id: assigned.task_id.clone(),
+            attempt: assigned.attempt,
+        }];
+        let (mut again, reg) = RawAgent::connect(
+            &cluster.tls_dir,
+            "shrinking",
+            &cluster.addr(leader),
+            register(1_000, held),
+        )
+        .await
+        .unwrap();
+        assert!(reg.stale.is_empty(), "{reg:?}");
+        let zero = drover_tests::submit_task(
+            &client,
+            pb::TaskSpec {
+                resources: Some(pb::Resources::default()),
+                ..drover_tests::shell_task("true")
+            },
+        )
+        .await;
+        // The scheduler has looked at it and left it pending with a reason.
+        let waiting = drover_tests::wait_for(
+            "the zero task to be examined",
+            Duration::from_secs(10),
+            || async {
+                let run = droverctl::cli::get_run(&client, &zero).await.ok()?;
+                let t = &run.tasks[0];
+                (t.state == pb::TaskState::Pending as i32
+                    && !t.pending_reason.contains("waiting for the scheduler"))
+                .then(|| t.pending_reason.clone())
+            },
+        )
+        .await;
+        eprintln!("zero task pending: {waiting}");
+        // Every node still serves, at the same applied index or beyond.
+        for i in 0..3 {
+            assert!(
+                cluster.status_of(i).await.is_some(),
+                "node {i} stopped answering"
+            );
+        }
+        // When the big task ends, the zero task is placed on the agent.
+        again.finish(&assigned.task_id, assigned.attempt).await;
+        let next = again.next_assign(Duration::from_secs(10)).await;
+        assert!(next.task_id.starts_with(&zero), "{next:?}");
+        let applied: Vec<u64> = {
+            let mut v = Vec::new();
+            for i in 0..3 {
+                let s = drover_tests::wait_for("node status", Duration::from_secs(5), || {
+                    cluster.status_of(i)
+                })
+                .await;
+                v.push(s.applied_index);
+            }
+            v
+        };
+        assert!(applied.iter().all(|a| *a > 0), "{applied:?}");
+        for i in 0..3 {
+            assert_eq!(
+                cluster.metric(i, "drover_apply_panics_total"),
+                Some(0.0),
+                "node {i}"
+            );
+        }
     })
     .await
     .expect("test deadline");

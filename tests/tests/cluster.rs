@@ -406,7 +406,8 @@ async fn only_the_leader_answers_a_probe_as_leader_and_only_to_coordinators() {
             assert_eq!(reply.leading, i == leader, "node {i}");
             assert_eq!(reply.term, term, "node {i}");
         }
-        for cert in ["admin", "agent"] {
+        cluster.agent_cert("probe-agent");
+        for cert in ["admin", "probe-agent"] {
             let e = probe(cert, leader).await.expect_err("only coordinators");
             assert_eq!(e.code(), tonic::Code::PermissionDenied, "{cert}");
         }

@@ -161,7 +161,7 @@ async fn a_killed_agents_task_reruns_elsewhere_and_its_late_result_is_refused() 
         let stale_before = cluster
             .metric(leader, "drover_stale_reports")
             .unwrap_or(0.0);
-        let tls = drover_proto::tls::TlsFiles::in_dir(&cluster.tls_dir, "agent")
+        let tls = drover_proto::tls::TlsFiles::in_dir(&cluster.tls_dir, "doomed")
             .load()
             .unwrap();
         let channel = drover_proto::client::connect(&cluster.addr(leader), &tls)

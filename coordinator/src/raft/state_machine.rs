@@ -361,17 +361,41 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     term = entry.log_id.leader_id.term
                 );
                 let _guard = span.enter();
-                data.last_applied = Some(entry.log_id);
                 let response = match entry.payload {
                     EntryPayload::Blank => Response::default(),
                     EntryPayload::Normal(req) => {
-                        data.state.apply(entry.log_id.leader_id.term, &req)
+                        let term = entry.log_id.leader_id.term;
+                        let state = &mut data.state;
+                        // Every replica applies the same entry, so a panic here would be a panic
+                        // on all of them, again at every restart. Caught, it becomes a storage
+                        // error: openraft stops this node's Raft and the node shuts itself down
+                        // (see `node::watch_raft`) instead of serving with a dead state machine.
+                        let applied =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                state.apply(term, &req)
+                            }));
+                        match applied {
+                            Ok(r) => r,
+                            Err(_) => {
+                                tracing::error!(
+                                    index = entry.log_id.index,
+                                    "applying this entry panicked; stopping this node"
+                                );
+                                self.metrics.apply_panics.inc();
+                                return Err(std::io::Error::other(format!(
+                                    "applying log entry {} panicked (see the panic message above); \
+                                     the state machine stopped before it",
+                                    entry.log_id.index
+                                )));
+                            }
+                        }
                     }
                     EntryPayload::Membership(m) => {
                         data.last_membership = StoredMembership::new(Some(entry.log_id), m);
                         Response::default()
                     }
                 };
+                data.last_applied = Some(entry.log_id);
                 responses.push((responder, response));
             }
         }
