@@ -72,6 +72,11 @@ pub struct Config {
     /// Task logs older than this many hours are deleted.
     #[arg(long, env = "DROVER_LOG_RETENTION_HOURS", default_value_t = 72)]
     pub log_retention_hours: u64,
+
+    /// Run tasks as this user (name or uid) instead of the agent's, so they cannot read the
+    /// agent's key; the agent must run as root and its key must be unreadable to that user.
+    #[arg(long, env = "DROVER_TASK_USER")]
+    pub task_user: Option<String>,
 }
 
 /// Environment variables a config file may set.
@@ -87,6 +92,7 @@ pub const ENV_VARS: &[&str] = &[
     "DROVER_WORK_DIR",
     "DROVER_CGROUP_ROOT",
     "DROVER_LOG_RETENTION_HOURS",
+    "DROVER_TASK_USER",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -213,4 +219,57 @@ fn host_memory_bytes() -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map(|kb| kb * 1024)
         .unwrap_or(1 << 30)
+}
+
+#[cfg(test)]
+mod cert_name_tests {
+    use clap::Parser;
+    use drover_proto::identity::{PeerIdentity, Role};
+
+    use super::Config;
+
+    fn config(args: &[&str]) -> Config {
+        let mut argv = vec!["drover-agent", "--coordinator", "x:1", "--tls-dir", "/t"];
+        argv.extend_from_slice(args);
+        Config::try_parse_from(argv).unwrap()
+    }
+
+    fn cert(name: &str, role: Role) -> PeerIdentity {
+        PeerIdentity {
+            name: name.into(),
+            role,
+        }
+    }
+
+    #[test]
+    fn the_agent_takes_its_certificates_name_and_refuses_another() {
+        // The file follows the name, and a certificate file named otherwise gives its name.
+        let c = config(&["--name", "worker-1"]);
+        assert_eq!(c.cert_name(), "worker-1");
+        assert_eq!(
+            c.name_from_certificate(&cert("worker-1", Role::Agent))
+                .unwrap(),
+            "worker-1"
+        );
+        let c = config(&["--tls-name", "w1-cert"]);
+        assert_eq!(c.cert_name(), "w1-cert");
+        assert_eq!(
+            c.name_from_certificate(&cert("worker-1", Role::Agent))
+                .unwrap(),
+            "worker-1"
+        );
+        // A name the certificate does not carry, or a certificate of another role: refused.
+        let c = config(&["--name", "worker-2", "--tls-name", "w1-cert"]);
+        let e = c
+            .name_from_certificate(&cert("worker-1", Role::Agent))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("issued to agent 'worker-1'"), "{e}");
+        assert!(e.contains("--name worker-1"), "{e}");
+        let e = config(&["--name", "admin"])
+            .name_from_certificate(&cert("admin", Role::Admin))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("role 'admin', not agent"), "{e}");
+    }
 }

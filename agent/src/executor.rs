@@ -19,6 +19,7 @@ use crate::cgroup::{Cgroups, TaskCgroup};
 use crate::limits;
 use crate::program::{self, ProgramPaths};
 use crate::spawn::{self, Launch, Spawned};
+use crate::task_user::TaskUser;
 use crate::tasks::TaskTable;
 
 /// Programs found on PATH, shared by every task (see `program`).
@@ -93,10 +94,18 @@ fn failed(reason: String) -> pb::TaskOutcome {
 }
 
 /// Runs the assignment to completion and records the result in the table.
+/// How tasks are confined: each in a cgroup of its own with its limits where cgroup v2 allows,
+/// and as another user than the agent's where `--task-user` says.
+#[derive(Debug, Default)]
+pub struct Sandbox {
+    pub cgroups: Option<Cgroups>,
+    pub user: Option<TaskUser>,
+}
+
 pub async fn execute(
     work_dir: PathBuf,
     table: Arc<TaskTable>,
-    cgroups: Option<Arc<Cgroups>>,
+    sandbox: Arc<Sandbox>,
     assign: pb::Assign,
 ) {
     let task_id = assign.task_id.clone();
@@ -117,7 +126,7 @@ pub async fn execute(
     let (outcome, started_at_us) = match noop {
         Some(ms) => run_noop(&table, &assign, ms).await,
         None => {
-            let outcome = run_process(&work_dir, &table, cgroups, assign).await;
+            let outcome = run_process(&work_dir, &table, sandbox, assign).await;
             (outcome, table.started_at_us(&task_id, attempt))
         }
     };
@@ -232,11 +241,7 @@ struct Running {
 /// Creates the attempt's log files and working directory and starts its process. All of it is
 /// blocking file work, done in one blocking-pool hop per task rather than one per file operation.
 /// The child writes straight to its log files: no pipes, no copying tasks in the agent.
-fn start(
-    work_dir: &Path,
-    cgroups: Option<&Cgroups>,
-    assign: &pb::Assign,
-) -> Result<Running, String> {
+fn start(work_dir: &Path, sandbox: &Sandbox, assign: &pb::Assign) -> Result<Running, String> {
     let spec = assign
         .spec
         .as_ref()
@@ -248,6 +253,10 @@ fn start(
         let dir = attempt_path(work_dir, &assign.task_id, assign.attempt, "work");
         std::fs::create_dir_all(&dir)
             .map_err(|e| format!("creating log dir and working dir {}: {e}", dir.display()))?;
+        if let Some(u) = &sandbox.user {
+            std::os::unix::fs::chown(&dir, Some(u.uid), Some(u.gid))
+                .map_err(|e| format!("handing working dir {} to {}: {e}", dir.display(), u.name))?;
+        }
         dir
     } else {
         if let Some(dir) = stdout_path.parent() {
@@ -274,7 +283,9 @@ fn start(
     } else {
         ("sh", vec!["-c", &spec.shell])
     };
-    let cgroup = cgroups
+    let cgroup = sandbox
+        .cgroups
+        .as_ref()
         .map(|c| c.create(&assign.task_id, assign.attempt, spec.resources.as_ref()))
         .transpose()
         .map_err(|e| format!("cgroup: {e}"))?;
@@ -306,6 +317,10 @@ fn start(
             .stderr(for_child(&stderr_path)?)
             .process_group(0)
             .kill_on_drop(true);
+        if let Some(u) = &sandbox.user {
+            // The standard library also drops supplementary groups when root switches users.
+            cmd.uid(u.uid).gid(u.gid);
+        }
         if let Some(cg) = &cgroup {
             let join = cg.join_in_child();
             // SAFETY: the closure only calls write(2), which is async-signal-safe.
@@ -316,7 +331,8 @@ fn start(
         Ok(cmd)
     };
     let failed = |e: std::io::Error| format!("spawn: {program}: {e} (cwd {})", cwd.display());
-    if let Some(exe) = found.as_deref().filter(|_| cgroup.is_none()) {
+    let lean = cgroup.is_none() && sandbox.user.is_none();
+    if let Some(exe) = found.as_deref().filter(|_| lean) {
         // A copy of one descriptor kept open: no path to look up per task.
         static DEV_NULL: LazyLock<std::io::Result<std::fs::File>> =
             LazyLock::new(|| std::fs::File::open("/dev/null"));
@@ -383,13 +399,13 @@ fn tail_of(path: &Path) -> Vec<u8> {
 async fn run_process(
     work_dir: &Path,
     table: &TaskTable,
-    cgroups: Option<Arc<Cgroups>>,
+    sandbox: Arc<Sandbox>,
     assign: pb::Assign,
 ) -> pb::TaskOutcome {
     let started = Instant::now();
     let work = work_dir.to_owned();
     let (assign, running) = match tokio::task::spawn_blocking(move || {
-        let running = start(&work, cgroups.as_deref(), &assign);
+        let running = start(&work, &sandbox, &assign);
         (assign, running)
     })
     .await
@@ -602,7 +618,7 @@ mod tests {
         let table = TaskTable::default();
         let a = assign(&["sh", "-c", "echo out; echo err >&2; exit 3"]);
         table.claim(&a.task_id, 1, &a.run_id).unwrap();
-        let outcome = run_process(dir.path(), &table, None, a).await;
+        let outcome = run_process(dir.path(), &table, Default::default(), a).await;
         assert_eq!(outcome.exit_code, Some(3));
         assert_eq!(outcome.stdout_tail, b"out\n");
         assert_eq!(outcome.stderr_tail, b"err\n");
@@ -624,7 +640,7 @@ mod tests {
             spec.env.insert("X".into(), "x".into());
             spec.env.insert("DROVER_ATTEMPT".into(), "99".into());
             table.claim(&a.task_id, a.attempt, &a.run_id).unwrap();
-            let outcome = run_process(dir.path(), &table, None, a).await;
+            let outcome = run_process(dir.path(), &table, Default::default(), a).await;
             let want = format!("r1 r1/main {} x\n", i + 1);
             assert_eq!(String::from_utf8_lossy(&outcome.stdout_tail), want, "{sh}");
         }
@@ -639,7 +655,7 @@ mod tests {
         let table = TaskTable::default();
         let a = assign(&["true"]);
         table.claim(&a.task_id, 1, &a.run_id).unwrap();
-        let outcome = run_process(&not_a_dir, &table, None, a).await;
+        let outcome = run_process(&not_a_dir, &table, Default::default(), a).await;
         assert!(!outcome.succeeded);
         assert!(
             outcome.reason.starts_with("creating log dir"),
@@ -656,7 +672,7 @@ mod tests {
         let table = TaskTable::default();
         let a = assign(&["sh", "-c", "pwd; touch made-here"]);
         table.claim(&a.task_id, 1, &a.run_id).unwrap();
-        let outcome = run_process(dir.path(), &table, None, a).await;
+        let outcome = run_process(dir.path(), &table, Default::default(), a).await;
         assert!(outcome.succeeded, "{}", outcome.reason);
         let run_dir = dir.path().join("logs").join("r1");
         let mut entries: Vec<String> = std::fs::read_dir(&run_dir)
@@ -695,7 +711,7 @@ mod tests {
         let table = TaskTable::default();
         let a = assign(&["sh", "-c", "tr '\\0' ' ' < /proc/$$/cmdline"]);
         table.claim(&a.task_id, 1, &a.run_id).unwrap();
-        let outcome = run_process(dir.path(), &table, None, a).await;
+        let outcome = run_process(dir.path(), &table, Default::default(), a).await;
         assert!(outcome.succeeded, "{}", outcome.reason);
         let cmdline = String::from_utf8_lossy(&outcome.stdout_tail).into_owned();
         assert!(cmdline.starts_with("sh -c "), "{cmdline:?}");
@@ -722,7 +738,7 @@ mod tests {
             let mut a = assign_with_path(&["drover-test-tool", "x"], &path_var);
             a.attempt = attempt;
             table.claim(&a.task_id, attempt, &a.run_id).unwrap();
-            run_process(dir.path(), &table, None, a)
+            run_process(dir.path(), &table, Default::default(), a)
         };
         let outcome = run(1).await;
         assert!(outcome.succeeded, "{}", outcome.reason);

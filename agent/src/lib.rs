@@ -17,6 +17,7 @@ pub mod memory;
 pub mod program;
 pub mod session;
 pub mod spawn;
+pub mod task_user;
 pub mod tasks;
 
 pub use config::Config;
@@ -29,6 +30,8 @@ pub enum StartError {
     Config(#[from] config::ConfigError),
     #[error(transparent)]
     Tls(#[from] drover_proto::tls::TlsError),
+    #[error(transparent)]
+    TaskUser(#[from] task_user::TaskUserError),
     #[error("reading the agent's certificate: {0}")]
     Certificate(String),
     #[error("creating the work dir {path}: {source}")]
@@ -68,13 +71,25 @@ pub async fn start(config: Config) -> Result<AgentHandle, StartError> {
     let tls = TlsFiles::in_dir(&config.tls_dir, &config.cert_name()).load()?;
     let cert = tls.own_identity().map_err(StartError::Certificate)?;
     let name = config.name_from_certificate(&cert)?;
+    let task_user = match &config.task_user {
+        None => None,
+        Some(spec) => {
+            let user = task_user::resolve(spec)?;
+            // SAFETY: geteuid(2) has no preconditions.
+            let uid = unsafe { libc::geteuid() };
+            let key = TlsFiles::in_dir(&config.tls_dir, &config.cert_name()).key;
+            task_user::check(&user, uid, &key)?;
+            tracing::info!(user = %user.name, uid = user.uid, gid = user.gid, "tasks run as another user");
+            Some(user)
+        }
+    };
     let cgroups = match cgroup::detect(config.cgroup_root.as_deref()) {
         Ok(c) => {
             tracing::info!(
                 ?c,
                 "cgroup v2 available: each task runs in its own cgroup with cpu.max and memory.max"
             );
-            Some(Arc::new(c))
+            Some(c)
         }
         Err(why) => {
             tracing::warn!(
@@ -109,7 +124,10 @@ pub async fn start(config: Config) -> Result<AgentHandle, StartError> {
         tls,
         identity,
         work_dir: work_dir.clone(),
-        cgroups,
+        sandbox: Arc::new(executor::Sandbox {
+            cgroups,
+            user: task_user,
+        }),
     });
     tracing::info!(agent = %name, work_dir = %work_dir.display(), "agent starting");
     let session = tokio::spawn(session::run(cfg, table.clone(), shutdown_rx.clone()));

@@ -34,7 +34,7 @@ pub struct SessionConfig {
     pub tls: TlsMaterial,
     pub identity: Identity,
     pub work_dir: PathBuf,
-    pub cgroups: Option<Arc<crate::cgroup::Cgroups>>,
+    pub sandbox: Arc<crate::executor::Sandbox>,
 }
 
 enum End {
@@ -166,7 +166,7 @@ async fn session(
                     }
                     Some(Msg::Assign(a)) => {
                         tracing::debug!(task = %a.task_id, attempt = a.attempt, "assigned");
-                        tokio::spawn(executor::execute(cfg.work_dir.clone(), table.clone(), cfg.cgroups.clone(), a));
+                        tokio::spawn(executor::execute(cfg.work_dir.clone(), table.clone(), cfg.sandbox.clone(), a));
                     }
                     Some(Msg::Cancel(c)) => table.stop(&c.task_id, c.attempt, &format!("cancelled: {}", c.reason)),
                     Some(Msg::Ack(a)) => table.ack(&a.task_id, a.attempt),

@@ -65,7 +65,7 @@ impl Agent {
                 rt.block_on(executor::execute(
                     dir.path().to_owned(),
                     table.clone(),
-                    None,
+                    Default::default(),
                     assign,
                 ));
                 assert_eq!(table.is_finished(&task_id, 1), Some(true));

@@ -121,6 +121,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<i32> {
             cgroup_root: None,
             work_dir: dir.join(format!("agent-{n}")),
             log_retention_hours: 72,
+            task_user: None,
         };
         agents.push(
             drover_agent::start(config)

@@ -226,3 +226,71 @@ impl rustls::client::danger::ServerCertVerifier for CoordinatorOnly {
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+        IsCa, KeyPair,
+    };
+
+    use super::*;
+
+    fn member(ca: &CertifiedIssuer<'_, KeyPair>, role: &str, name: &str) -> TlsMaterial {
+        // Both carry what a server needs (host names, serverAuth): only the role differs.
+        let mut p = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.distinguished_name
+            .push(DnType::OrganizationalUnitName, role);
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, ca).unwrap();
+        TlsMaterial::from_pem(
+            ca.pem().into_bytes(),
+            cert.pem().into_bytes(),
+            key.serialize_pem().into_bytes(),
+        )
+    }
+
+    /// Handshakes a client holding `client` with a server presenting `server`.
+    async fn handshake(server: &TlsMaterial, client: &TlsMaterial) -> Result<(), String> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(server.server_config().unwrap());
+        let serve = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let _ = acceptor.accept(tcp).await;
+        });
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let result = tokio_rustls::TlsConnector::from(client.coordinator_client_config()?)
+            .connect(name, tcp)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), serve).await;
+        result
+    }
+
+    #[tokio::test]
+    async fn clients_accept_only_a_server_whose_certificate_is_a_coordinators() {
+        crate::tls::install_crypto_provider();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap();
+        let client = member(&ca, "admin", "admin");
+        handshake(&member(&ca, "coordinator", "coordinator-1"), &client)
+            .await
+            .unwrap();
+        let e = handshake(&member(&ca, "agent", "worker-1"), &client)
+            .await
+            .unwrap_err();
+        assert!(
+            e.contains("'worker-1' has role 'agent': only a coordinator may serve"),
+            "{e}"
+        );
+    }
+}

@@ -389,3 +389,65 @@ async fn an_agent_returning_smaller_than_it_holds_does_not_stop_the_cluster() {
     .await
     .expect("test deadline");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_certificate_registers_only_under_its_own_name() {
+    // Guards: with one shared agent certificate, any holder could register as any agent, take its
+    // assignments (environment and all), forge its results and requeue its work.
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let mut cluster = Cluster::start(ClusterOptions::default()).await;
+        cluster.add_agent("victim", &[]).await;
+        cluster.agent_cert("intruder");
+        let leader = cluster.wait_leader(Duration::from_secs(10)).await;
+        let register = |name: &str| pb::Register {
+            name: name.into(),
+            ..Default::default()
+        };
+        let e = RawAgent::connect(
+            &cluster.tls_dir,
+            "intruder",
+            &cluster.addr(leader),
+            register("victim"),
+        )
+        .await
+        .err()
+        .expect("refused");
+        assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+        assert!(
+            e.message()
+                .contains("certificate 'intruder' may register only as agent 'intruder'"),
+            "{e}"
+        );
+        // The victim kept its session and still runs work.
+        cluster
+            .wait_agent_connected("victim", Duration::from_secs(5))
+            .await;
+        let run = submit_cmd(&cluster.client(), &["true"]).await;
+        let done = drover_tests::wait_done(&cluster.client(), &run, Duration::from_secs(30)).await;
+        assert_eq!(done.tasks[0].agent, "victim");
+        // An admin certificate is no agent at all.
+        let e = RawAgent::connect(
+            &cluster.tls_dir,
+            "admin",
+            &cluster.addr(leader),
+            register("admin"),
+        )
+        .await
+        .err()
+        .expect("refused");
+        assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+        // An agent started under a name its certificate does not carry refuses to start, saying
+        // which name the certificate has.
+        let out = std::process::Command::new(drover_tests::bin("drover-agent"))
+            .args(["--coordinator", &cluster.addr(leader), "--tls-dir"])
+            .arg(&cluster.tls_dir)
+            .args(["--name", "someone-else", "--tls-name", "intruder"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains("issued to agent 'intruder'"), "{err}");
+    })
+    .await
+    .expect("test deadline");
+}

@@ -467,3 +467,62 @@ async fn a_task_over_its_memory_limit_fails_with_oom_where_cgroups_v2_exist() {
     .await
     .expect("test deadline");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_run_as_the_task_user_and_cannot_read_the_agents_key() {
+    // Guards: a task running as the agent's user could read the agent's key and register as it
+    // from anywhere; with --task-user it runs as another user that cannot.
+    // SAFETY: geteuid(2) has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    if uid != 0 {
+        eprintln!(
+            "skipped: --task-user needs the agent to run as root; this test runs as uid {uid}"
+        );
+        return;
+    }
+    tokio::time::timeout(TEST_DEADLINE, async {
+        use std::os::unix::fs::PermissionsExt;
+        let mut cluster = Cluster::start(ClusterOptions::default()).await;
+        // The task user must reach its working directory inside the test's (0700) temp dir.
+        std::fs::set_permissions(cluster.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        let nobody = drover_agent::task_user::resolve("nobody").unwrap();
+        cluster
+            .add_agent("confined", &["--task-user", "nobody"])
+            .await;
+        let key = cluster.tls_dir.join("confined-key.pem");
+        let client = cluster.client();
+        let run = submit_task(
+            &client,
+            shell_task(&format!(
+                "id -u; touch here && echo wrote; cat {}",
+                key.display()
+            )),
+        )
+        .await;
+        let done = wait_done(&client, &run, Duration::from_secs(30)).await;
+        let out = done.tasks[0].outcome.clone().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout_tail);
+        let stderr = String::from_utf8_lossy(&out.stderr_tail);
+        assert_eq!(stdout, format!("{}\nwrote\n", nobody.uid), "{stderr}");
+        assert!(stderr.contains("Permission denied"), "{stderr}");
+        assert!(!out.succeeded);
+
+        // An agent whose key the task user could read refuses to start, naming the fix.
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let out = std::process::Command::new(drover_tests::bin("drover-agent"))
+            .args(["--coordinator", &cluster.addr(0), "--tls-dir"])
+            .arg(&cluster.tls_dir)
+            .args(["--name", "confined", "--task-user", "nobody", "--work-dir"])
+            .arg(cluster.path().join("w2"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(
+            err.contains("readable by everyone") && err.contains("chmod 600"),
+            "{err}"
+        );
+    })
+    .await
+    .expect("test deadline");
+}
