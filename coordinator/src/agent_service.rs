@@ -5,14 +5,15 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use crate::sessions::SessionOut;
 use drover_proto::identity::{Role, require_role};
 use drover_proto::pb::agent_message::Msg as In;
 use drover_proto::pb::agent_service_server::AgentService;
 use drover_proto::pb::coordinator_message::Msg as Out;
 use drover_proto::pb::{self, AgentMessage, CoordinatorMessage};
+use openraft::async_runtime::WatchReceiver;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
@@ -146,7 +147,7 @@ impl AgentRpc {
         req: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<SessionStream>, Status> {
         let cert = require_role(&req, "an agent session", &[Role::Agent])?;
-        self.ctx.require_leader()?;
+        self.ctx.require_leader_in_contact()?;
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(limits::REGISTER_WAIT, inbound.message())
             .await
@@ -194,10 +195,16 @@ impl AgentRpc {
         };
         // A reconnect that changes nothing (the common case after a leader failover) is answered
         // from applied state, so a fleet reconnecting at once does not become a storm of writes.
-        let unchanged = self
-            .ctx
-            .shared
-            .read(|a| a.state.unchanged_registration(&cmd));
+        // Only once this leader has applied an entry of its own term: before that, its applied
+        // state may lack assignments its predecessor committed, and the answer would not re-send
+        // them (the agent would never hear of them).
+        let term = self.ctx.raft.metrics().borrow_watched().current_term;
+        let unchanged = self.ctx.shared.read(|a| {
+            a.last_applied
+                .is_some_and(|l| l.leader_id.term == term)
+                .then(|| a.state.unchanged_registration(&cmd))
+                .flatten()
+        });
         let result = match unchanged {
             Some(r) => r,
             None => self.ctx.proposer.propose(cmd).await?,
@@ -213,7 +220,7 @@ impl AgentRpc {
             )));
         };
         let (tx, rx) = mpsc::channel(limits::SESSION_OUTBOX_MAX);
-        let session_id = self.ctx.sessions.open(&name, tx.clone())?;
+        let (session_id, end) = self.ctx.sessions.open(&name, tx.clone())?;
         drop(registering);
         tracing::info!(agent = %name, stale = stale.len(), resend = resend.len(), requeued = requeued.len(), "agent registered");
         let registered = CoordinatorMessage {
@@ -244,12 +251,16 @@ impl AgentRpc {
         crate::leader::dispatch(&self.ctx.shared, &self.ctx.sessions, &resend);
 
         let ctx = self.ctx.clone();
+        let ending = end.clone();
         tokio::spawn(async move {
-            read_session(ctx.clone(), name.clone(), inbound, tx).await;
+            tokio::select! {
+                _ = read_session(ctx.clone(), name.clone(), inbound, tx) => {}
+                _ = ending.ended() => {}
+            }
             ctx.sessions.close(&name, session_id);
             tracing::info!(agent = %name, "agent session ended");
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(SessionOut::new(rx, end))))
     }
 }
 

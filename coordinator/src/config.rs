@@ -63,6 +63,11 @@ pub struct Config {
     #[arg(long, env = "DROVER_LEASE_TTL_MS", default_value_t = 4000)]
     pub lease_ttl_ms: u64,
 
+    /// A task assigned and not reported started for this long is re-queued as a new attempt
+    /// (it is re-sent to its agent before that, every sixth of it, at most every 5 s).
+    #[arg(long, env = "DROVER_START_TIMEOUT_MS", default_value_t = 30_000)]
+    pub start_timeout_ms: u64,
+
     /// Raft leader heartbeat interval.
     #[arg(long, env = "DROVER_RAFT_HEARTBEAT_MS", default_value_t = 50)]
     pub raft_heartbeat_ms: u64,
@@ -93,6 +98,7 @@ pub const ENV_VARS: &[&str] = &[
     "DROVER_TLS_NAME",
     "DROVER_HEARTBEAT_INTERVAL_MS",
     "DROVER_LEASE_TTL_MS",
+    "DROVER_START_TIMEOUT_MS",
     "DROVER_RAFT_HEARTBEAT_MS",
     "DROVER_ELECTION_TIMEOUT_MS",
     "DROVER_ELECTION_TIMEOUT_MAX_MS",
@@ -177,5 +183,9 @@ impl Config {
 
     pub fn lease_ttl(&self) -> Duration {
         Duration::from_millis(self.lease_ttl_ms)
+    }
+
+    pub fn start_timeout(&self) -> Duration {
+        Duration::from_millis(self.start_timeout_ms)
     }
 }

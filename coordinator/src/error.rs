@@ -23,6 +23,9 @@ pub enum CoordinatorError {
     Unknown(String),
     #[error("coordinator is shutting down")]
     ShuttingDown,
+    /// Answerable elsewhere or later, for the reason given.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -65,7 +68,8 @@ impl From<CoordinatorError> for Status {
             },
             CoordinatorError::NoLeader
             | CoordinatorError::ShuttingDown
-            | CoordinatorError::Unknown(_) => Status::unavailable(text),
+            | CoordinatorError::Unknown(_)
+            | CoordinatorError::Unavailable(_) => Status::unavailable(text),
             CoordinatorError::LimitReached { .. } => Status::resource_exhausted(text),
             CoordinatorError::NotFound(_) => Status::not_found(text),
             CoordinatorError::InvalidArgument { .. } => Status::invalid_argument(text),

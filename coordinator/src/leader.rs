@@ -46,6 +46,20 @@ pub async fn run(ctx: Arc<Ctx>, mut shutdown: tokio::sync::watch::Receiver<bool>
             }
             continue;
         }
+        // Cut off from a quorum (partitioned, or the others frozen), this node still believes it
+        // leads, but nothing it proposes commits, and a leader elected on the other side grants
+        // the agents one lease before declaring them lost. Ending the sessions well within that
+        // lease sends the agents looking for the new leader; while cut off it refuses new ones.
+        if let Some(silent) = ctx.quorum_silence(&m) {
+            if led_term.take().is_some() {
+                close_agent_sessions(
+                    &ctx,
+                    m.current_term,
+                    &format!("no quorum has answered for {} ms", silent.as_millis()),
+                );
+            }
+            continue;
+        }
         if led_term != Some(m.current_term) {
             if led_term.is_some() {
                 // Deposed and elected again between two looks at the metrics, so the step-down
@@ -75,6 +89,7 @@ pub async fn run(ctx: Arc<Ctx>, mut shutdown: tokio::sync::watch::Receiver<bool>
             last_housekeeping = tokio::time::Instant::now();
             expire_leases(&ctx, took_office).await;
             enforce_drain_deadlines(&ctx).await;
+            sweep_stranded(&ctx).await;
         }
         schedule_round(&ctx, m.current_term).await;
     }
@@ -182,33 +197,78 @@ async fn enforce_drain_deadlines(ctx: &Ctx) {
     });
     for (agent, tasks) in due {
         let reason = format!("drain deadline of agent {agent} passed");
-        let result = ctx
-            .proposer
-            .propose(Command::RequeueTasks {
-                agent: agent.clone(),
-                tasks: tasks.clone(),
-                reason: reason.clone(),
-            })
-            .await;
-        match result {
-            Ok(CommandResult::Requeued { requeued }) => {
-                tracing::info!(%agent, requeued = requeued.len(), "drain deadline passed; tasks re-queued");
-                for h in tasks.iter().filter(|h| requeued.contains(&h.task_id)) {
-                    let _ = ctx.sessions.send(
-                        &agent,
-                        pb::CoordinatorMessage {
-                            msg: Some(Msg::Cancel(pb::Cancel {
-                                task_id: h.task_id.clone(),
-                                attempt: h.attempt,
-                                reason: reason.clone(),
-                            })),
-                        },
-                    );
-                }
+        requeue_and_stop(ctx, agent, tasks, reason).await;
+    }
+}
+
+/// Re-queues `tasks` of `agent` as new attempts (committed first), then tells the agent to stop
+/// the old ones; their reports arrive stale and are refused, so nothing runs twice as one attempt.
+async fn requeue_and_stop(ctx: &Ctx, agent: String, tasks: Vec<HeldTask>, reason: String) {
+    let result = ctx
+        .proposer
+        .propose(Command::RequeueTasks {
+            agent: agent.clone(),
+            tasks: tasks.clone(),
+            reason: reason.clone(),
+        })
+        .await;
+    match result {
+        Ok(CommandResult::Requeued { requeued }) => {
+            tracing::info!(%agent, requeued = requeued.len(), %reason, "tasks re-queued");
+            for h in tasks.iter().filter(|h| requeued.contains(&h.task_id)) {
+                let _ = ctx.sessions.send(
+                    &agent,
+                    pb::CoordinatorMessage {
+                        msg: Some(Msg::Cancel(pb::Cancel {
+                            task_id: h.task_id.clone(),
+                            attempt: h.attempt,
+                            reason: reason.clone(),
+                        })),
+                    },
+                );
             }
-            Ok(other) => tracing::warn!(?other, "unexpected result for requeue_tasks"),
-            Err(e) => tracing::warn!(error = %e, "could not commit drain re-queue"),
         }
+        Ok(other) => tracing::warn!(?other, "unexpected result for requeue_tasks"),
+        Err(e) => tracing::warn!(error = %e, %reason, "could not commit a re-queue"),
+    }
+}
+
+/// Re-sends assignments no agent has received and re-queues those never started in time; see
+/// `stranded`.
+async fn sweep_stranded(ctx: &Ctx) {
+    let now_us = crate::proposer::now_ms() * 1000;
+    let policy = ctx.timing.stranded;
+    let found = ctx.shared.read(|a| {
+        let s = &a.state;
+        ctx.sessions.retain_sent(|t| s.assigned.contains(t));
+        if s.assigned.is_empty() {
+            return Default::default();
+        }
+        crate::stranded::stranded(
+            s,
+            now_us,
+            &policy,
+            |agent| ctx.sessions.is_connected(agent),
+            |task, attempt| ctx.sessions.sent_ago(task, attempt),
+        )
+    });
+    if !found.resend.is_empty() {
+        tracing::info!(
+            tasks = found.resend.len(),
+            "re-sending assignments not yet started"
+        );
+        ctx.metrics
+            .assignments_resent
+            .inc_by(found.resend.len() as u64);
+        dispatch(&ctx.shared, &ctx.sessions, &found.resend);
+    }
+    for (agent, tasks) in found.requeue {
+        ctx.metrics.assignments_expired.inc_by(tasks.len() as u64);
+        let reason = format!(
+            "assigned to agent {agent} and not started within {} ms",
+            policy.start_timeout.as_millis()
+        );
+        requeue_and_stop(ctx, agent, tasks, reason).await;
     }
 }
 
@@ -341,10 +401,13 @@ pub fn dispatch(shared: &Shared, sessions: &Sessions, assignments: &[Assignment]
                     })),
                 })
         });
-        if let Some(msg) = msg
-            && let Err(e) = sessions.send(&a.agent, msg)
-        {
-            tracing::debug!(agent = %a.agent, task = %a.task_id, ?e, "assignment not delivered now; will resend on reconnect");
+        if let Some(msg) = msg {
+            match sessions.send(&a.agent, msg) {
+                Ok(()) => sessions.record_sent(&a.task_id, a.attempt),
+                Err(e) => {
+                    tracing::debug!(agent = %a.agent, task = %a.task_id, ?e, "assignment not delivered now; will resend on reconnect");
+                }
+            }
         }
     }
 }

@@ -20,6 +20,7 @@ pub mod raft;
 pub mod scheduler;
 pub mod sessions;
 pub mod state;
+pub mod stranded;
 pub mod submit_placement;
 
 pub use config::Config;

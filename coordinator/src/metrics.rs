@@ -56,6 +56,8 @@ pub struct Metrics {
     pub agents_lost: Gauge<u64, AtomicU64>,
     pub assignments_dropped: Gauge<u64, AtomicU64>,
     pub apply_panics: Counter,
+    pub assignments_resent: Counter,
+    pub assignments_expired: Counter,
     pub schedule_rounds: Counter,
     pub tasks_placed: Counter,
     pub snapshot_build_seconds: Histogram,
@@ -202,6 +204,19 @@ impl Metrics {
             "Log entries whose apply panicked on this node (the node stops after one)",
             apply_panics.clone(),
         );
+        let assignments_resent = Counter::default();
+        registry.register(
+            "assignments_resent",
+            "Assignments this leader handed to an agent again: never handed over (a failover, a \
+             commit confirmed late) or not started a while after",
+            assignments_resent.clone(),
+        );
+        let assignments_expired = Counter::default();
+        registry.register(
+            "assignments_expired",
+            "Assignments re-queued by this leader because they did not start within the start timeout",
+            assignments_expired.clone(),
+        );
         let schedule_rounds = Counter::default();
         registry.register(
             "schedule_rounds",
@@ -276,6 +291,8 @@ impl Metrics {
             agents_lost,
             assignments_dropped,
             apply_panics,
+            assignments_resent,
+            assignments_expired,
             schedule_rounds,
             tasks_placed,
             snapshot_build_seconds,

@@ -56,6 +56,7 @@ pub enum StartError {
 pub struct Timing {
     pub heartbeat_interval: Duration,
     pub lease_ttl: Duration,
+    pub stranded: crate::stranded::Policy,
 }
 
 /// Everything the services and loops of one node share.
@@ -89,6 +90,27 @@ impl Ctx {
                 leader_addr: self.addr_of(id),
             },
             _ => CoordinatorError::NoLeader,
+        }
+    }
+
+    /// How long no quorum has answered this leader, once that is half an agent lease or more:
+    /// long enough that a slow follower disk is not taken for a partition, short enough that
+    /// agents find a leader elected elsewhere before it declares them lost.
+    pub fn quorum_silence(&self, m: &RaftMetrics<crate::raft::TypeConfig>) -> Option<Duration> {
+        let silent = openraft::Instant::elapsed(&**m.last_quorum_acked.as_ref()?);
+        (silent >= self.timing.lease_ttl / 2).then_some(silent)
+    }
+
+    /// A leader that a quorum still answers: what an agent session needs.
+    pub fn require_leader_in_contact(&self) -> Result<(), CoordinatorError> {
+        self.require_leader()?;
+        let m = self.raft.metrics().borrow_watched().clone();
+        match self.quorum_silence(&m) {
+            Some(silent) => Err(CoordinatorError::Unavailable(format!(
+                "this leader has heard from no quorum for {} ms; try another coordinator",
+                silent.as_millis()
+            ))),
+            None => Ok(()),
         }
     }
 
@@ -367,6 +389,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         timing: Timing {
             heartbeat_interval: config.heartbeat_interval(),
             lease_ttl: config.lease_ttl(),
+            stranded: crate::stranded::Policy::new(config.start_timeout()),
         },
         committed_index,
         log_appended_bytes: log_appended_bytes.clone(),

@@ -2,22 +2,99 @@
 //! leader's memory only: a heartbeat is not a Raft write. Only a lease expiry is committed.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
 use drover_proto::pb::CoordinatorMessage;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::Status;
 
 use crate::limits;
-use crate::model::AgentName;
+use crate::model::{AgentName, TaskId};
 
 pub type Outbox = mpsc::Sender<Result<CoordinatorMessage, Status>>;
+
+/// How a session is ended by the leader: its stream to the agent yields the reason and ends at
+/// once, however many messages wait unread in its outbox (a full outbox is how an agent that
+/// stopped reading shows), and the reader of the agent's side stops. Dropping the outbox's
+/// sender was not enough: reports in flight hold clones of it, so the stream stayed open, and
+/// the agent, never seeing an end, never registered again.
+#[derive(Default)]
+pub struct SessionEnd {
+    token: CancellationToken,
+    reason: Mutex<Option<Status>>,
+}
+
+impl SessionEnd {
+    pub fn end(&self, status: Status) {
+        self.reason.lock().unwrap().get_or_insert(status);
+        self.token.cancel();
+    }
+
+    pub fn is_ended(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    pub async fn ended(&self) {
+        self.token.cancelled().await
+    }
+
+    fn reason(&self) -> Status {
+        self.reason
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or_else(|| Status::unavailable("session closed by the leader; register again"))
+    }
+}
+
+/// The stream of messages to one agent: the outbox until the session is ended, then the reason.
+pub struct SessionOut {
+    rx: mpsc::Receiver<Result<CoordinatorMessage, Status>>,
+    end: Arc<SessionEnd>,
+    ended: Pin<Box<WaitForCancellationFutureOwned>>,
+    done: bool,
+}
+
+impl SessionOut {
+    pub fn new(
+        rx: mpsc::Receiver<Result<CoordinatorMessage, Status>>,
+        end: Arc<SessionEnd>,
+    ) -> Self {
+        let ended = Box::pin(end.token.clone().cancelled_owned());
+        Self {
+            rx,
+            end,
+            ended,
+            done: false,
+        }
+    }
+}
+
+impl tokio_stream::Stream for SessionOut {
+    type Item = Result<CoordinatorMessage, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        // The end goes first: queued messages are re-sent on the next registration anyway.
+        if self.ended.as_mut().poll(cx).is_ready() {
+            self.done = true;
+            return Poll::Ready(Some(Err(self.end.reason())));
+        }
+        self.rx.poll_recv(cx)
+    }
+}
 
 struct Session {
     id: u64,
     tx: Outbox,
+    end: Arc<SessionEnd>,
 }
 
 #[derive(Default)]
@@ -35,6 +112,9 @@ struct Inner {
     /// reconnect storm is still going while this is recent. (The latest session opened was used
     /// before; an agent reconnecting over and over kept that fresh without anyone new arriving.)
     last_first_contact: Option<Instant>,
+    /// Assignments this leader has handed to a session: (attempt, when). Only tasks still
+    /// assigned and not started are kept (`retain_sent`), so it is bounded by those.
+    sent: HashMap<TaskId, (u64, Instant)>,
 }
 
 impl Inner {
@@ -69,8 +149,8 @@ pub enum SendError {
 }
 
 impl Sessions {
-    /// Adds a session, replacing (and so closing) an older one for the same agent.
-    pub fn open(&self, name: &str, tx: Outbox) -> Result<u64, Status> {
+    /// Adds a session, replacing (and so ending) an older one for the same agent.
+    pub fn open(&self, name: &str, tx: Outbox) -> Result<(u64, Arc<SessionEnd>), Status> {
         let mut inner = self.inner.lock().unwrap();
         if !inner.sessions.contains_key(name) && inner.sessions.len() >= limits::AGENT_SESSIONS_MAX
         {
@@ -80,16 +160,28 @@ impl Sessions {
             )));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        inner.sessions.insert(name.to_owned(), Session { id, tx });
+        let end = Arc::new(SessionEnd::default());
+        let session = Session {
+            id,
+            tx,
+            end: end.clone(),
+        };
+        if let Some(old) = inner.sessions.insert(name.to_owned(), session) {
+            old.end.end(Status::unavailable(
+                "replaced by a newer session of this agent",
+            ));
+        }
         inner.heard_from(name);
-        Ok(id)
+        Ok((id, end))
     }
 
-    /// Removes the session if it is still the one identified by `id`.
+    /// Removes the session if it is still the one identified by `id`, and ends it.
     pub fn close(&self, name: &str, id: u64) {
         let mut inner = self.inner.lock().unwrap();
-        if inner.sessions.get(name).is_some_and(|s| s.id == id) {
-            inner.sessions.remove(name);
+        if inner.sessions.get(name).is_some_and(|s| s.id == id)
+            && let Some(s) = inner.sessions.remove(name)
+        {
+            s.end.end(Status::unavailable("session ended"));
         }
     }
 
@@ -97,16 +189,41 @@ impl Sessions {
     pub fn close_all(&self, status: &Status) {
         let mut inner = self.inner.lock().unwrap();
         for (_, s) in inner.sessions.drain() {
-            let _ = s.tx.try_send(Err(status.clone()));
+            s.end.end(status.clone());
         }
         inner.last_seen.clear();
+        inner.sent.clear();
     }
 
     /// Ends one agent's session with `status` (it reconnects and registers again).
     pub fn close_with(&self, name: &str, status: Status) {
         if let Some(s) = self.inner.lock().unwrap().sessions.remove(name) {
-            let _ = s.tx.try_send(Err(status));
+            s.end.end(status);
         }
+    }
+
+    /// Notes that `task_id`'s `attempt` was handed to its agent's session now.
+    pub fn record_sent(&self, task_id: &str, attempt: u64) {
+        let now = Instant::now();
+        let mut inner = self.inner.lock().unwrap();
+        match inner.sent.get_mut(task_id) {
+            Some(e) => *e = (attempt, now),
+            None => {
+                inner.sent.insert(task_id.to_owned(), (attempt, now));
+            }
+        }
+    }
+
+    /// How long ago this leader handed `attempt` of `task_id` to a session, if it did.
+    pub fn sent_ago(&self, task_id: &str, attempt: u64) -> Option<std::time::Duration> {
+        let inner = self.inner.lock().unwrap();
+        let (a, at) = inner.sent.get(task_id)?;
+        (*a == attempt).then(|| at.elapsed())
+    }
+
+    /// Forgets deliveries of tasks for which `keep` is false (no longer waiting to start).
+    pub fn retain_sent(&self, keep: impl Fn(&str) -> bool) {
+        self.inner.lock().unwrap().sent.retain(|t, _| keep(t));
     }
 
     /// Marks a registration of `name` in flight until the guard is dropped (which counts as
@@ -212,17 +329,24 @@ impl Sessions {
         match s.tx.try_send(Ok(msg)) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                inner.sessions.remove(name);
+                if let Some(s) = inner.sessions.remove(name) {
+                    s.end.end(Status::unavailable("session ended"));
+                }
                 Err(SendError::NotConnected)
             }
             Err(mpsc::error::TrySendError::Full(_)) => {
-                // Dropping the sender ends the stream; the agent reconnects and re-syncs.
+                // Ending the session ends its stream; the agent reconnects and re-syncs.
                 tracing::warn!(
                     agent = name,
                     limit = limits::SESSION_OUTBOX_MAX,
                     "session outbox full; closing session"
                 );
-                inner.sessions.remove(name);
+                if let Some(s) = inner.sessions.remove(name) {
+                    s.end.end(Status::resource_exhausted(format!(
+                        "session_outbox_max ({}) messages waited unread; register again",
+                        limits::SESSION_OUTBOX_MAX
+                    )));
+                }
                 Err(SendError::Stuck)
             }
         }
@@ -284,6 +408,48 @@ impl LogRequests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_ended_session_ends_its_stream_even_with_a_full_outbox_and_senders_alive() {
+        // Guards: closing a session used to drop the leader's sender and try to queue an error;
+        // with the outbox full (the agent had stopped reading) and reports in flight holding
+        // senders, the stream never ended and the agent never registered again.
+        use tokio_stream::StreamExt;
+        let s = Sessions::default();
+        let (tx, rx) = mpsc::channel(2);
+        let (_, end) = s.open("a", tx.clone()).unwrap();
+        let mut out = SessionOut::new(rx, end.clone());
+        for _ in 0..2 {
+            tx.try_send(Ok(CoordinatorMessage::default())).unwrap();
+        }
+        assert!(tx.try_send(Ok(CoordinatorMessage::default())).is_err());
+        s.close_with("a", Status::unavailable("declared lost"));
+        assert!(end.is_ended());
+        let first = out.next().await.unwrap().unwrap_err();
+        assert_eq!(first.message(), "declared lost");
+        assert!(out.next().await.is_none());
+        assert!(!s.is_connected("a"));
+        // A newer session of the same agent ends the older one.
+        let (tx1, rx1) = mpsc::channel(2);
+        let (_, end1) = s.open("b", tx1).unwrap();
+        let (tx2, _rx2) = mpsc::channel(2);
+        let (_, end2) = s.open("b", tx2).unwrap();
+        assert!(end1.is_ended() && !end2.is_ended());
+        let mut out1 = SessionOut::new(rx1, end1);
+        assert!(out1.next().await.unwrap().is_err());
+        assert!(s.is_connected("b"));
+    }
+
+    #[test]
+    fn deliveries_are_remembered_per_attempt_and_forgotten_with_their_task() {
+        let s = Sessions::default();
+        assert_eq!(s.sent_ago("t", 1), None);
+        s.record_sent("t", 1);
+        assert!(s.sent_ago("t", 1).is_some());
+        assert_eq!(s.sent_ago("t", 2), None, "another attempt was never sent");
+        s.retain_sent(|t| t != "t");
+        assert_eq!(s.sent_ago("t", 1), None);
+    }
 
     #[tokio::test]
     async fn overdue_spares_new_registering_and_unheard_storm_agents() {

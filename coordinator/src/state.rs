@@ -38,6 +38,10 @@ pub struct State {
     pub last_run_seq: u64,
     pub next_task_seq: u64,
     pub counters: Counters,
+    /// Tasks assigned and not yet reported started: what the leader re-sends, or re-queues once
+    /// they have waited too long (`stranded`). Derived, so not stored; `rebuild_derived`.
+    #[serde(skip)]
+    pub assigned: BTreeSet<TaskId>,
 }
 
 pub fn run_id(seq: u64) -> String {
@@ -414,6 +418,7 @@ impl State {
             agent.used = agent.used.minus(&task.spec.resources);
             agent.tasks.remove(tid);
         }
+        self.assigned.remove(tid);
         task.attempt += 1;
         task.state = TaskState::Pending;
         task.pending_reason = format!("re-queued: {reason}").into();
@@ -453,6 +458,7 @@ impl State {
             }
             agent.used = agent.used.plus(&task.spec.resources);
             agent.tasks.insert(task.id.clone());
+            self.assigned.insert(task.id.clone());
             task.state = TaskState::Assigned;
             task.agent = Some(a.agent.clone());
             task.assigned_at_us = now_us;
@@ -503,6 +509,7 @@ impl State {
         if task.state == TaskState::Assigned {
             task.state = TaskState::Running;
             task.started_at_us = start_time(task, reported_us, now_us);
+            self.assigned.remove(tid);
         }
         CommandResult::Reported
     }
@@ -536,6 +543,7 @@ impl State {
         };
         task.finished_at_us = now_us;
         task.outcome = Some(Box::new(outcome.clone()));
+        self.assigned.remove(tid);
         let resources = task.spec.resources.clone();
         let run_id = task.run_id.clone();
         if let Some(a) = self.agents.get_mut(agent) {
@@ -596,6 +604,12 @@ impl State {
 
     /// Recomputes what is kept in memory only (see `Run::unfinished`) after a snapshot load.
     pub fn rebuild_derived(&mut self) {
+        self.assigned = self
+            .tasks
+            .values()
+            .filter(|t| t.state == TaskState::Assigned)
+            .map(|t| t.id.clone())
+            .collect();
         let tasks = &self.tasks;
         for run in self.runs.values_mut() {
             run.unfinished = run

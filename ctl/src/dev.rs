@@ -88,6 +88,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<i32> {
             election_timeout_ms: 150,
             election_timeout_max_ms: None,
             snapshot_logs: 5000,
+            start_timeout_ms: 30_000,
         };
         nodes.push(
             drover_coordinator::start(config)

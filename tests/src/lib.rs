@@ -96,6 +96,8 @@ pub struct ClusterOptions {
     /// (each one looked at) when new ones are allocated, so deleting a large run's files makes
     /// the next run's file creations many times slower.
     pub keep_agent_files: bool,
+    /// `--start-timeout-ms` of the coordinators.
+    pub start_timeout_ms: u64,
 }
 
 impl Default for ClusterOptions {
@@ -108,6 +110,7 @@ impl Default for ClusterOptions {
             absent: None,
             agent_work_root: None,
             keep_agent_files: false,
+            start_timeout_ms: 30_000,
         }
     }
 }
@@ -212,6 +215,8 @@ impl Cluster {
             .arg(self.opts.lease_ttl_ms.to_string())
             .arg("--heartbeat-interval-ms")
             .arg(self.opts.heartbeat_interval_ms.to_string())
+            .arg("--start-timeout-ms")
+            .arg(self.opts.start_timeout_ms.to_string())
             .env("DROVER_LOG", "info,openraft=warn,sled=warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -582,6 +587,31 @@ impl RawAgent {
             .send(pb::AgentMessage { msg: Some(msg) })
             .await
             .expect("session open");
+    }
+
+    /// Sends a heartbeat every `every` until the session's channel closes (the test holds `tx`).
+    pub fn keep_alive(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            loop {
+                let beat = pb::AgentMessage {
+                    msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat {})),
+                };
+                if tx.send(beat).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(every).await;
+            }
+        })
+    }
+
+    /// The next message of the session, or None when it ends (with an error or not).
+    pub async fn next(&mut self, deadline: Duration) -> Option<pb::coordinator_message::Msg> {
+        match tokio::time::timeout(deadline, self.inbound.message()).await {
+            Ok(Ok(Some(m))) => m.msg,
+            Ok(_) => None,
+            Err(_) => panic!("no message within {deadline:?}"),
+        }
     }
 
     /// Reports `task`'s `attempt` finished with exit code 0.

@@ -526,3 +526,143 @@ async fn tasks_run_as_the_task_user_and_cannot_read_the_agents_key() {
     .await
     .expect("test deadline");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_assignment_never_started_is_sent_again_and_then_requeued() {
+    // Guards: an assignment committed but never received (a failover between commit and send,
+    // a commit confirmed after its proposer gave up, an unread session) used to stay assigned
+    // until the agent's next registration: with a healthy session, for good.
+    tokio::time::timeout(TEST_DEADLINE, async {
+        use drover_proto::pb::coordinator_message::Msg as M;
+        let cluster = Cluster::start(ClusterOptions {
+            start_timeout_ms: 3_000,
+            ..fast_leases()
+        })
+        .await;
+        cluster.agent_cert("deaf");
+        let leader = cluster.wait_leader(Duration::from_secs(10)).await;
+        let register = pb::Register {
+            name: "deaf".into(),
+            resources: Some(pb::Resources {
+                cpu_millis: 1_000,
+                memory_bytes: 1 << 30,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let (mut deaf, _) = drover_tests::RawAgent::connect(
+            &cluster.tls_dir,
+            "deaf",
+            &cluster.addr(leader),
+            register,
+        )
+        .await
+        .unwrap();
+        let _beats = deaf.keep_alive(Duration::from_millis(200));
+        let client = cluster.client();
+        let run = submit_task(&client, shell_task("true")).await;
+        let first = deaf.next_assign(Duration::from_secs(10)).await;
+        assert_eq!(first.attempt, 1);
+        // Ignored: the leader hands it over again (every 500 ms with a 3 s start timeout).
+        let again = deaf.next_assign(Duration::from_secs(3)).await;
+        assert_eq!(
+            (again.task_id.as_str(), again.attempt),
+            (first.task_id.as_str(), 1)
+        );
+        // Never started: re-queued as attempt 2 (here, on the same agent), attempt 1 cancelled.
+        let mut cancelled = false;
+        let second = loop {
+            match deaf.next(Duration::from_secs(10)).await {
+                Some(M::Cancel(c)) if c.attempt == 1 => cancelled = true,
+                Some(M::Assign(a)) if a.attempt == 2 => break a,
+                Some(_) => {}
+                None => panic!("session ended"),
+            }
+        };
+        assert!(cancelled, "attempt 1 is stopped on the agent");
+        let task = task_of(&client, &run).await.unwrap();
+        assert_eq!(task.attempt, 2);
+        deaf.send(In::Started(pb::TaskStarted {
+            task_id: second.task_id.clone(),
+            attempt: 2,
+            ..Default::default()
+        }))
+        .await;
+        deaf.finish(&second.task_id, 2).await;
+        let done = wait_done(&client, &run, Duration::from_secs(10)).await;
+        assert_eq!(done.state, pb::RunState::Succeeded as i32);
+        assert!(
+            cluster
+                .metric(leader, "drover_assignments_resent_total")
+                .unwrap_or(0.0)
+                >= 1.0
+        );
+        assert!(
+            cluster
+                .metric(leader, "drover_assignments_expired_total")
+                .unwrap_or(0.0)
+                >= 1.0
+        );
+    })
+    .await
+    .expect("test deadline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_its_quorum_ends_agent_sessions_and_refuses_new_ones() {
+    // Guards: a leader that no quorum answers still believes it leads; its agents stayed with it,
+    // while a leader elected elsewhere would declare them lost and re-queue their work.
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let mut cluster = Cluster::start(fast_leases()).await;
+        cluster.add_agent("loyal", &[]).await;
+        let leader = cluster.wait_leader(Duration::from_secs(10)).await;
+        let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+        wait_for(
+            "the agent's session on the leader",
+            Duration::from_secs(10),
+            || async {
+                (cluster.metric(leader, "drover_agent_sessions") == Some(1.0)).then_some(())
+            },
+        )
+        .await;
+        for &f in &followers {
+            cluster.pause(f);
+        }
+        // Half a lease (1 s here) without a quorum: the sessions end.
+        wait_for(
+            "the cut-off leader to end its sessions",
+            Duration::from_secs(10),
+            || async {
+                (cluster.metric(leader, "drover_agent_sessions") == Some(0.0)).then_some(())
+            },
+        )
+        .await;
+        cluster.agent_cert("newcomer");
+        let e = drover_tests::RawAgent::connect(
+            &cluster.tls_dir,
+            "newcomer",
+            &cluster.addr(leader),
+            pb::Register {
+                name: "newcomer".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .err()
+        .expect("refused");
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+        assert!(e.message().contains("heard from no quorum"), "{e}");
+        for &f in &followers {
+            cluster.resume(f);
+        }
+        // Back together, the agent finds whoever leads and runs work.
+        cluster
+            .wait_agent_connected("loyal", Duration::from_secs(20))
+            .await;
+        let run = submit_task(&cluster.client(), shell_task("echo back")).await;
+        let done = wait_done(&cluster.client(), &run, Duration::from_secs(30)).await;
+        assert_eq!(done.state, pb::RunState::Succeeded as i32);
+    })
+    .await
+    .expect("test deadline");
+}
