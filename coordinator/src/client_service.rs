@@ -70,6 +70,16 @@ impl ClientRpc {
             .into());
         }
         self.ctx.require_leader()?;
+        // A retry of a run already accepted is answered with that run, whatever the budgets.
+        let key = &req.idempotency_key;
+        let _admitted = self
+            .ctx
+            .shared
+            .read(|a| {
+                let known = !key.is_empty() && a.state.idempotency.contains_key(key);
+                (!known).then(|| self.ctx.admission.admit(&a.state, &who.name, &spec))
+            })
+            .transpose()?;
         let result = self
             .ctx
             .proposer
@@ -339,15 +349,16 @@ impl ClientService for ClientRpc {
                     Status::invalid_argument(format!("before: '{}' is not a run id", req.before))
                 })?
             };
-            Ok(self.ctx.shared.read(|a| pb::ListRunsResponse {
-                runs: a
-                    .state
-                    .runs
-                    .range(..before)
-                    .rev()
-                    .take(limit)
-                    .map(|(_, run)| convert::run_to_proto(&a.state, run))
-                    .collect(),
+            Ok(self.ctx.shared.read(|a| {
+                list_page(
+                    a.state
+                        .runs
+                        .range(..before)
+                        .rev()
+                        .map(|(_, run)| convert::run_to_proto(&a.state, run)),
+                    limit,
+                    limits::LIST_RUNS_BYTES_MAX,
+                )
             }))
         })();
         self.observe("ClientService/ListRuns", r)
@@ -495,5 +506,65 @@ pub fn member_health(
         Some(Some(i)) if last_log.saturating_sub(i) <= 100 => "follower",
         Some(Some(_)) => "lagging",
         _ => "unreachable",
+    }
+}
+
+/// One page of runs, newest first: at most `limit` runs and, past the first, at most `bytes_max`
+/// bytes encoded, so a page of large runs (a thousand tasks with output tails each) stays well
+/// inside the gRPC message limit. `next_before` says where the next page starts.
+pub fn list_page(
+    runs: impl Iterator<Item = pb::Run>,
+    limit: usize,
+    bytes_max: usize,
+) -> pb::ListRunsResponse {
+    use prost::Message;
+    let mut page = pb::ListRunsResponse::default();
+    let mut bytes = 0;
+    let mut runs = runs.peekable();
+    while let Some(run) = runs.peek() {
+        let size = run.encoded_len();
+        if page.runs.len() == limit || (!page.runs.is_empty() && bytes + size > bytes_max) {
+            break;
+        }
+        bytes += size;
+        page.runs.extend(runs.next());
+    }
+    if runs.peek().is_some()
+        && let Some(last) = page.runs.last()
+    {
+        page.next_before = last.id.clone();
+    }
+    page
+}
+
+#[cfg(test)]
+mod page_tests {
+    use super::*;
+
+    fn run(i: u32, tail: usize) -> pb::Run {
+        pb::Run {
+            id: format!("run-{i}"),
+            name: "x".repeat(tail),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn pages_stop_at_the_limit_or_the_byte_budget_and_say_where_to_go_on() {
+        let runs = || (1..=10).rev().map(|i| run(i, 1_000));
+        let p = list_page(runs(), 3, usize::MAX);
+        assert_eq!(p.runs.len(), 3);
+        assert_eq!(p.next_before, "run-8");
+        let p = list_page(runs(), 100, 2_500);
+        assert_eq!(p.runs.len(), 2, "two runs of ~1 KB fit in 2.5 KB");
+        assert_eq!(p.next_before, "run-9");
+        // The whole rest fits: no next page.
+        let p = list_page(runs(), 100, usize::MAX);
+        assert_eq!(p.runs.len(), 10);
+        assert!(p.next_before.is_empty());
+        // A run larger than the budget still comes, alone, so paging always moves on.
+        let p = list_page(runs(), 100, 10);
+        assert_eq!(p.runs.len(), 1);
+        assert_eq!(p.next_before, "run-10");
     }
 }

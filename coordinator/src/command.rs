@@ -92,6 +92,16 @@ pub enum Command {
         tasks: Vec<HeldTask>,
         reason: String,
     },
+    /// Fail tasks still pending, never placed, past the leader's unplaced timeout; each with
+    /// the reason it gives. Apply skips any that was placed or moved on meanwhile.
+    ExpireTasks {
+        tasks: Vec<(HeldTask, String)>,
+    },
+    /// Forget agents lost for longer than the leader's retention. Apply skips any that came
+    /// back or holds tasks.
+    ForgetAgents {
+        names: Vec<AgentName>,
+    },
 }
 
 impl Command {
@@ -146,6 +156,15 @@ impl Command {
             }
             Command::RequeueTasks { tasks, reason, .. } => 128 + reason.len() + tasks.len() * 96,
             Command::AgentLost { reason, .. } => 128 + reason.len(),
+            Command::ExpireTasks { tasks } => {
+                64 + tasks
+                    .iter()
+                    .map(|(h, r)| 96 + h.task_id.len() + r.len())
+                    .sum::<usize>()
+            }
+            Command::ForgetAgents { names } => {
+                64 + names.iter().map(|n| 16 + n.len()).sum::<usize>()
+            }
             Command::TaskStarted { .. } | Command::SetDrain { .. } => 160,
         }
     }
@@ -160,6 +179,8 @@ impl Command {
             Command::AgentLost { .. } => "agent_lost",
             Command::SetDrain { .. } => "set_drain",
             Command::RequeueTasks { .. } => "requeue_tasks",
+            Command::ExpireTasks { .. } => "expire_tasks",
+            Command::ForgetAgents { .. } => "forget_agents",
         }
     }
 }
@@ -202,6 +223,12 @@ pub enum CommandResult {
     Rejected {
         limit: Option<String>,
         message: String,
+    },
+    Expired {
+        expired: Vec<TaskId>,
+    },
+    Forgotten {
+        names: Vec<AgentName>,
     },
 }
 

@@ -68,6 +68,39 @@ pub struct Config {
     #[arg(long, env = "DROVER_START_TIMEOUT_MS", default_value_t = 30_000)]
     pub start_timeout_ms: u64,
 
+    /// Tasks one submitter (certificate name) may have waiting for placement.
+    #[arg(
+        long,
+        env = "DROVER_SUBMITTER_PENDING_TASKS_MAX",
+        default_value_t = 250_000
+    )]
+    pub submitter_pending_tasks_max: u64,
+
+    /// Bytes of task specs one submitter may have waiting for placement (e.g. 128Mi).
+    #[arg(long, env = "DROVER_SUBMITTER_PENDING_BYTES_MAX", default_value = "128Mi", value_parser = drover_proto::quantity::parse_bytes)]
+    pub submitter_pending_bytes_max: u64,
+
+    /// Tasks one queue may have waiting for placement.
+    #[arg(
+        long,
+        env = "DROVER_QUEUE_PENDING_TASKS_MAX",
+        default_value_t = 500_000
+    )]
+    pub queue_pending_tasks_max: u64,
+
+    /// Bytes of task specs one queue may have waiting for placement.
+    #[arg(long, env = "DROVER_QUEUE_PENDING_BYTES_MAX", default_value = "256Mi", value_parser = drover_proto::quantity::parse_bytes)]
+    pub queue_pending_bytes_max: u64,
+
+    /// A task still waiting for its first placement this long after submission fails, with the
+    /// reason it could not be placed (e.g. 24h, 30m); 0 = wait forever.
+    #[arg(long, env = "DROVER_UNPLACED_TIMEOUT", default_value = "24h", value_parser = drover_proto::quantity::parse_duration)]
+    pub unplaced_timeout: Duration,
+
+    /// An agent lost this long (and holding no tasks) is forgotten: it leaves `agent list`.
+    #[arg(long, env = "DROVER_LOST_AGENT_RETENTION", default_value = "24h", value_parser = drover_proto::quantity::parse_duration)]
+    pub lost_agent_retention: Duration,
+
     /// Raft leader heartbeat interval.
     #[arg(long, env = "DROVER_RAFT_HEARTBEAT_MS", default_value_t = 50)]
     pub raft_heartbeat_ms: u64,
@@ -99,6 +132,12 @@ pub const ENV_VARS: &[&str] = &[
     "DROVER_HEARTBEAT_INTERVAL_MS",
     "DROVER_LEASE_TTL_MS",
     "DROVER_START_TIMEOUT_MS",
+    "DROVER_SUBMITTER_PENDING_TASKS_MAX",
+    "DROVER_SUBMITTER_PENDING_BYTES_MAX",
+    "DROVER_QUEUE_PENDING_TASKS_MAX",
+    "DROVER_QUEUE_PENDING_BYTES_MAX",
+    "DROVER_UNPLACED_TIMEOUT",
+    "DROVER_LOST_AGENT_RETENTION",
     "DROVER_RAFT_HEARTBEAT_MS",
     "DROVER_ELECTION_TIMEOUT_MS",
     "DROVER_ELECTION_TIMEOUT_MAX_MS",
@@ -183,6 +222,15 @@ impl Config {
 
     pub fn lease_ttl(&self) -> Duration {
         Duration::from_millis(self.lease_ttl_ms)
+    }
+
+    pub fn budgets(&self) -> crate::admission::Budgets {
+        crate::admission::Budgets {
+            submitter_tasks: self.submitter_pending_tasks_max,
+            submitter_bytes: self.submitter_pending_bytes_max,
+            queue_tasks: self.queue_pending_tasks_max,
+            queue_bytes: self.queue_pending_bytes_max,
+        }
     }
 
     pub fn start_timeout(&self) -> Duration {

@@ -31,6 +31,7 @@ pub async fn run(ctx: Arc<Ctx>, mut shutdown: tokio::sync::watch::Receiver<bool>
     // run at most once per tick.
     let mut last_housekeeping = tokio::time::Instant::now() - TICK;
     let mut took_office = tokio::time::Instant::now();
+    let mut retention = Retention::default();
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
@@ -61,6 +62,7 @@ pub async fn run(ctx: Arc<Ctx>, mut shutdown: tokio::sync::watch::Receiver<bool>
             continue;
         }
         if led_term != Some(m.current_term) {
+            retention = Retention::default();
             if led_term.is_some() {
                 // Deposed and elected again between two looks at the metrics, so the step-down
                 // above never ran. Assignments committed around the flap may never have reached
@@ -90,6 +92,7 @@ pub async fn run(ctx: Arc<Ctx>, mut shutdown: tokio::sync::watch::Receiver<bool>
             expire_leases(&ctx, took_office).await;
             enforce_drain_deadlines(&ctx).await;
             sweep_stranded(&ctx).await;
+            retention.sweep(&ctx).await;
         }
         schedule_round(&ctx, m.current_term).await;
     }
@@ -230,6 +233,87 @@ async fn requeue_and_stop(ctx: &Ctx, agent: String, tasks: Vec<HeldTask>, reason
         }
         Ok(other) => tracing::warn!(?other, "unexpected result for requeue_tasks"),
         Err(e) => tracing::warn!(error = %e, %reason, "could not commit a re-queue"),
+    }
+}
+
+/// The leader's memory for `retention`: where the expiry walk is, and since when it has seen
+/// each agent lost.
+#[derive(Default)]
+struct Retention {
+    cursor: Option<crate::model::PendingKey>,
+    lost_since: std::collections::HashMap<String, std::time::Instant>,
+    last: Option<tokio::time::Instant>,
+}
+
+/// Time for these is counted in seconds and hours: once a second is plenty.
+const RETENTION_EVERY: Duration = Duration::from_secs(1);
+
+impl Retention {
+    async fn sweep(&mut self, ctx: &Ctx) {
+        if self.last.is_some_and(|t| t.elapsed() < RETENTION_EVERY) {
+            return;
+        }
+        self.last = Some(tokio::time::Instant::now());
+        let now_us = crate::proposer::now_ms() * 1000;
+        let timing = &ctx.timing;
+        let (expired, forget) = ctx.shared.read(|a| {
+            let expired = match timing.unplaced_timeout {
+                Some(timeout) if !a.state.pending.is_empty() => {
+                    let (found, next) = crate::retention::unplaced_expired(
+                        &a.state,
+                        now_us,
+                        timeout,
+                        self.cursor.as_ref(),
+                        crate::retention::EXPIRY_SCAN_MAX,
+                    );
+                    self.cursor = next;
+                    found
+                }
+                _ => Vec::new(),
+            };
+            let forget = crate::retention::lost_too_long(
+                &a.state,
+                &mut self.lost_since,
+                std::time::Instant::now(),
+                timing.lost_agent_retention,
+            );
+            (expired, forget)
+        });
+        if !expired.is_empty() {
+            let n = expired.len();
+            match ctx
+                .proposer
+                .propose(Command::ExpireTasks { tasks: expired })
+                .await
+            {
+                Ok(CommandResult::Expired { expired }) => {
+                    ctx.metrics.tasks_expired.inc_by(expired.len() as u64);
+                    tracing::warn!(
+                        tasks = expired.len(),
+                        "tasks never placed within the unplaced timeout failed"
+                    );
+                }
+                Ok(other) => tracing::warn!(?other, "unexpected result for expire_tasks"),
+                Err(e) => tracing::warn!(error = %e, tasks = n, "could not commit task expiry"),
+            }
+        }
+        if !forget.is_empty() {
+            match ctx
+                .proposer
+                .propose(Command::ForgetAgents { names: forget })
+                .await
+            {
+                Ok(CommandResult::Forgotten { names }) => {
+                    for n in &names {
+                        self.lost_since.remove(n);
+                        ctx.sessions.forget_lease(n);
+                    }
+                    tracing::info!(agents = ?names, "lost agents forgotten after the retention");
+                }
+                Ok(other) => tracing::warn!(?other, "unexpected result for forget_agents"),
+                Err(e) => tracing::warn!(error = %e, "could not commit forgetting lost agents"),
+            }
+        }
     }
 }
 

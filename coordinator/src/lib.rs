@@ -1,6 +1,7 @@
 //! drover-coordinator: the Raft-replicated brain of Drover. See docs/ARCHITECTURE.md for the map.
 
 pub mod accept;
+pub mod admission;
 pub mod agent_service;
 pub mod client_service;
 pub mod command;
@@ -17,6 +18,7 @@ pub mod model;
 pub mod node;
 pub mod proposer;
 pub mod raft;
+pub mod retention;
 pub mod scheduler;
 pub mod sessions;
 pub mod state;

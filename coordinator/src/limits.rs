@@ -7,6 +7,15 @@ use std::time::Duration;
 /// 1.5 GiB of state; past that a cluster is better served by back-pressure on submitters.
 pub const PENDING_TASKS_MAX: usize = 1_000_000;
 
+/// Bytes of task specs waiting for placement, all submitters together (`TaskSpec::approx_bytes`).
+/// Counts alone let a submitter fill every replica's memory with large specs that never place;
+/// per-submitter and per-queue budgets (`--submitter-pending-bytes-max`, ...) sit below this.
+pub const PENDING_BYTES_MAX: u64 = 512 * 1024 * 1024;
+
+/// Bytes of task specs kept in all (pending, placed and finished): the oldest finished runs are
+/// forgotten while more is kept, as with `RUNS_RETAINED_MAX` and `TASKS_RETAINED_MAX`.
+pub const TASK_BYTES_RETAINED_MAX: u64 = 1024 * 1024 * 1024;
+
 /// Tasks in one run. Large fan-outs belong in several runs; this keeps one submission (and one
 /// Raft entry) well under the gRPC message limit.
 pub const TASKS_PER_RUN_MAX: usize = 1_000;
@@ -98,6 +107,8 @@ pub const LOG_READ_BYTES_MAX: u64 = 4 * 1024 * 1024;
 
 /// Runs returned by one ListRuns call.
 pub const LIST_RUNS_MAX: u32 = 1_000;
+/// Encoded bytes of one ListRuns page past its first run; half the gRPC message limit.
+pub const LIST_RUNS_BYTES_MAX: usize = 4 * 1024 * 1024;
 
 /// Lengths of names and strings in a run spec.
 pub const NAME_BYTES_MAX: usize = 63;

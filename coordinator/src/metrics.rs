@@ -58,6 +58,7 @@ pub struct Metrics {
     pub apply_panics: Counter,
     pub assignments_resent: Counter,
     pub assignments_expired: Counter,
+    pub tasks_expired: Counter,
     pub schedule_rounds: Counter,
     pub tasks_placed: Counter,
     pub snapshot_build_seconds: Histogram,
@@ -217,6 +218,12 @@ impl Metrics {
             "Assignments re-queued by this leader because they did not start within the start timeout",
             assignments_expired.clone(),
         );
+        let tasks_expired = Counter::default();
+        registry.register(
+            "tasks_expired",
+            "Tasks failed by this leader because they were never placed within the unplaced timeout",
+            tasks_expired.clone(),
+        );
         let schedule_rounds = Counter::default();
         registry.register(
             "schedule_rounds",
@@ -293,6 +300,7 @@ impl Metrics {
             apply_panics,
             assignments_resent,
             assignments_expired,
+            tasks_expired,
             schedule_rounds,
             tasks_placed,
             snapshot_build_seconds,

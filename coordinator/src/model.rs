@@ -160,6 +160,43 @@ pub struct TaskSpec {
 }
 
 impl TaskSpec {
+    /// About how many bytes this spec holds in memory (and in a snapshot): its strings and
+    /// collections plus a fixed overhead. Deterministic, so every replica counts alike.
+    pub fn approx_bytes(&self) -> u64 {
+        const OVERHEAD: usize = 256;
+        const PER_ITEM: usize = 32;
+        let expr = |e: &LabelExpr| {
+            PER_ITEM + e.key.len() + e.values.iter().map(|v| PER_ITEM + v.len()).sum::<usize>()
+        };
+        let program = match &self.program {
+            Program::Argv(args) => args.iter().map(|a| PER_ITEM + a.len()).sum(),
+            Program::Shell(s) => s.len(),
+            Program::Noop { .. } => 0,
+        };
+        let env: usize = self
+            .env
+            .iter()
+            .map(|(k, v)| 2 * PER_ITEM + k.len() + v.len())
+            .sum();
+        let extended: usize = self
+            .resources
+            .extended
+            .keys()
+            .map(|k| PER_ITEM + k.len())
+            .sum();
+        (OVERHEAD
+            + self.name.len()
+            + program
+            + env
+            + self.workdir.len()
+            + self.class.len()
+            + self.queue.len()
+            + self.spread_by.len()
+            + extended
+            + self.required.iter().map(expr).sum::<usize>()
+            + self.preferred.iter().map(|(_, e)| expr(e)).sum::<usize>()) as u64
+    }
+
     /// A task with only a name and a program; everything else as a spec that says nothing gets it
     /// (default class and queue, no limits, requirements or preferences, binpack).
     pub fn new(name: impl Into<String>, program: Program) -> Self {

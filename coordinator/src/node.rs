@@ -57,6 +57,9 @@ pub struct Timing {
     pub heartbeat_interval: Duration,
     pub lease_ttl: Duration,
     pub stranded: crate::stranded::Policy,
+    /// Never-placed tasks fail after this long in the queue; None = never.
+    pub unplaced_timeout: Option<Duration>,
+    pub lost_agent_retention: Duration,
 }
 
 /// Everything the services and loops of one node share.
@@ -71,6 +74,7 @@ pub struct Ctx {
     pub log_requests: LogRequests,
     pub metrics: Arc<Metrics>,
     pub timing: Timing,
+    pub admission: Arc<crate::admission::Admission>,
     pub committed_index: Arc<AtomicU64>,
     /// Bytes this node has appended to its Raft log since it started.
     pub log_appended_bytes: Arc<AtomicU64>,
@@ -390,7 +394,10 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
             heartbeat_interval: config.heartbeat_interval(),
             lease_ttl: config.lease_ttl(),
             stranded: crate::stranded::Policy::new(config.start_timeout()),
+            unplaced_timeout: Some(config.unplaced_timeout).filter(|t| !t.is_zero()),
+            lost_agent_retention: config.lost_agent_retention,
         },
+        admission: crate::admission::Admission::new(config.budgets()),
         committed_index,
         log_appended_bytes: log_appended_bytes.clone(),
     });

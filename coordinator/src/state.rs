@@ -10,8 +10,27 @@ use crate::command::{Command, CommandResult, Request, Response};
 use crate::limits;
 use crate::model::{
     Agent, AgentName, AgentState, Assignment, HeldTask, Outcome, PendingKey, Resources, Run,
-    RunSpec, RunState, Task, TaskId, TaskState,
+    RunSpec, RunState, Task, TaskId, TaskSpec, TaskState,
 };
+
+/// Pending tasks and the bytes of their specs, for one submitter, one queue, or everyone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub tasks: u64,
+    pub bytes: u64,
+}
+
+impl Tally {
+    fn add(&mut self, bytes: u64) {
+        self.tasks += 1;
+        self.bytes += bytes;
+    }
+
+    fn sub(&mut self, bytes: u64) {
+        self.tasks = self.tasks.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(bytes);
+    }
+}
 
 /// Counters an operator graphs; part of replicated state so every node reports the same totals.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +61,48 @@ pub struct State {
     /// they have waited too long (`stranded`). Derived, so not stored; `rebuild_derived`.
     #[serde(skip)]
     pub assigned: BTreeSet<TaskId>,
+    /// Pending tasks per submitter, per queue and in all, with their spec bytes: what admission
+    /// budgets and `pending_bytes_max` are checked against. Derived.
+    #[serde(skip)]
+    pub pending_by_submitter: BTreeMap<String, Tally>,
+    #[serde(skip)]
+    pub pending_by_queue: BTreeMap<String, Tally>,
+    #[serde(skip)]
+    pub pending_total: Tally,
+    /// Spec bytes of every task kept (pending, placed or finished): finished runs are forgotten
+    /// while it is over `task_bytes_retained_max`. Derived.
+    #[serde(skip)]
+    pub task_bytes: u64,
+}
+
+/// Whether the queue (`queued`, all submitters) has room for `adding`; the refusal names the
+/// limit.
+pub fn room_for(
+    queued: Tally,
+    adding: Tally,
+    tasks_max: u64,
+    bytes_max: u64,
+) -> Result<(), CommandResult> {
+    if queued.tasks + adding.tasks > tasks_max {
+        return Err(CommandResult::Rejected {
+            limit: Some("pending_tasks_max".into()),
+            message: format!(
+                "{} tasks are pending; pending_tasks_max is {tasks_max}",
+                queued.tasks
+            ),
+        });
+    }
+    if queued.bytes + adding.bytes > bytes_max {
+        return Err(CommandResult::Rejected {
+            limit: Some("pending_bytes_max".into()),
+            message: format!(
+                "pending tasks hold {} bytes of specs and this run adds {}; pending_bytes_max \
+                 is {bytes_max}",
+                queued.bytes, adding.bytes
+            ),
+        });
+    }
+    Ok(())
 }
 
 pub fn run_id(seq: u64) -> String {
@@ -68,6 +129,45 @@ pub fn task_id(run_id: &str, task_name: &str) -> TaskId {
 }
 
 impl State {
+    /// Counts task `tid` into (`entering`) or out of the pending tallies.
+    fn tally_pending(&mut self, tid: &str, entering: bool) {
+        let Some(t) = self.tasks.get(tid) else {
+            return;
+        };
+        let bytes = t.spec.approx_bytes();
+        let submitter = run_seq(&t.run_id)
+            .and_then(|s| self.runs.get(&s))
+            .map(|r| r.submitted_by.as_str())
+            .unwrap_or("");
+        let change = |tally: &mut Tally| {
+            if entering {
+                tally.add(bytes)
+            } else {
+                tally.sub(bytes)
+            }
+        };
+        change(&mut self.pending_total);
+        for (map, key) in [
+            (&mut self.pending_by_submitter, submitter),
+            (&mut self.pending_by_queue, t.spec.queue.as_str()),
+        ] {
+            match map.get_mut(key) {
+                Some(tally) => {
+                    change(tally);
+                    if tally.tasks == 0 {
+                        map.remove(key);
+                    }
+                }
+                None if entering => {
+                    let mut tally = Tally::default();
+                    change(&mut tally);
+                    map.insert(key.to_owned(), tally);
+                }
+                None => {}
+            }
+        }
+    }
+
     /// Applies one entry. `term` is the term of the entry's log id.
     pub fn apply(&mut self, term: u64, req: &Request) -> Response {
         let results = req
@@ -155,7 +255,65 @@ impl State {
                 }
                 CommandResult::Requeued { requeued }
             }
+            Command::ExpireTasks { tasks } => {
+                let mut expired = Vec::new();
+                for (h, reason) in tasks {
+                    if self.expire(now_us, h, reason) {
+                        expired.push(h.task_id.clone());
+                    }
+                }
+                CommandResult::Expired { expired }
+            }
+            Command::ForgetAgents { names } => {
+                let forgotten: Vec<AgentName> = names
+                    .iter()
+                    .filter(|n| {
+                        self.agents
+                            .get(n.as_str())
+                            .is_some_and(|a| a.state == AgentState::Lost && a.tasks.is_empty())
+                    })
+                    .cloned()
+                    .collect();
+                for n in &forgotten {
+                    self.agents.remove(n);
+                }
+                CommandResult::Forgotten { names: forgotten }
+            }
         }
+    }
+
+    /// Fails a pending, never-placed attempt with `reason`. False if it is no longer that.
+    fn expire(&mut self, now_us: u64, h: &HeldTask, reason: &str) -> bool {
+        let Some(task) = self.tasks.get(&h.task_id) else {
+            return false;
+        };
+        if task.state != TaskState::Pending || task.attempt != h.attempt {
+            return false;
+        }
+        let key = task.pending_key();
+        self.tally_pending(&h.task_id, false);
+        self.pending.remove(&key);
+        let Some(task) = self.tasks.get_mut(&h.task_id) else {
+            return false;
+        };
+        task.state = TaskState::Failed;
+        task.finished_at_us = now_us;
+        task.pending_reason = std::borrow::Cow::Borrowed("");
+        task.outcome = Some(Box::new(Outcome {
+            reason: reason.to_owned(),
+            ..Default::default()
+        }));
+        self.counters.tasks_failed += 1;
+        let run_id = task.run_id.clone();
+        if let Some(seq) = run_seq(&run_id)
+            && let Some(run) = self.runs.get_mut(&seq)
+        {
+            run.unfinished = run.unfinished.saturating_sub(1);
+            if run.unfinished == 0 {
+                run.finished_at_us = now_us;
+            }
+        }
+        true
     }
 
     fn submit_run(
@@ -176,15 +334,22 @@ impl State {
                 assigned: Vec::new(),
             };
         }
-        if self.pending.len() + spec.tasks.len() > limits::PENDING_TASKS_MAX {
-            return CommandResult::Rejected {
-                limit: Some("pending_tasks_max".into()),
-                message: format!(
-                    "{} tasks are pending; pending_tasks_max is {}",
-                    self.pending.len(),
-                    limits::PENDING_TASKS_MAX
-                ),
-            };
+        let adding: u64 = spec.tasks.iter().map(TaskSpec::approx_bytes).sum();
+        let adding_tally = Tally {
+            tasks: spec.tasks.len() as u64,
+            bytes: adding,
+        };
+        let queued = Tally {
+            tasks: self.pending.len() as u64,
+            ..self.pending_total
+        };
+        if let Err(refusal) = room_for(
+            queued,
+            adding_tally,
+            limits::PENDING_TASKS_MAX as u64,
+            limits::PENDING_BYTES_MAX,
+        ) {
+            return refusal;
         }
         // Run ids start at run-1.
         self.last_run_seq += 1;
@@ -217,6 +382,7 @@ impl State {
             );
             task_ids.push(tid);
         }
+        self.task_bytes += adding;
         self.runs.insert(
             seq,
             Run {
@@ -231,6 +397,11 @@ impl State {
                 unfinished: spec.tasks.len() as u32,
             },
         );
+        if let Some(run) = self.runs.get(&seq) {
+            for tid in run.task_ids.clone() {
+                self.tally_pending(&tid, true);
+            }
+        }
         if !key.is_empty() {
             self.idempotency.insert(key.to_owned(), seq);
         }
@@ -248,7 +419,11 @@ impl State {
     /// bounded so one apply stays cheap.
     fn evict_old_runs(&mut self, runs_max: usize, tasks_max: usize) {
         const SCAN_MAX: usize = 64;
-        let over = |s: &Self| s.runs.len() > runs_max || s.tasks.len() > tasks_max;
+        let over = |s: &Self| {
+            s.runs.len() > runs_max
+                || s.tasks.len() > tasks_max
+                || s.task_bytes > limits::TASK_BYTES_RETAINED_MAX
+        };
         if !over(self) {
             return;
         }
@@ -265,7 +440,9 @@ impl State {
             }
             if let Some(run) = self.runs.remove(&seq) {
                 for tid in &run.task_ids {
-                    self.tasks.remove(tid);
+                    if let Some(t) = self.tasks.remove(tid) {
+                        self.task_bytes = self.task_bytes.saturating_sub(t.spec.approx_bytes());
+                    }
                 }
             }
         }
@@ -425,6 +602,7 @@ impl State {
         task.assigned_at_us = 0;
         task.started_at_us = 0;
         self.pending.insert(task.pending_key());
+        self.tally_pending(tid, true);
     }
 
     fn apply_plan(
@@ -465,6 +643,7 @@ impl State {
             task.pending_reason = std::borrow::Cow::Borrowed("");
             self.pending.remove(&task.pending_key());
             accepted.push(a.clone());
+            self.tally_pending(&a.task_id, false);
         }
         for (tid, reason) in unplaced {
             if let Some(task) = self.tasks.get_mut(tid)
@@ -604,6 +783,14 @@ impl State {
 
     /// Recomputes what is kept in memory only (see `Run::unfinished`) after a snapshot load.
     pub fn rebuild_derived(&mut self) {
+        self.pending_by_submitter.clear();
+        self.pending_by_queue.clear();
+        self.pending_total = Tally::default();
+        let pending: Vec<TaskId> = self.pending.iter().map(|(_, _, t)| t.clone()).collect();
+        for tid in pending {
+            self.tally_pending(&tid, true);
+        }
+        self.task_bytes = self.tasks.values().map(|t| t.spec.approx_bytes()).sum();
         self.assigned = self
             .tasks
             .values()

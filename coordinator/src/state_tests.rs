@@ -671,3 +671,55 @@ fn capacity_sums_saturate_instead_of_overflowing() {
     let sum = huge.plus(&huge);
     assert_eq!(sum, huge);
 }
+
+#[test]
+fn the_queue_refuses_runs_past_its_task_or_byte_cap_naming_the_cap() {
+    let t = |tasks, bytes| Tally { tasks, bytes };
+    assert!(room_for(t(5, 500), t(5, 500), 10, 1_000).is_ok());
+    let refusal = |r: Result<(), CommandResult>| match r {
+        Err(CommandResult::Rejected {
+            limit: Some(l),
+            message,
+        }) => (l, message),
+        other => panic!("{other:?}"),
+    };
+    let (limit, message) = refusal(room_for(t(9, 0), t(2, 0), 10, 1_000));
+    assert_eq!(limit, "pending_tasks_max");
+    assert!(message.contains("9 tasks are pending"), "{message}");
+    let (limit, message) = refusal(room_for(t(1, 900), t(1, 200), 10, 1_000));
+    assert_eq!(limit, "pending_bytes_max");
+    assert!(message.contains("this run adds 200"), "{message}");
+}
+
+#[test]
+fn pending_tallies_follow_tasks_in_and_out_of_the_queue_and_survive_a_snapshot() {
+    let mut s = State::default();
+    register(&mut s, "a", 10_000, vec![]);
+    let run = submit(&mut s, "", &["x", "y"], 100);
+    let per_task = s.tasks[&task_id(&run, "x")].spec.approx_bytes();
+    assert_eq!(
+        s.pending_total,
+        Tally {
+            tasks: 2,
+            bytes: 2 * per_task
+        }
+    );
+    assert_eq!(s.pending_by_submitter["t"].tasks, 2);
+    assert_eq!(s.pending_by_queue["default"].tasks, 2);
+    assign(&mut s, 1, &task_id(&run, "x"), 1, "a");
+    assert_eq!(s.pending_total.tasks, 1);
+    // Lost with its agent: back in the queue, counted again.
+    one(
+        &mut s,
+        1,
+        Command::AgentLost {
+            name: "a".into(),
+            reason: "t".into(),
+        },
+    );
+    assert_eq!(s.pending_total.tasks, 2);
+    assert_eq!(s.task_bytes, 2 * per_task);
+    let mut restored: State = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
+    restored.rebuild_derived();
+    assert_eq!(restored, s);
+}

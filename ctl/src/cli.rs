@@ -224,6 +224,9 @@ pub enum RunCmd {
     List {
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Only runs older than this run id: the next page (printed at the end of a page).
+        #[arg(long, default_value = "")]
+        before: String,
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Format,
     },
@@ -570,14 +573,15 @@ async fn run_cmd(conn: &Conn, cmd: RunCmd) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        RunCmd::List { limit, output } => {
+        RunCmd::List {
+            limit,
+            before,
+            output,
+        } => {
             let resp = client
-                .call(|mut c| async move {
-                    c.list_runs(pb::ListRunsRequest {
-                        limit,
-                        before: String::new(),
-                    })
-                    .await
+                .call(|mut c| {
+                    let before = before.clone();
+                    async move { c.list_runs(pb::ListRunsRequest { limit, before }).await }
                 })
                 .await
                 .map_err(call_err)?;
@@ -586,6 +590,12 @@ async fn run_cmd(conn: &Conn, cmd: RunCmd) -> anyhow::Result<i32> {
                 Format::Json => output::print_json(&serde_json::Value::Array(
                     resp.runs.iter().map(output::run_json).collect(),
                 )),
+            }
+            if !resp.next_before.is_empty() {
+                eprintln!(
+                    "more: droverctl run list --before {} --limit {limit}",
+                    resp.next_before
+                );
             }
             Ok(0)
         }

@@ -89,6 +89,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<i32> {
             election_timeout_max_ms: None,
             snapshot_logs: 5000,
             start_timeout_ms: 30_000,
+            submitter_pending_tasks_max: 250_000,
+            submitter_pending_bytes_max: 128 << 20,
+            queue_pending_tasks_max: 500_000,
+            queue_pending_bytes_max: 256 << 20,
+            unplaced_timeout: std::time::Duration::from_secs(24 * 3600),
+            lost_agent_retention: std::time::Duration::from_secs(24 * 3600),
         };
         nodes.push(
             drover_coordinator::start(config)

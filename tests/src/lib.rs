@@ -98,6 +98,8 @@ pub struct ClusterOptions {
     pub keep_agent_files: bool,
     /// `--start-timeout-ms` of the coordinators.
     pub start_timeout_ms: u64,
+    /// More flags for every coordinator.
+    pub coordinator_args: Vec<String>,
 }
 
 impl Default for ClusterOptions {
@@ -111,6 +113,7 @@ impl Default for ClusterOptions {
             agent_work_root: None,
             keep_agent_files: false,
             start_timeout_ms: 30_000,
+            coordinator_args: Vec::new(),
         }
     }
 }
@@ -217,6 +220,7 @@ impl Cluster {
             .arg(self.opts.heartbeat_interval_ms.to_string())
             .arg("--start-timeout-ms")
             .arg(self.opts.start_timeout_ms.to_string())
+            .args(&self.opts.coordinator_args)
             .env("DROVER_LOG", "info,openraft=warn,sled=warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

@@ -451,3 +451,210 @@ async fn an_agent_certificate_registers_only_under_its_own_name() {
     .await
     .expect("test deadline");
 }
+
+fn sized_task(name: &str, queue: &str, arg_bytes: usize) -> pb::TaskSpec {
+    pb::TaskSpec {
+        name: name.into(),
+        // Arguments are at most 64 KiB each.
+        argv: std::iter::once("echo".to_owned())
+            .chain(
+                (0..arg_bytes.div_ceil(32 * 1024))
+                    .map(|i| "x".repeat((arg_bytes - i * 32 * 1024).min(32 * 1024))),
+            )
+            .collect(),
+        queue: queue.into(),
+        ..Default::default()
+    }
+}
+
+async fn submit_tasks(
+    client: &ClusterClient,
+    tasks: Vec<pb::TaskSpec>,
+) -> Result<pb::SubmitRunResponse, CallError> {
+    droverctl::cli::submit(
+        client,
+        pb::RunSpec {
+            name: "budget".into(),
+            tasks,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+fn limit_of(e: &CallError) -> String {
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    e.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submitters_and_queues_get_task_and_byte_budgets_that_name_themselves() {
+    // Guards: counts alone let one submitter fill every replica's memory with large specs that
+    // never place; now each submitter and each queue has a budget in tasks and in bytes.
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let cluster = Cluster::start(ClusterOptions {
+            coordinator_args: [
+                "--submitter-pending-tasks-max=5",
+                "--submitter-pending-bytes-max=64Ki",
+                "--queue-pending-tasks-max=8",
+                "--queue-pending-bytes-max=1Mi",
+            ]
+            .map(String::from)
+            .to_vec(),
+            ..ClusterOptions::default()
+        })
+        .await;
+        // No agents: everything stays pending.
+        let admin = cluster.client();
+        let five = (0..5)
+            .map(|i| sized_task(&format!("t{i}"), "", 10))
+            .collect();
+        submit_tasks(&admin, five).await.unwrap();
+        let e = submit_tasks(&admin, vec![sized_task("one", "", 10)])
+            .await
+            .unwrap_err();
+        let text = limit_of(&e);
+        assert!(text.contains("submitter_pending_tasks_max"), "{text}");
+        assert!(
+            text.contains("submitter 'admin' has 5 tasks pending"),
+            "{text}"
+        );
+        // Another submitter has a budget of its own, but the default queue is shared.
+        let other = cluster.client_as("submitter", cluster.addrs());
+        let three = (0..3)
+            .map(|i| sized_task(&format!("t{i}"), "", 10))
+            .collect();
+        submit_tasks(&other, three).await.unwrap();
+        let e = submit_tasks(&other, vec![sized_task("one", "", 10)])
+            .await
+            .unwrap_err();
+        let text = limit_of(&e);
+        assert!(text.contains("queue_pending_tasks_max"), "{text}");
+        assert!(
+            text.contains("queue 'default' has 8 tasks pending"),
+            "{text}"
+        );
+        // Bytes: one large spec in another queue breaks the submitter's byte budget.
+        let e = submit_tasks(&other, vec![sized_task("big", "etl", 100 * 1024)])
+            .await
+            .unwrap_err();
+        let text = limit_of(&e);
+        assert!(text.contains("submitter_pending_bytes_max"), "{text}");
+        // A smaller one in that queue fits; a retry with the same key is answered, not refused.
+        let spec = pb::RunSpec {
+            name: "keyed".into(),
+            tasks: vec![sized_task("small", "etl", 1024)],
+            ..Default::default()
+        };
+        let submit = |key: &'static str| {
+            let spec = spec.clone();
+            let other = &other;
+            async move {
+                other
+                    .call(|mut c| {
+                        let spec = spec.clone();
+                        async move {
+                            c.submit_run(pb::SubmitRunRequest {
+                                spec: Some(spec),
+                                idempotency_key: key.into(),
+                            })
+                            .await
+                        }
+                    })
+                    .await
+            }
+        };
+        let first = submit("budget-key").await.unwrap();
+        let again = submit("budget-key").await.unwrap();
+        assert!(again.deduplicated && again.run_id == first.run_id);
+    })
+    .await
+    .expect("test deadline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_never_placed_expire_with_their_reason_and_lost_agents_are_forgotten() {
+    // Guards: a task no agent can take waited (and held memory) forever; so did the record of
+    // every agent ever lost.
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let mut cluster = Cluster::start(ClusterOptions {
+            lease_ttl_ms: 2_000,
+            heartbeat_interval_ms: 300,
+            coordinator_args: ["--unplaced-timeout=2s", "--lost-agent-retention=1s"]
+                .map(String::from)
+                .to_vec(),
+            ..ClusterOptions::default()
+        })
+        .await;
+        cluster.add_agent("short-lived", &[]).await;
+        let client = cluster.client();
+        let run = drover_tests::submit_task(
+            &client,
+            pb::TaskSpec {
+                class: "gpu-huge".into(),
+                ..drover_tests::shell_task("true")
+            },
+        )
+        .await;
+        let done = drover_tests::wait_done(&client, &run, Duration::from_secs(20)).await;
+        let task = &done.tasks[0];
+        assert_eq!(task.state, pb::TaskState::Failed as i32);
+        let reason = &task.outcome.as_ref().unwrap().reason;
+        assert!(
+            reason.starts_with("not placed within 2 s: no agent in class gpu-huge"),
+            "{reason}"
+        );
+        // Lost, then forgotten a second later.
+        cluster.kill_agent("short-lived");
+        drover_tests::wait_for(
+            "the agent to be forgotten",
+            Duration::from_secs(20),
+            || async {
+                let list = client
+                    .call(|mut c| async move { c.list_agents(pb::ListAgentsRequest {}).await })
+                    .await
+                    .ok()?;
+                (!list.agents.iter().any(|a| a.name == "short-lived")).then_some(())
+            },
+        )
+        .await;
+        assert_eq!(
+            drover_tests::get_agent(&client, "short-lived")
+                .await
+                .map(|_| ()),
+            None
+        );
+
+        // Run lists come in pages, and say where the next starts.
+        for _ in 0..2 {
+            submit_cmd(&client, &["true"]).await;
+        }
+        let page = client
+            .call(|mut c| async move {
+                c.list_runs(pb::ListRunsRequest {
+                    limit: 2,
+                    before: String::new(),
+                })
+                .await
+            })
+            .await
+            .unwrap();
+        assert_eq!(page.runs.len(), 2);
+        assert_eq!(page.next_before, page.runs[1].id);
+        let out = cluster
+            .ctl()
+            .args(["run", "list", "--limit", "2"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!(
+                "more: droverctl run list --before {}",
+                page.next_before
+            )),
+            "{err}"
+        );
+    })
+    .await
+    .expect("test deadline");
+}
