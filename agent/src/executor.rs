@@ -169,22 +169,44 @@ async fn run_noop(
 /// A started process: by the lean start (`spawn`), or by the standard library's.
 enum Child {
     Lean(Spawned),
-    Std(tokio::process::Child),
+    /// With a pidfd where the kernel gives one, to see the exit before collecting it.
+    Std(
+        tokio::process::Child,
+        Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>,
+    ),
 }
 
 impl Child {
     fn id(&self) -> u32 {
         match self {
             Child::Lean(c) => c.id(),
-            Child::Std(c) => c.id().unwrap_or(0),
+            Child::Std(c, _) => c.id().unwrap_or(0),
         }
     }
 
     async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
         match self {
             Child::Lean(c) => c.wait().await,
-            Child::Std(c) => c.wait().await,
+            Child::Std(c, _) => c.wait().await,
         }
+    }
+
+    /// Resolves once the process has ended, not yet collected where the kernel allows (see
+    /// `spawn::exited`); else once collected.
+    async fn exited(&mut self) -> std::io::Result<()> {
+        match self {
+            Child::Lean(c) => c.exited().await,
+            Child::Std(_, Some(fd)) => spawn::exited(fd).await,
+            Child::Std(c, None) => c.wait().await.map(|_| ()),
+        }
+    }
+
+    /// Waits for the leader process to end, kills what it left in its group while the group's
+    /// id is still its own, then collects it.
+    async fn end(&mut self, pid: u32) -> std::io::Result<std::process::ExitStatus> {
+        self.exited().await?;
+        kill_group(pid, libc::SIGKILL);
+        self.wait().await
     }
 }
 
@@ -266,10 +288,14 @@ fn start(work_dir: &Path, sandbox: &Sandbox, assign: &pb::Assign) -> Result<Runn
         PathBuf::from(&spec.workdir)
     };
     let open_log = |path: &Path| {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Not through a symbolic link: a task (as the agent's user) could plant one where a
+        // later attempt's log goes, and the agent would truncate and write whatever it names.
         std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .map_err(|e| format!("creating log file {}: {e}", path.display()))
     };
@@ -331,7 +357,7 @@ fn start(work_dir: &Path, sandbox: &Sandbox, assign: &pb::Assign) -> Result<Runn
         Ok(cmd)
     };
     let failed = |e: std::io::Error| format!("spawn: {program}: {e} (cwd {})", cwd.display());
-    let lean = cgroup.is_none() && sandbox.user.is_none();
+    let lean = cgroup.is_none() && sandbox.user.is_none() && spawn::pidfd_wait_supported();
     if let Some(exe) = found.as_deref().filter(|_| lean) {
         // A copy of one descriptor kept open: no path to look up per task.
         static DEV_NULL: LazyLock<std::io::Result<std::fs::File>> =
@@ -373,9 +399,11 @@ fn start(work_dir: &Path, sandbox: &Sandbox, assign: &pb::Assign) -> Result<Runn
             }
         },
     };
+    // Opened before anything can collect the child (only its `wait` does), so it names it.
+    let pidfd = child.id().and_then(spawn::pidfd_of);
     // The `Command` is gone by here, and with it this process's descriptors of the log files.
     Ok(Running {
-        child: Child::Std(child),
+        child: Child::Std(child, pidfd),
         stdout: stdout_path,
         stderr: stderr_path,
         cgroup,
@@ -445,7 +473,14 @@ async fn run_process(
     };
     let mut reason = String::new();
     let status = tokio::select! {
-        s = child.wait() => s,
+        s = child.exited() => match s {
+            Ok(()) => {
+                // Whatever the leader process left behind in its group goes with it.
+                kill_group(pid, libc::SIGKILL);
+                child.wait().await
+            }
+            Err(e) => Err(e),
+        },
         _ = deadline => {
             reason = format!("timeout after {timeout_ms} ms");
             stop_group(pid, &mut child).await
@@ -455,8 +490,6 @@ async fn run_process(
             stop_group(pid, &mut child).await
         }
     };
-    // Whatever the leader process left behind in its group goes with it.
-    kill_group(pid, libc::SIGKILL);
     // Read here, not in the blocking pool: it is a few small reads of local files, and in the
     // pool it queued behind every start waiting there (an agent given a thousand short tasks
     // has that many), so a task's finish went out hundreds of ms after it ended and its start,
@@ -502,11 +535,12 @@ fn kill_group(pid: u32, sig: i32) {
 /// SIGTERM to the group, then SIGKILL after a grace period.
 async fn stop_group(pid: u32, child: &mut Child) -> std::io::Result<std::process::ExitStatus> {
     kill_group(pid, libc::SIGTERM);
-    match tokio::time::timeout(Duration::from_millis(limits::KILL_GRACE_MS), child.wait()).await {
-        Ok(s) => s,
+    match tokio::time::timeout(Duration::from_millis(limits::KILL_GRACE_MS), child.exited()).await {
+        Ok(Ok(())) => child.end(pid).await,
+        Ok(Err(e)) => Err(e),
         Err(_) => {
             kill_group(pid, libc::SIGKILL);
-            child.wait().await
+            child.end(pid).await
         }
     }
 }
@@ -624,6 +658,61 @@ mod tests {
         assert_eq!(outcome.stderr_tail, b"err\n");
         let log = log_path(dir.path(), "r1/main", 1, pb::LogStream::Stderr);
         assert_eq!(std::fs::read(log).unwrap(), b"err\n");
+    }
+
+    #[tokio::test]
+    async fn a_log_path_holding_a_symbolic_link_is_not_followed() {
+        // Guards: a task could plant a link where a later attempt's log goes, and the agent
+        // would truncate and fill the file it names.
+        let dir = tempfile::tempdir().unwrap();
+        let precious = dir.path().join("precious");
+        std::fs::write(&precious, "keep me").unwrap();
+        let log = log_path(dir.path(), "r1/main", 1, pb::LogStream::Stdout);
+        std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&precious, &log).unwrap();
+        let table = TaskTable::default();
+        let a = assign(&["sh", "-c", "echo overwritten"]);
+        table.claim(&a.task_id, 1, &a.run_id).unwrap();
+        let outcome = run_process(dir.path(), &table, Default::default(), a).await;
+        assert!(!outcome.succeeded);
+        assert!(
+            outcome.reason.contains("creating log file"),
+            "{}",
+            outcome.reason
+        );
+        assert_eq!(std::fs::read_to_string(&precious).unwrap(), "keep me");
+    }
+
+    #[tokio::test]
+    async fn what_a_task_leaves_running_in_its_group_is_killed_when_it_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("bg");
+        let table = TaskTable::default();
+        let script = format!("sleep 600 & echo $! > {}; exit 0", pid_file.display());
+        let a = assign(&["sh", "-c", &script]);
+        table.claim(&a.task_id, 1, &a.run_id).unwrap();
+        let outcome = run_process(dir.path(), &table, Default::default(), a).await;
+        assert_eq!(outcome.exit_code, Some(0));
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // The orphan is re-parented to init (or a subreaper) and collected there; wait until
+        // it is gone.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // Gone, or a zombie awaiting its new parent: no longer running either way.
+            if stat.is_empty() || stat.split(") ").nth(1).is_some_and(|s| s.starts_with('Z')) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{pid} still running: {stat}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     #[tokio::test]

@@ -328,9 +328,68 @@ fn wait_blocking(fd: &OwnedFd) -> io::Result<Option<ExitStatus>> {
     }
 }
 
+/// Whether this kernel can wait on a pidfd (`waitid(P_PIDFD)`, Linux 5.4). `CLONE_PIDFD` came
+/// in 5.2: on 5.2 and 5.3 a lean start would succeed and then never be collected, so there the
+/// executor keeps the standard library's start. Probed once: with a descriptor number nothing
+/// holds (a negative one is EINVAL everywhere), a kernel that knows P_PIDFD answers EBADF, an
+/// older one EINVAL.
+pub fn pidfd_wait_supported() -> bool {
+    static SUPPORTED: LazyLock<bool> = LazyLock::new(|| {
+        // SAFETY: waitid with an invalid descriptor fails before touching `info`.
+        let r = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(
+                libc::P_PIDFD,
+                i32::MAX as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG,
+            )
+        };
+        let supported = r != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EBADF);
+        if !supported {
+            tracing::info!(
+                "this kernel cannot wait on a pidfd (Linux < 5.4): tasks start through the standard library"
+            );
+        }
+        supported
+    });
+    *SUPPORTED
+}
+
+/// A pidfd for `pid`, a child not yet collected, for `Exited`; None where the kernel has no
+/// pidfd_open (Linux < 5.3).
+pub fn pidfd_of(pid: u32) -> Option<AsyncFd<OwnedFd>> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a descriptor just returned to us, owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    // SAFETY: the `OwnedFd` keeps its descriptor open, unchanged, for as long as it is held.
+    unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()
+}
+
+/// Resolves once the process behind `fd` has ended, without collecting it: until it is
+/// collected its pid, and so its process group id, cannot be reused, and the group can still
+/// be signalled without hitting a stranger's.
+pub async fn exited(fd: &AsyncFd<OwnedFd>) -> io::Result<()> {
+    loop {
+        if waitid(fd.get_ref(), libc::WNOHANG | libc::WNOWAIT)?.is_some() {
+            return Ok(());
+        }
+        fd.readable().await?.clear_ready();
+    }
+}
+
 impl Spawned {
     pub fn id(&self) -> u32 {
         self.pid
+    }
+
+    /// Resolves once the process has ended, leaving it to `wait` to collect.
+    pub async fn exited(&mut self) -> io::Result<()> {
+        exited(self.fd.as_ref().expect("held until dropped")).await
     }
 
     /// Waits for the process to end.
@@ -384,7 +443,12 @@ mod tests {
         [null.into(), out.into(), err.into()]
     }
 
-    fn launch(argv: &[&str], env: &[(&str, &str)], cwd: &str, out: &std::path::Path) -> Launch {
+    pub(super) fn launch(
+        argv: &[&str],
+        env: &[(&str, &str)],
+        cwd: &str,
+        out: &std::path::Path,
+    ) -> Launch {
         let env: Vec<(&OsStr, &OsStr)> = env
             .iter()
             .map(|(k, v)| (OsStr::new(k), OsStr::new(v)))
@@ -571,5 +635,50 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "{pid} still there");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod exit_tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn an_ended_process_stays_uncollected_until_waited_so_its_group_id_stays_its_own() {
+        assert!(
+            pidfd_wait_supported(),
+            "this kernel waits on pidfds (Linux >= 5.4)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let l = tests::launch(&["/bin/sh", "-c", "exit 3"], &[], "/", &out);
+        let mut p = spawn(&l).unwrap();
+        let pid = p.id() as i32;
+        tokio::time::timeout(Duration::from_secs(10), p.exited())
+            .await
+            .expect("ends in time")
+            .unwrap();
+        // A zombie: still there (signal 0 succeeds), so neither its pid nor its group id can
+        // be taken by another process yet.
+        // SAFETY: kill with signal 0 only checks that the pid exists.
+        assert_eq!(unsafe { libc::kill(pid, 0) }, 0);
+        assert_eq!(p.wait().await.unwrap().code(), Some(3));
+        // SAFETY: as above.
+        assert_ne!(unsafe { libc::kill(pid, 0) }, 0, "collected");
+        // The same for a child started by the standard library, through pidfd_open.
+        let mut c = tokio::process::Command::new("/bin/sh")
+            .args(["-c", "exit 4"])
+            .spawn()
+            .unwrap();
+        let pid = c.id().unwrap() as i32;
+        let fd = pidfd_of(pid as u32).expect("pidfd_open");
+        tokio::time::timeout(Duration::from_secs(10), exited(&fd))
+            .await
+            .expect("ends in time")
+            .unwrap();
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(pid, 0) }, 0);
+        assert_eq!(c.wait().await.unwrap().code(), Some(4));
     }
 }

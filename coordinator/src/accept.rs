@@ -36,6 +36,7 @@ pub fn tls_incoming(
     let acceptor = TlsAcceptor::from(config);
     let steps = Arc::new(Semaphore::new(limits::TLS_HANDSHAKE_STEPS_AT_ONCE));
     let pending = Arc::new(Semaphore::new(limits::TLS_HANDSHAKES_PENDING_MAX));
+    let per_ip = Arc::new(PerIp::default());
     let task = tokio::spawn(async move {
         loop {
             // Past the bound, connections wait in the kernel's listen backlog.
@@ -59,6 +60,15 @@ pub fn tls_incoming(
                     continue;
                 }
             };
+            let Some(ip_slot) = per_ip.take(&tcp) else {
+                metrics
+                    .tls_handshakes
+                    .get_or_create(&ResultLabels {
+                        result: "refused_per_ip",
+                    })
+                    .inc();
+                continue;
+            };
             // Without it, Nagle plus delayed ACKs stall small Raft and session messages by tens
             // of milliseconds.
             let _ = tcp.set_nodelay(true);
@@ -78,6 +88,7 @@ pub fn tls_incoming(
                 .await;
                 metrics.tls_handshakes_pending.dec();
                 drop(slot);
+                drop(ip_slot);
                 let result = match outcome {
                     Ok(Ok(conn)) => {
                         let _ = ready.send(Ok(conn)).await;
@@ -100,6 +111,46 @@ pub fn tls_incoming(
         }
     });
     (ReceiverStream::new(ready_rx), task)
+}
+
+/// Handshakes in progress per client IP address.
+#[derive(Default)]
+struct PerIp(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One handshake counted against its IP until dropped.
+struct IpSlot {
+    per_ip: Arc<PerIp>,
+    ip: std::net::IpAddr,
+}
+
+impl PerIp {
+    /// Counts a handshake from `tcp`'s peer, or None (close it) if that peer has its fill.
+    fn take(self: &Arc<Self>, tcp: &TcpStream) -> Option<IpSlot> {
+        let ip = tcp.peer_addr().ok()?.ip();
+        let mut map = self.0.lock().unwrap();
+        let n = map.entry(ip).or_default();
+        if *n >= limits::TLS_HANDSHAKES_PER_IP_MAX {
+            tracing::debug!(%ip, limit = limits::TLS_HANDSHAKES_PER_IP_MAX, "too many handshakes from one address; connection closed");
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            per_ip: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut map = self.per_ip.0.lock().unwrap();
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// Drives `fut` to completion, polling it only while holding one of `steps`' permits, and

@@ -5,7 +5,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use crate::sessions::SessionOut;
+use crate::sessions::{SessionEnd, SessionOut};
 use drover_proto::identity::{Role, require_role};
 use drover_proto::pb::agent_message::Msg as In;
 use drover_proto::pb::agent_service_server::AgentService;
@@ -254,7 +254,7 @@ impl AgentRpc {
         let ending = end.clone();
         tokio::spawn(async move {
             tokio::select! {
-                _ = read_session(ctx.clone(), name.clone(), inbound, tx) => {}
+                _ = read_session(ctx.clone(), name.clone(), inbound, tx, &ending) => {}
                 _ = ending.ended() => {}
             }
             ctx.sessions.close(&name, session_id);
@@ -296,6 +296,7 @@ async fn read_session(
     name: String,
     mut inbound: Streaming<AgentMessage>,
     tx: mpsc::Sender<Result<CoordinatorMessage, Status>>,
+    end: &SessionEnd,
 ) {
     let reports = Arc::new(Semaphore::new(limits::REPORTS_IN_FLIGHT_PER_SESSION));
     loop {
@@ -308,12 +309,24 @@ async fn read_session(
             }
         };
         ctx.sessions.touch(&name);
+        let reported = match &msg.msg {
+            Some(In::Started(s)) => Some(s.task_id.len()),
+            Some(In::Finished(f)) => Some(f.task_id.len()),
+            _ => None,
+        };
+        if let Some(len) = reported.filter(|l| *l > limits::TASK_ID_BYTES_MAX) {
+            end.end(Status::invalid_argument(format!(
+                "task_id: {len} bytes; task ids are at most {}",
+                limits::TASK_ID_BYTES_MAX
+            )));
+            return;
+        }
         let cmd = match msg.msg {
             Some(In::Heartbeat(_)) | None => continue,
             Some(In::Register(_)) => {
-                let _ = tx.try_send(Err(Status::invalid_argument(
+                end.end(Status::invalid_argument(
                     "register may only be sent once per session",
-                )));
+                ));
                 return;
             }
             Some(In::LogData(data)) => {

@@ -300,7 +300,7 @@ pub fn run_spec_from_proto(spec: Option<&pb::RunSpec>) -> Result<RunSpec, Coordi
         let mut preferred = Vec::with_capacity(t.preferred.len());
         for (j, w) in t.preferred.iter().enumerate() {
             let f = format!("{field}.affinity.preferred[{j}]");
-            if w.weight.abs() > limits::WEIGHT_ABS_MAX {
+            if w.weight.unsigned_abs() > limits::WEIGHT_ABS_MAX.unsigned_abs() {
                 return Err(CoordinatorError::invalid(
                     format!("{f}.weight"),
                     format!(
@@ -315,7 +315,7 @@ pub fn run_spec_from_proto(spec: Option<&pb::RunSpec>) -> Result<RunSpec, Coordi
                 .ok_or_else(|| CoordinatorError::invalid(format!("{f}.expression"), "missing"))?;
             preferred.push((w.weight, label_expr_from_proto(&f, e)?));
         }
-        if t.priority.abs() > limits::PRIORITY_ABS_MAX {
+        if t.priority.unsigned_abs() > limits::PRIORITY_ABS_MAX.unsigned_abs() {
             return Err(CoordinatorError::invalid(
                 format!("{field}.priority"),
                 format!(
@@ -408,6 +408,20 @@ pub fn task_spec_to_proto(t: &TaskSpec) -> pb::TaskSpec {
     }
 }
 
+/// `s` cut to at most `max` bytes at a character boundary, marked as cut.
+pub fn clip_text(mut s: String, max: usize) -> String {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max.saturating_sub(3);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    s.push_str("...");
+    s
+}
+
 pub fn outcome_from_proto(o: Option<pb::TaskOutcome>) -> Outcome {
     let Some(o) = o else {
         return Outcome {
@@ -424,7 +438,7 @@ pub fn outcome_from_proto(o: Option<pb::TaskOutcome>) -> Outcome {
     Outcome {
         exit_code: o.exit_code,
         signal: o.signal,
-        reason: o.reason,
+        reason: clip_text(o.reason, limits::REASON_BYTES_MAX),
         duration_ms: o.duration_ms,
         stdout_tail: clip(o.stdout_tail),
         stderr_tail: clip(o.stderr_tail),
@@ -539,5 +553,59 @@ pub fn agent_to_proto(a: &Agent, heartbeat_age_ms: Option<u64>, connected: bool)
         connected,
         pool: a.pool.clone(),
         drain_deadline_ms: a.drain_deadline_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(task: pb::TaskSpec) -> Result<RunSpec, CoordinatorError> {
+        run_spec_from_proto(Some(&pb::RunSpec {
+            name: "r".into(),
+            tasks: vec![pb::TaskSpec {
+                name: "t".into(),
+                argv: vec!["true".into()],
+                ..task
+            }],
+            ..Default::default()
+        }))
+    }
+
+    #[test]
+    fn the_most_negative_priority_and_weight_are_refused_not_wrapped() {
+        // Guards: `i32::MIN.abs()` overflows (a panic in debug builds, i32::MIN itself in
+        // release, which passed the range check).
+        let e = with(pb::TaskSpec {
+            priority: i32::MIN,
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("priority: must be within"), "{e}");
+        let e = with(pb::TaskSpec {
+            preferred: vec![pb::WeightedExpression {
+                weight: i32::MIN,
+                expression: Some(drover_proto::selector::parse("zone=a").unwrap()),
+            }],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("weight: must be within"), "{e}");
+        assert!(with(pb::TaskSpec::default()).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod clip_tests {
+    #[test]
+    fn long_reasons_are_cut_at_a_character_boundary() {
+        assert_eq!(super::clip_text("short".into(), 10), "short");
+        let cut = super::clip_text("é".repeat(1000), 1024);
+        assert!(cut.len() <= 1024 && cut.ends_with("..."), "{}", cut.len());
+        let o = super::outcome_from_proto(Some(drover_proto::pb::TaskOutcome {
+            reason: "x".repeat(1 << 20),
+            ..Default::default()
+        }));
+        assert_eq!(o.reason.len(), crate::limits::REASON_BYTES_MAX);
     }
 }

@@ -119,6 +119,10 @@ pub const LABELS_MAX: usize = 64;
 
 /// Bytes of stdout/stderr tail kept in a replicated result (per stream).
 pub const OUTPUT_TAIL_BYTES_MAX: usize = 4 * 1024;
+/// An agent's reason for an outcome is cut to this; it is replicated with the result.
+pub const REASON_BYTES_MAX: usize = 1024;
+/// Task ids are `run-N/NAME`; a report naming a longer one is refused and ends the session.
+pub const TASK_ID_BYTES_MAX: usize = 128;
 
 /// Steps of TLS handshakes (a poll each: parse a flight, sign, verify a chain) computing at
 /// once on the gRPC port; the others wait for a permit outside the runtime's run queue, so a
@@ -130,8 +134,14 @@ pub const TLS_HANDSHAKE_STEPS_AT_ONCE: usize = 4;
 /// listen backlog.
 pub const TLS_HANDSHAKES_PENDING_MAX: usize = 16_384;
 
-/// How long a client may take over its side of the TLS handshake.
-pub const TLS_HANDSHAKE_WAIT: Duration = Duration::from_secs(10);
+/// Handshakes in progress from one IP address; past this, its new connections are closed at
+/// once. One host (or one attacker) cannot take the whole `TLS_HANDSHAKES_PENDING_MAX`; a
+/// fleet simulator connects at most 64 at a time.
+pub const TLS_HANDSHAKES_PER_IP_MAX: usize = 128;
+
+/// How long a client may take over its side of the TLS handshake (a few round trips and one
+/// signature: a healthy client needs milliseconds).
+pub const TLS_HANDSHAKE_WAIT: Duration = Duration::from_secs(5);
 
 /// How long a new agent stream may take to send its `register`.
 pub const REGISTER_WAIT: Duration = Duration::from_secs(10);

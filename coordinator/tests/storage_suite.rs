@@ -99,3 +99,47 @@ async fn a_snapshot_file_survives_a_restart_and_a_damaged_one_is_refused_by_name
         .expect("a damaged snapshot is refused");
     assert!(err.contains("snapshot"), "{err}");
 }
+
+#[test]
+fn snapshots_written_at_once_use_files_of_their_own_and_an_older_never_replaces_a_newer() {
+    // Guards: building (snapshot thread) and installing (state-machine worker) wrote the same
+    // `snapshot.tmp`; two at once could interleave into one damaged file, or rename an older
+    // snapshot over a newer one.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = sled_in(dir.path());
+    let sm = StateMachineStore::open(&db, dir.path(), Default::default()).expect("open");
+    let meta = |index| openraft::SnapshotMeta {
+        last_log_id: Some(drover_coordinator::raft::log_id(1, 1, index)),
+        last_membership: Default::default(),
+    };
+    std::thread::scope(|s| {
+        for i in 1..=8u64 {
+            let sm = sm.clone();
+            let meta = meta(i * 10);
+            s.spawn(move || {
+                let data = vec![i as u8; 1 << 20];
+                sm.persist_snapshot(&meta, &data).expect("persist");
+            });
+        }
+    });
+    let leftovers: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let stored = std::fs::read(dir.path().join("snapshot")).expect("snapshot file");
+    assert_eq!(
+        *stored.last().unwrap(),
+        8,
+        "the newest snapshot is the one kept"
+    );
+    assert!(stored.len() > 1 << 20, "whole: header and all of the state");
+    assert!(
+        !sm.persist_snapshot(&meta(5), &[1]).expect("persist"),
+        "older: dropped"
+    );
+    let again = std::fs::read(dir.path().join("snapshot")).expect("snapshot file");
+    assert_eq!(again, stored);
+}

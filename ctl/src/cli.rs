@@ -279,13 +279,25 @@ fn call_err(e: CallError) -> anyhow::Error {
     anyhow!(e.to_string())
 }
 
-fn random_key() -> String {
+/// A key no other submission has: 128 random bits from the kernel. Without them (a sandbox
+/// refusing getrandom), the time, the process and a counter, which still differ per submission;
+/// never a fixed value, which would make every such submission a "retry" of the first.
+pub fn random_key() -> String {
     let mut buf = [0u8; 16];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        use std::io::Read;
-        let _ = f.read_exact(&mut buf);
+    // SAFETY: getrandom(2) writes at most `buf.len()` bytes into `buf`.
+    let got = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if got == buf.len() as isize {
+        return buf.iter().map(|b| format!("{b:02x}")).collect();
     }
-    buf.iter().map(|b| format!("{b:02x}")).collect()
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "t{nanos:x}-p{:x}-n{:x}",
+        std::process::id(),
+        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
 }
 
 pub async fn submit(
@@ -673,5 +685,16 @@ fn command_spec(
         }],
         labels: Default::default(),
         strategy: String::new(),
+    }
+}
+
+#[cfg(test)]
+mod key_tests {
+    #[test]
+    fn every_submission_gets_a_key_of_its_own() {
+        let keys: std::collections::HashSet<String> =
+            (0..1000).map(|_| super::random_key()).collect();
+        assert_eq!(keys.len(), 1000);
+        assert!(keys.iter().all(|k| k.len() == 32), "{keys:?}");
     }
 }

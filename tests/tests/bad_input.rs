@@ -261,12 +261,35 @@ async fn clients_stalled_mid_handshake_delay_nobody() {
             "a new client waited {took:?} behind {STALLED} stalled handshakes"
         );
 
-        // The stalled ones end at the handshake timeout (10 s), counted as such.
+        // One address may hold only so many handshakes: past them, its connections are closed
+        // at once (128 here with the 64 above).
+        use tokio::io::AsyncReadExt;
+        for _ in STALLED..128 {
+            stalled.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+        }
+        drover_tests::wait_for(
+            "the per-address cap to fill",
+            Duration::from_secs(5),
+            || async {
+                (cluster.metric(leader, "drover_tls_handshakes_pending")? >= 128.0).then_some(())
+            },
+        )
+        .await;
+        let mut extra = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
+            .await
+            .expect("closed at once, not left to time out");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        let refused = r#"drover_tls_handshakes_total{result="refused_per_ip"}"#;
+        assert!(cluster.metric(leader, refused).unwrap_or(0.0) >= 1.0);
+
+        // The stalled ones end at the handshake timeout (5 s), counted as such.
         let timeout = r#"drover_tls_handshakes_total{result="timeout"}"#;
         drover_tests::wait_for(
             "the stalled handshakes to time out",
             Duration::from_secs(30),
-            || async { (cluster.metric(leader, timeout)? >= STALLED as f64).then_some(()) },
+            || async { (cluster.metric(leader, timeout)? >= 128.0).then_some(()) },
         )
         .await;
         drop(stalled);

@@ -60,7 +60,14 @@ pub struct StateMachineStore {
     /// The legacy sled tree of snapshots (read when no snapshot file exists).
     legacy: sled::Tree,
     dir: std::path::PathBuf,
+    /// The log index of the snapshot in the file (None: none yet). Held while a new file is
+    /// renamed into place, so a snapshot built from an older state never replaces a newer one
+    /// installed meanwhile (building and installing run on different threads).
+    persisted: Arc<std::sync::Mutex<Option<u64>>>,
 }
+
+/// Gives every snapshot being written a file of its own.
+static SNAPSHOT_WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn write_err(e: impl std::error::Error + Send + Sync + 'static) -> std::io::Error {
     std::io::Error::other(format!("writing a snapshot: {e}"))
@@ -87,8 +94,18 @@ impl StateMachineStore {
             metrics,
             legacy,
             dir: dir.to_owned(),
+            persisted: Arc::default(),
         };
-        if let Some((_, bytes)) = store.read_snapshot().map_err(|e| e.to_string())? {
+        // Left by a crash mid-write; never read.
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(&format!("{SNAPSHOT_FILE}.")) && name.ends_with(".tmp") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        if let Some((meta, bytes)) = store.read_snapshot().map_err(|e| e.to_string())? {
+            *store.persisted.lock().unwrap() = meta.last_log_id.map(|l| l.index);
             // The snapshot policy sizes the next interval by this gauge.
             store.metrics.snapshot_bytes.set(bytes.len() as i64);
             let applied = decode_snapshot(&bytes)
@@ -132,28 +149,48 @@ impl StateMachineStore {
         }
     }
 
-    /// Writes the snapshot to a new file, syncs it and renames it over the old one, so a crash
-    /// leaves either the old snapshot or the new one.
-    fn persist_snapshot(&self, meta: &SnapshotMetadata, data: &[u8]) -> std::io::Result<()> {
+    /// Writes the snapshot to a new file of its own, syncs it and renames it over the old one
+    /// unless the old one is newer, so a crash leaves either the old snapshot or the new one.
+    /// Returns whether it replaced the old one.
+    pub fn persist_snapshot(&self, meta: &SnapshotMetadata, data: &[u8]) -> std::io::Result<bool> {
         use std::io::Write;
 
         let meta_bytes = super::codec::encode(meta).map_err(write_err)?;
-        let tmp = self.dir.join(format!("{SNAPSHOT_FILE}.tmp"));
-        let mut file = std::fs::File::create(&tmp).map_err(write_err)?;
-        file.write_all(SNAPSHOT_TAG)
-            .and_then(|()| file.write_all(&(meta_bytes.len() as u32).to_le_bytes()))
-            .and_then(|()| file.write_all(&meta_bytes))
-            .and_then(|()| write_paced(&mut file, data))
-            .and_then(|()| file.sync_all())
-            .map_err(write_err)?;
-        std::fs::rename(&tmp, self.dir.join(SNAPSHOT_FILE)).map_err(write_err)?;
+        let n = SNAPSHOT_WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self
+            .dir
+            .join(format!("{SNAPSHOT_FILE}.{}.{n}.tmp", std::process::id()));
+        let written = std::fs::File::create_new(&tmp).and_then(|mut file| {
+            file.write_all(SNAPSHOT_TAG)
+                .and_then(|()| file.write_all(&(meta_bytes.len() as u32).to_le_bytes()))
+                .and_then(|()| file.write_all(&meta_bytes))
+                .and_then(|()| write_paced(&mut file, data))
+                .and_then(|()| file.sync_all())
+        });
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(write_err(e));
+        }
+        let index = meta.last_log_id.map(|l| l.index);
+        let mut persisted = self.persisted.lock().unwrap();
+        if index < *persisted {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::info!(?index, newer = ?*persisted, "a newer snapshot is already stored; this one is dropped");
+            return Ok(false);
+        }
+        if let Err(e) = std::fs::rename(&tmp, self.dir.join(SNAPSHOT_FILE)) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(write_err(e));
+        }
+        *persisted = index;
+        drop(persisted);
         std::fs::File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(write_err)?;
         if self.legacy.contains_key(KEY_SNAPSHOT_DATA).unwrap_or(false) {
             let _ = self.legacy.clear();
         }
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -317,7 +354,7 @@ impl SnapshotBuild {
         };
         let (store, meta_copy) = (self.store.clone(), meta.clone());
         let data = in_background("snapshot-persist", move || {
-            let persisted = store.persist_snapshot(&meta_copy, &data).map(|()| data);
+            let persisted = store.persist_snapshot(&meta_copy, &data).map(|_| data);
             // Trimming a heap of a GiB or more takes a while: off the runtime's threads too.
             crate::memory::release_free_memory();
             persisted
