@@ -2,7 +2,6 @@
 //! agent sessions. Every node runs it; it acts only while its node leads. Timers are absolute
 //! deadlines checked each tick, so a failover neither loses nor doubles them.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,11 +13,9 @@ use tracing::Instrument;
 
 use crate::command::{Command, CommandResult};
 use crate::convert;
-use crate::limits;
 use crate::model::{AgentState, Assignment, HeldTask, TaskState};
 use crate::node::Ctx;
 use crate::raft::state_machine::Shared;
-use crate::scheduler::{self, PendingTask, View};
 use crate::sessions::Sessions;
 
 /// How often the loop wakes when nothing else wakes it.
@@ -356,90 +353,13 @@ async fn sweep_stranded(ctx: &Ctx) {
     }
 }
 
-/// Plans one round against the applied state, under its read lock: the view borrows the queued
-/// tasks rather than copying them. Returns the assignments and the unplaced tasks whose reason
-/// changed (rewriting an unchanged reason would be a write for nothing).
-/// Every apply wakes the loop, so under load this runs hundreds of times a second.
-fn plan_round(ctx: &Ctx) -> (Vec<Assignment>, Vec<(String, String)>) {
-    ctx.shared.read(|a| {
-        let s = &a.state;
-        // Capacity net of assignments in entries not applied yet (placement at submission).
-        let reserved = ctx.placement.reserved();
-        let agents: Vec<_> = s
-            .agents
-            .values()
-            .filter(|a| a.state == AgentState::Active && ctx.sessions.is_connected(&a.name))
-            .map(|a| crate::submit_placement::agent_slot(a, reserved.get(&a.name)))
-            .collect();
-        // Behind a deep queue most rounds can place only as many tasks as the fleet has free
-        // slots, yet looking up a full window of queued tasks was a fifth of the leader's CPU.
-        // A window just past the free slots gives the same plan whenever the plan stops at the
-        // full fleet inside it; only when it does not is the full window planned.
-        let open: usize = agents.iter().map(|a| a.slots).sum();
-        let small = open
-            .saturating_add(limits::SCHEDULE_WINDOW_MARGIN)
-            .min(limits::SCHEDULE_ROUND_TASKS_MAX);
-        let mut view = View {
-            agents,
-            ..View::default()
-        };
-        for window in [small, limits::SCHEDULE_ROUND_TASKS_MAX] {
-            fill_view(s, window, &mut view);
-            let plan = scheduler::plan(&view);
-            let whole_queue = s.pending.len() <= window;
-            if plan.unexamined > 0 || whole_queue || window == limits::SCHEDULE_ROUND_TASKS_MAX {
-                return (plan.assignments, plan.unplaced);
-            }
-        }
-        unreachable!("the last window always returns")
-    })
-}
-
-/// The first `window` queued tasks, and where the spreading runs among them have tasks.
-fn fill_view<'s>(s: &'s crate::state::State, window: usize, view: &mut View<'s>) {
-    view.pending = s
-        .pending
-        .iter()
-        .take(window)
-        .filter_map(|(_, _, tid)| s.tasks.get(tid))
-        .map(|t| PendingTask {
-            reason: &t.pending_reason,
-            ..PendingTask::new(t.id.as_str(), t.attempt, t.run_id.as_str(), &t.spec)
-        })
-        .collect();
-    let spreading: std::collections::BTreeSet<&str> = view
-        .pending
-        .iter()
-        .filter(|t| !t.spread_by.is_empty())
-        .map(|t| &*t.run_id)
-        .collect();
-    let mut placed: BTreeMap<String, BTreeMap<String, u32>> = BTreeMap::new();
-    for run_id in spreading {
-        if let Some(run) = crate::state::run_seq(run_id).and_then(|seq| s.runs.get(&seq)) {
-            for tid in &run.task_ids {
-                if let Some(t) = s.tasks.get(tid)
-                    && let Some(agent) = &t.agent
-                    && !t.state.is_terminal()
-                {
-                    *placed
-                        .entry(run_id.to_owned())
-                        .or_default()
-                        .entry(agent.clone())
-                        .or_default() += 1;
-                }
-            }
-        }
-    }
-    view.placed = placed;
-}
-
 async fn schedule_round(ctx: &Ctx, term: u64) {
     // The loop wakes on every Raft metrics change; with nothing queued, skip building a view of
     // every agent.
     if ctx.shared.read(|a| a.state.pending.is_empty()) {
         return;
     }
-    let (assignments, unplaced) = plan_round(ctx);
+    let (assignments, unplaced) = ctx.placement.plan_round();
     ctx.metrics.schedule_rounds.inc();
     if assignments.is_empty() && unplaced.is_empty() {
         return;
@@ -459,8 +379,8 @@ async fn schedule_round(ctx: &Ctx, term: u64) {
             if dropped > 0 {
                 tracing::debug!(dropped, "stale assignments dropped at apply");
             }
+            // The placer has dispatched them already, as the entry's results came in.
             ctx.metrics.tasks_placed.inc_by(accepted.len() as u64);
-            dispatch(&ctx.shared, &ctx.sessions, &accepted);
         }
         Ok(other) => tracing::debug!(?other, "plan not applied"),
         Err(e) => tracing::warn!(error = %e, "could not commit plan"),

@@ -4,7 +4,6 @@ pub mod accept;
 pub mod admission;
 pub mod agent_service;
 pub mod client_service;
-pub mod command;
 pub mod config;
 pub mod convert;
 pub mod entry;
@@ -14,16 +13,14 @@ pub mod leader;
 pub mod limits;
 pub mod memory;
 pub mod metrics;
-pub mod model;
 pub mod node;
+pub mod placer;
 pub mod proposer;
 pub mod raft;
-pub mod retention;
-pub mod scheduler;
 pub mod sessions;
-pub mod state;
-pub mod stranded;
-pub mod submit_placement;
+
+// The functional core, under the names the shell has always used for it.
+pub use drover_core::{command, model, placement, retention, scheduler, state, stranded, view};
 
 pub use config::Config;
 pub use node::{NodeHandle, start};

@@ -25,6 +25,7 @@ use crate::config::Config;
 use crate::error::CoordinatorError;
 use crate::metrics::{Metrics, StateLabels};
 use crate::model::{AgentState, NodeId, TaskState};
+use crate::placer::Placer;
 use crate::proposer::Proposer;
 use crate::raft::Raft;
 use crate::raft::log_store::LogStore;
@@ -32,7 +33,6 @@ use crate::raft::network::NetworkFactory;
 use crate::raft::service::RaftRpc;
 use crate::raft::state_machine::{Shared, StateMachineStore};
 use crate::sessions::{LogRequests, Sessions};
-use crate::submit_placement::SubmitPlacement;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -70,7 +70,7 @@ pub struct Ctx {
     pub proposer: Proposer,
     pub peers: Arc<Vec<(NodeId, String)>>,
     pub sessions: Arc<Sessions>,
-    pub placement: Arc<SubmitPlacement>,
+    pub placement: Arc<Placer>,
     pub log_requests: LogRequests,
     pub metrics: Arc<Metrics>,
     pub timing: Timing,
@@ -366,7 +366,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
     let mut tasks = Vec::new();
     let sessions = Arc::new(Sessions::default());
     let contact = Arc::new(crate::raft::watchdog::LeaderContact::default());
-    let placement = Arc::new(SubmitPlacement::new(
+    let placement = Arc::new(Placer::new(
         config.node_id,
         raft.clone(),
         shared.clone(),

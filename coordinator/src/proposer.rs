@@ -14,7 +14,6 @@ use crate::limits;
 use crate::metrics::Metrics;
 use crate::model::NodeId;
 use crate::raft::{Raft, TypeConfig};
-use crate::submit_placement::SubmitPlacement;
 
 type Reply = oneshot::Sender<Result<CommandResult, CoordinatorError>>;
 
@@ -60,11 +59,11 @@ impl Proposer {
         raft: Raft,
         peers: Arc<Vec<(NodeId, String)>>,
         metrics: Arc<Metrics>,
-        placement: Arc<SubmitPlacement>,
+        hook: Arc<dyn BatchHook>,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(limits::PROPOSAL_QUEUE_MAX);
-        let handle = tokio::spawn(run(raft, peers, metrics, placement, rx, shutdown));
+        let handle = tokio::spawn(run(raft, peers, metrics, hook, rx, shutdown));
         (Self { tx }, handle)
     }
 
@@ -91,11 +90,24 @@ impl Proposer {
     }
 }
 
+/// What the leader does around a batch's write. The proposer only batches and writes; placing
+/// submissions, holding capacity for entries in flight and handing the assignments an entry
+/// committed to their agents belong to the leader's placement pipeline (`placer::Placer`).
+pub trait BatchHook: Send + Sync + 'static {
+    /// Called with a batch just before it is written; the token comes back to `after_write`.
+    fn before_write(&self, commands: &mut [Command]) -> BatchToken;
+    /// Called once the batch is applied (with its results, index-aligned) or failed (None).
+    fn after_write(&self, token: BatchToken, results: Option<&[CommandResult]>);
+}
+
+/// Whatever a `BatchHook` keeps between the two calls.
+pub type BatchToken = Box<dyn std::any::Any + Send>;
+
 async fn run(
     raft: Raft,
     peers: Arc<Vec<(NodeId, String)>>,
     metrics: Arc<Metrics>,
-    placement: Arc<SubmitPlacement>,
+    hook: Arc<dyn BatchHook>,
     mut rx: mpsc::Receiver<(Command, Reply)>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -130,16 +142,15 @@ async fn run(
             }
         }
         let (mut commands, replies): (Vec<Command>, Vec<Reply>) = batch.into_iter().unzip();
-        let reservation = placement.prepare(&mut commands);
+        let token = hook.before_write(&mut commands);
         let raft = raft.clone();
         let peers = peers.clone();
         let metrics = metrics.clone();
-        let placement = placement.clone();
+        let hook = hook.clone();
         let span = tracing::debug_span!("raft_propose", commands = commands.len());
         tokio::spawn(
             async move {
-                write_batch(&raft, &peers, &metrics, &placement, commands, replies).await;
-                placement.release(reservation);
+                write_batch(&raft, &peers, &metrics, &*hook, token, commands, replies).await;
                 drop(permit);
             }
             .instrument(span),
@@ -151,7 +162,8 @@ async fn write_batch(
     raft: &Raft,
     peers: &[(NodeId, String)],
     metrics: &Metrics,
-    placement: &SubmitPlacement,
+    hook: &dyn BatchHook,
+    token: BatchToken,
     commands: Vec<Command>,
     replies: Vec<Reply>,
 ) {
@@ -181,12 +193,15 @@ async fn write_batch(
         .observe(started.elapsed().as_secs_f64());
     match result {
         Ok(resp) => {
-            placement.dispatch(&resp.data.results);
+            // Whether or not its proposers still wait: a caller that gave up (the commit was
+            // not confirmed in time) must not leave what the entry decided undone.
+            hook.after_write(token, Some(&resp.data.results));
             for (reply, r) in replies.into_iter().zip(resp.data.results) {
                 let _ = reply.send(Ok(r));
             }
         }
         Err(e) => {
+            hook.after_write(token, None);
             let err = match e {
                 RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
                     CoordinatorError::NotLeader {

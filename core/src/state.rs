@@ -194,7 +194,7 @@ impl State {
                 } = &mut result
                     && let Some(p) = placement.as_ref().filter(|p| p.term == term)
                 {
-                    let wanted = crate::submit_placement::assignments(run_id, spec, p);
+                    let wanted = crate::placement::assignments(run_id, spec, p);
                     if let CommandResult::PlanApplied { accepted, .. } =
                         self.apply_plan(now_us, &wanted, &[])
                     {

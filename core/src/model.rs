@@ -269,9 +269,9 @@ pub struct Outcome {
     pub signal: Option<i32>,
     pub reason: String,
     pub duration_ms: u64,
-    #[serde(with = "crate::raft::codec::bytes")]
+    #[serde(with = "crate::serde_bytes")]
     pub stdout_tail: Vec<u8>,
-    #[serde(with = "crate::raft::codec::bytes")]
+    #[serde(with = "crate::serde_bytes")]
     pub stderr_tail: Vec<u8>,
     pub succeeded: bool,
     #[serde(default)]
