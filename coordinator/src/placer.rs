@@ -68,16 +68,23 @@ impl Placer {
     pub fn plan_round(&self) -> (Vec<crate::model::Assignment>, Vec<(String, String)>) {
         self.shared.read(|a| {
             let s = &a.state;
-            let reserved = self.reserved();
-            let agents: Vec<AgentSlot> = s
-                .agents
-                .values()
-                .filter(|a| a.state == AgentState::Active && self.sessions.is_connected(&a.name))
-                .map(|a| agent_slot(a, reserved.get(&a.name)))
-                .collect();
-            let plan = crate::view::plan_round(s, agents);
+            let plan = crate::view::plan_round(s, self.agent_slots(s, &self.reserved()));
             (plan.assignments, plan.unplaced)
         })
+    }
+
+    /// The agents that may take work (active, with a session here), as the scheduler sees
+    /// them: capacity net of `reserved`.
+    fn agent_slots(
+        &self,
+        s: &crate::state::State,
+        reserved: &BTreeMap<AgentName, (Resources, usize)>,
+    ) -> Vec<AgentSlot> {
+        s.agents
+            .values()
+            .filter(|a| a.state == AgentState::Active && self.sessions.is_connected(&a.name))
+            .map(|a| agent_slot(a, reserved.get(&a.name)))
+            .collect()
     }
 
     pub fn new(node_id: NodeId, raft: Raft, shared: Arc<Shared>, sessions: Arc<Sessions>) -> Self {
@@ -134,12 +141,7 @@ impl Placer {
             if tasks == 0 || !s.pending.is_empty() || tasks > limits::SCHEDULE_ROUND_TASKS_MAX {
                 return;
             }
-            let agents: Vec<AgentSlot> = s
-                .agents
-                .values()
-                .filter(|a| a.state == AgentState::Active && self.sessions.is_connected(&a.name))
-                .map(|a| agent_slot(a, reserved.get(&a.name)))
-                .collect();
+            let agents = self.agent_slots(s, &reserved);
             if agents.is_empty() {
                 return;
             }

@@ -666,3 +666,45 @@ async fn a_leader_cut_off_from_its_quorum_ends_agent_sessions_and_refuses_new_on
     .await
     .expect("test deadline");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_killed_as_it_commits_placements_strands_no_task() {
+    // Guards: a leader killed between committing assignments and handing them to agents (or
+    // with a plan whose commit it could not confirm) left tasks assigned that no agent knew of.
+    // The next leader re-sends them (on registration, or in its sweep) and every task runs once.
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let mut cluster = Cluster::start(ClusterOptions {
+            start_timeout_ms: 6_000,
+            ..fast_leases()
+        })
+        .await;
+        cluster.add_agent("w1", &[]).await;
+        cluster.add_agent("w2", &[]).await;
+        let client = cluster.client();
+        let mut runs = Vec::new();
+        for round in 0..2 {
+            let leader = cluster.wait_leader(Duration::from_secs(10)).await;
+            // Submitted back to back, the last ones still being placed as the leader dies.
+            for i in 0..12 {
+                runs.push(
+                    submit_task(
+                        &client,
+                        shell_task(&format!("echo r{round}-{i} attempt $DROVER_ATTEMPT")),
+                    )
+                    .await,
+                );
+            }
+            cluster.kill(leader);
+            cluster.restart(leader);
+        }
+        for id in &runs {
+            let run = wait_done(&client, id, Duration::from_secs(60)).await;
+            assert_eq!(run.state, pb::RunState::Succeeded as i32, "{run:?}");
+            let out = String::from_utf8_lossy(&run.tasks[0].outcome.as_ref().unwrap().stdout_tail)
+                .into_owned();
+            assert!(out.ends_with(" attempt 1\n"), "{id} ran as {out:?}");
+        }
+    })
+    .await
+    .expect("test deadline");
+}
