@@ -92,6 +92,74 @@ fn submit_batch(n: usize, offset: usize) -> Request {
     }
 }
 
+fn register(name: &str) -> Request {
+    Request {
+        now_us: 1,
+        commands: vec![Command::RegisterAgent {
+            name: name.into(),
+            labels: BTreeMap::new(),
+            total: Resources {
+                cpu_millis: 1_000_000,
+                memory_bytes: 1 << 40,
+                ..Default::default()
+            },
+            class: "default".into(),
+            version: String::new(),
+            held: vec![],
+            pool: String::new(),
+            isolation: String::new(),
+        }]
+        .into(),
+    }
+}
+
+/// Submits 1,000 one-task runs, assigns them all in one plan, finishes each.
+fn lifecycle(s: &mut State, offset: usize) {
+    s.apply(1, &submit_batch(1_000, offset));
+    let ids: Vec<String> = (0..1_000)
+        .map(|i| format!("run-{}/main", offset + i + 1))
+        .collect();
+    s.apply(
+        1,
+        &Request {
+            now_us: 2,
+            commands: vec![Command::ApplyPlan {
+                term: 1,
+                assignments: ids
+                    .iter()
+                    .map(|t| drover_coordinator::model::Assignment {
+                        task_id: t.clone(),
+                        attempt: 1,
+                        agent: "a".into(),
+                    })
+                    .collect(),
+                unplaced: vec![],
+            }]
+            .into(),
+        },
+    );
+    s.apply(
+        1,
+        &Request {
+            now_us: 3,
+            commands: ids
+                .iter()
+                .map(|t| Command::TaskFinished {
+                    agent: "a".into(),
+                    task_id: t.clone(),
+                    attempt: 1,
+                    outcome: Outcome {
+                        succeeded: true,
+                        exit_code: Some(0),
+                        ..Default::default()
+                    },
+                    started_at_us: 0,
+                })
+                .collect(),
+        },
+    );
+}
+
 fn benches(c: &mut Criterion) {
     // Issue 3's target: one round placing 10,000 tasks onto 1,000 agents in under 50 ms.
     let v = view(10_000, 1_000);
@@ -109,6 +177,22 @@ fn benches(c: &mut Criterion) {
             State::default,
             |mut s| s.apply(1, &batch),
             criterion::BatchSize::SmallInput,
+        )
+    });
+
+    // A task's whole life in apply: submitted, assigned by a plan, finished; 1,000 one-task runs
+    // on one agent, over a state already holding 20,000 finished ones (what every replica does
+    // per task on the no-op path).
+    let mut warm = State::default();
+    warm.apply(1, &register("a"));
+    for k in 0..20 {
+        lifecycle(&mut warm, k * 1_000);
+    }
+    c.bench_function("apply_lifecycle_1000_tasks", |b| {
+        b.iter_batched(
+            || warm.clone(),
+            |mut s| lifecycle(&mut s, 20_000),
+            criterion::BatchSize::LargeInput,
         )
     });
 

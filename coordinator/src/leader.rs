@@ -321,7 +321,14 @@ async fn sweep_stranded(ctx: &Ctx) {
     let policy = ctx.timing.stranded;
     let found = ctx.shared.read(|a| {
         let s = &a.state;
-        ctx.sessions.retain_sent(|t| s.assigned.contains(t));
+        // Amortised: only once what was handed over outgrows what still waits to start.
+        if ctx.sessions.sent_len() > s.assigned.len() + crate::stranded::SWEEP_MAX {
+            ctx.sessions.retain_sent(|t| {
+                s.tasks
+                    .get(t)
+                    .is_some_and(|t| t.state == crate::model::TaskState::Assigned)
+            });
+        }
         if s.assigned.is_empty() {
             return Default::default();
         }
@@ -405,13 +412,10 @@ pub fn dispatch(shared: &Shared, sessions: &Sessions, assignments: &[Assignment]
                     })),
                 })
         });
-        if let Some(msg) = msg {
-            match sessions.send(&a.agent, msg) {
-                Ok(()) => sessions.record_sent(&a.task_id, a.attempt),
-                Err(e) => {
-                    tracing::debug!(agent = %a.agent, task = %a.task_id, ?e, "assignment not delivered now; will resend on reconnect");
-                }
-            }
+        if let Some(msg) = msg
+            && let Err(e) = sessions.send_assignment(&a.agent, msg, &a.task_id, a.attempt)
+        {
+            tracing::debug!(agent = %a.agent, task = %a.task_id, ?e, "assignment not delivered now; will resend on reconnect");
         }
     }
 }

@@ -202,23 +202,15 @@ impl Sessions {
         }
     }
 
-    /// Notes that `task_id`'s `attempt` was handed to its agent's session now.
-    pub fn record_sent(&self, task_id: &str, attempt: u64) {
-        let now = Instant::now();
-        let mut inner = self.inner.lock().unwrap();
-        match inner.sent.get_mut(task_id) {
-            Some(e) => *e = (attempt, now),
-            None => {
-                inner.sent.insert(task_id.to_owned(), (attempt, now));
-            }
-        }
-    }
-
     /// How long ago this leader handed `attempt` of `task_id` to a session, if it did.
     pub fn sent_ago(&self, task_id: &str, attempt: u64) -> Option<std::time::Duration> {
         let inner = self.inner.lock().unwrap();
         let (a, at) = inner.sent.get(task_id)?;
         (*a == attempt).then(|| at.elapsed())
+    }
+
+    pub fn sent_len(&self) -> usize {
+        self.inner.lock().unwrap().sent.len()
     }
 
     /// Forgets deliveries of tasks for which `keep` is false (no longer waiting to start).
@@ -322,12 +314,44 @@ impl Sessions {
     }
 
     pub fn send(&self, name: &str, msg: CoordinatorMessage) -> Result<(), SendError> {
+        self.send_noting(name, msg, None)
+    }
+
+    /// Sends an assignment and notes it was handed over (`sent_ago`), under one lock: this
+    /// runs for every task placed.
+    pub fn send_assignment(
+        &self,
+        name: &str,
+        msg: CoordinatorMessage,
+        task_id: &str,
+        attempt: u64,
+    ) -> Result<(), SendError> {
+        self.send_noting(name, msg, Some((task_id, attempt)))
+    }
+
+    fn send_noting(
+        &self,
+        name: &str,
+        msg: CoordinatorMessage,
+        assignment: Option<(&str, u64)>,
+    ) -> Result<(), SendError> {
         let mut inner = self.inner.lock().unwrap();
         let Some(s) = inner.sessions.get(name) else {
             return Err(SendError::NotConnected);
         };
         match s.tx.try_send(Ok(msg)) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                if let Some((task_id, attempt)) = assignment {
+                    let now = Instant::now();
+                    match inner.sent.get_mut(task_id) {
+                        Some(e) => *e = (attempt, now),
+                        None => {
+                            inner.sent.insert(task_id.to_owned(), (attempt, now));
+                        }
+                    }
+                }
+                Ok(())
+            }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 if let Some(s) = inner.sessions.remove(name) {
                     s.end.end(Status::unavailable("session ended"));
@@ -444,7 +468,10 @@ mod tests {
     fn deliveries_are_remembered_per_attempt_and_forgotten_with_their_task() {
         let s = Sessions::default();
         assert_eq!(s.sent_ago("t", 1), None);
-        s.record_sent("t", 1);
+        let (tx, _rx) = mpsc::channel(2);
+        s.open("a", tx).unwrap();
+        s.send_assignment("a", CoordinatorMessage::default(), "t", 1)
+            .unwrap();
         assert!(s.sent_ago("t", 1).is_some());
         assert_eq!(s.sent_ago("t", 2), None, "another attempt was never sent");
         s.retain_sent(|t| t != "t");

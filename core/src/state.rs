@@ -21,14 +21,14 @@ pub struct Tally {
 }
 
 impl Tally {
-    fn add(&mut self, bytes: u64) {
-        self.tasks += 1;
-        self.bytes += bytes;
+    fn add(&mut self, d: Tally) {
+        self.tasks += d.tasks;
+        self.bytes += d.bytes;
     }
 
-    fn sub(&mut self, bytes: u64) {
-        self.tasks = self.tasks.saturating_sub(1);
-        self.bytes = self.bytes.saturating_sub(bytes);
+    fn sub(&mut self, d: Tally) {
+        self.tasks = self.tasks.saturating_sub(d.tasks);
+        self.bytes = self.bytes.saturating_sub(d.bytes);
     }
 }
 
@@ -57,10 +57,11 @@ pub struct State {
     pub last_run_seq: u64,
     pub next_task_seq: u64,
     pub counters: Counters,
-    /// Tasks assigned and not yet reported started: what the leader re-sends, or re-queues once
-    /// they have waited too long (`stranded`). Derived, so not stored; `rebuild_derived`.
+    /// Tasks assigned and not yet reported started, oldest assignment first, keyed by (when
+    /// assigned, task seq): what the leader re-sends, or re-queues once they have waited too long
+    /// (`stranded`), looking only at the old end. Derived, so not stored; `rebuild_derived`.
     #[serde(skip)]
-    pub assigned: BTreeSet<TaskId>,
+    pub assigned: BTreeMap<(u64, u64), TaskId>,
     /// Pending tasks per submitter, per queue and in all, with their spec bytes: what admission
     /// budgets and `pending_bytes_max` are checked against. Derived.
     #[serde(skip)]
@@ -134,22 +135,33 @@ impl State {
         let Some(t) = self.tasks.get(tid) else {
             return;
         };
-        let bytes = t.spec.approx_bytes();
+        let delta = Tally {
+            tasks: 1,
+            bytes: t.spec.approx_bytes(),
+        };
         let submitter = run_seq(&t.run_id)
             .and_then(|s| self.runs.get(&s))
-            .map(|r| r.submitted_by.as_str())
-            .unwrap_or("");
+            .map(|r| r.submitted_by.clone())
+            .unwrap_or_default();
+        let queue = t.spec.queue.clone();
+        self.tally(&submitter, &queue, delta, entering);
+    }
+
+    /// Counts `delta` (tasks of one submitter and queue) into (`entering`) or out of the pending
+    /// tallies. Applies change it a run or a plan at a time, not a task at a time: it is on the
+    /// path of every submission and assignment, on every replica.
+    fn tally(&mut self, submitter: &str, queue: &str, delta: Tally, entering: bool) {
         let change = |tally: &mut Tally| {
             if entering {
-                tally.add(bytes)
+                tally.add(delta)
             } else {
-                tally.sub(bytes)
+                tally.sub(delta)
             }
         };
         change(&mut self.pending_total);
         for (map, key) in [
             (&mut self.pending_by_submitter, submitter),
-            (&mut self.pending_by_queue, t.spec.queue.as_str()),
+            (&mut self.pending_by_queue, queue),
         ] {
             match map.get_mut(key) {
                 Some(tally) => {
@@ -397,10 +409,19 @@ impl State {
                 unfinished: spec.tasks.len() as u32,
             },
         );
-        if let Some(run) = self.runs.get(&seq) {
-            for tid in run.task_ids.clone() {
-                self.tally_pending(&tid, true);
+        let mut by_queue: Vec<(&str, Tally)> = Vec::new();
+        for t in &spec.tasks {
+            let d = Tally {
+                tasks: 1,
+                bytes: t.approx_bytes(),
+            };
+            match by_queue.iter_mut().find(|(q, _)| *q == t.queue) {
+                Some((_, tally)) => tally.add(d),
+                None => by_queue.push((&t.queue, d)),
             }
+        }
+        for (queue, d) in by_queue {
+            self.tally(submitted_by, queue, d, true);
         }
         if !key.is_empty() {
             self.idempotency.insert(key.to_owned(), seq);
@@ -595,7 +616,7 @@ impl State {
             agent.used = agent.used.minus(&task.spec.resources);
             agent.tasks.remove(tid);
         }
-        self.assigned.remove(tid);
+        self.assigned.remove(&(task.assigned_at_us, task.seq));
         task.attempt += 1;
         task.state = TaskState::Pending;
         task.pending_reason = format!("re-queued: {reason}").into();
@@ -613,6 +634,8 @@ impl State {
     ) -> CommandResult {
         let mut accepted = Vec::new();
         let mut dropped = 0;
+        // What leaves the queue, by run and queue: consecutive assignments are mostly of one.
+        let mut leaving: Vec<(u64, String, Tally)> = Vec::new();
         for a in assignments {
             let Some(task) = self.tasks.get_mut(&a.task_id) else {
                 dropped += 1;
@@ -636,14 +659,22 @@ impl State {
             }
             agent.used = agent.used.plus(&task.spec.resources);
             agent.tasks.insert(task.id.clone());
-            self.assigned.insert(task.id.clone());
+            self.assigned.insert((now_us, task.seq), task.id.clone());
             task.state = TaskState::Assigned;
             task.agent = Some(a.agent.clone());
             task.assigned_at_us = now_us;
             task.pending_reason = std::borrow::Cow::Borrowed("");
             self.pending.remove(&task.pending_key());
             accepted.push(a.clone());
-            self.tally_pending(&a.task_id, false);
+            let d = Tally {
+                tasks: 1,
+                bytes: task.spec.approx_bytes(),
+            };
+            let seq = run_seq(&task.run_id).unwrap_or(0);
+            match leaving.last_mut() {
+                Some((s, q, tally)) if *s == seq && *q == task.spec.queue => tally.add(d),
+                _ => leaving.push((seq, task.spec.queue.clone(), d)),
+            }
         }
         for (tid, reason) in unplaced {
             if let Some(task) = self.tasks.get_mut(tid)
@@ -651,6 +682,14 @@ impl State {
             {
                 task.pending_reason = reason.clone().into();
             }
+        }
+        for (seq, queue, d) in leaving {
+            let submitter = self
+                .runs
+                .get(&seq)
+                .map(|r| r.submitted_by.clone())
+                .unwrap_or_default();
+            self.tally(&submitter, &queue, d, false);
         }
         self.counters.assignments_dropped += dropped as u64;
         CommandResult::PlanApplied { accepted, dropped }
@@ -688,7 +727,7 @@ impl State {
         if task.state == TaskState::Assigned {
             task.state = TaskState::Running;
             task.started_at_us = start_time(task, reported_us, now_us);
-            self.assigned.remove(tid);
+            self.assigned.remove(&(task.assigned_at_us, task.seq));
         }
         CommandResult::Reported
     }
@@ -722,7 +761,7 @@ impl State {
         };
         task.finished_at_us = now_us;
         task.outcome = Some(Box::new(outcome.clone()));
-        self.assigned.remove(tid);
+        self.assigned.remove(&(task.assigned_at_us, task.seq));
         let resources = task.spec.resources.clone();
         let run_id = task.run_id.clone();
         if let Some(a) = self.agents.get_mut(agent) {
@@ -795,7 +834,7 @@ impl State {
             .tasks
             .values()
             .filter(|t| t.state == TaskState::Assigned)
-            .map(|t| t.id.clone())
+            .map(|t| ((t.assigned_at_us, t.seq), t.id.clone()))
             .collect();
         let tasks = &self.tasks;
         for run in self.runs.values_mut() {

@@ -55,8 +55,11 @@ pub fn stranded(
 ) -> Stranded {
     let mut out = Stranded::default();
     let mut n = 0;
-    for tid in &state.assigned {
-        if n >= SWEEP_MAX {
+    // Oldest first: everything past the first assignment younger than the settling time is
+    // younger still, and left alone. In steady state that is nearly all of them.
+    let settled_before = now_us.saturating_sub(policy.settle().as_micros() as u64);
+    for (&(assigned_at, _), tid) in &state.assigned {
+        if n >= SWEEP_MAX || assigned_at > settled_before {
             break;
         }
         let Some(t) = state.tasks.get(tid) else {
