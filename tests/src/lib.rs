@@ -100,6 +100,8 @@ pub struct ClusterOptions {
     pub start_timeout_ms: u64,
     /// More flags for every coordinator.
     pub coordinator_args: Vec<String>,
+    /// More environment for every coordinator.
+    pub coordinator_env: Vec<(String, String)>,
 }
 
 impl Default for ClusterOptions {
@@ -114,6 +116,7 @@ impl Default for ClusterOptions {
             keep_agent_files: false,
             start_timeout_ms: 30_000,
             coordinator_args: Vec::new(),
+            coordinator_env: Vec::new(),
         }
     }
 }
@@ -221,6 +224,7 @@ impl Cluster {
             .arg("--start-timeout-ms")
             .arg(self.opts.start_timeout_ms.to_string())
             .args(&self.opts.coordinator_args)
+            .envs(self.opts.coordinator_env.iter().map(|(k, v)| (k, v)))
             .env("DROVER_LOG", "info,openraft=warn,sled=warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -273,6 +277,20 @@ impl Cluster {
 
     pub fn is_running(&self, i: usize) -> bool {
         self.coordinators[i].is_some()
+    }
+
+    /// Coordinator `i`'s exit status if its process has ended (collected here), else None.
+    pub fn exited(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        let status = self.coordinators[i].as_mut()?.try_wait().ok()??;
+        self.coordinators[i] = None;
+        Some(status)
+    }
+
+    /// The text coordinator `i` has logged so far.
+    pub fn log_of(&self, i: usize) -> String {
+        let id = self.nodes[i].id;
+        std::fs::read_to_string(self.dir.path().join(format!("coordinator-{id}.log")))
+            .unwrap_or_default()
     }
 
     /// A leader-following client with the admin certificate.

@@ -681,3 +681,52 @@ async fn tasks_never_placed_expire_with_their_reason_and_lost_agents_are_forgott
     .await
     .expect("test deadline");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_state_machine_panics_stops_instead_of_serving_half_alive() {
+    // Guards: a panic inside apply (on every replica at once: they apply the same entry) used to
+    // leave each node's gRPC port up with its state machine dead. Test builds can poison one run
+    // name (`DROVER_FAULT_PANIC_ON_RUN`); no real input can reach a panic any more.
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let mut cluster = Cluster::start(ClusterOptions {
+            coordinator_env: vec![("DROVER_FAULT_PANIC_ON_RUN".into(), "poison".into())],
+            ..ClusterOptions::default()
+        })
+        .await;
+        let client = cluster.client();
+        submit_cmd(&client, &["true"]).await;
+        let poison = pb::RunSpec {
+            name: "poison".into(),
+            tasks: vec![pb::TaskSpec {
+                name: "t".into(),
+                argv: vec!["true".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let mut quick = cluster.client();
+        quick.retry_deadline = Duration::from_secs(2);
+        let _ = droverctl::cli::submit(&quick, poison).await;
+        // Every node stops, with a failure status and the reason in its log.
+        for i in 0..3 {
+            let status = drover_tests::wait_for(
+                &format!("coordinator {i} to stop"),
+                Duration::from_secs(20),
+                || {
+                    let s = cluster.exited(i);
+                    async move { s }
+                },
+            )
+            .await;
+            assert!(!status.success(), "node {i}: {status:?}");
+            let log = cluster.log_of(i);
+            assert!(
+                log.contains("the coordinator stopped itself") && log.contains("panicked"),
+                "node {i}: {}",
+                log.lines().rev().take(5).collect::<Vec<_>>().join("\n")
+            );
+        }
+    })
+    .await
+    .expect("test deadline");
+}

@@ -409,6 +409,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         // (see `node::watch_raft`) instead of serving with a dead state machine.
                         let applied =
                             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                fault::panic_if_poisoned(&req);
                                 state.apply(term, &req)
                             }));
                         match applied {
@@ -480,4 +481,29 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             snapshot: Cursor::new(data),
         }))
     }
+}
+
+/// Test builds only: a way to make apply panic on purpose, so a test can check that a node whose
+/// state machine panics stops instead of serving half-alive. No input can do that on its own
+/// (that is the point), so the fault comes from outside: with `DROVER_FAULT_PANIC_ON_RUN` set,
+/// applying a submission of a run of that name panics. Release builds have no such hook.
+mod fault {
+    #[cfg(debug_assertions)]
+    pub fn panic_if_poisoned(req: &crate::command::Request) {
+        static POISON: std::sync::LazyLock<Option<String>> =
+            std::sync::LazyLock::new(|| std::env::var("DROVER_FAULT_PANIC_ON_RUN").ok());
+        let Some(poison) = POISON.as_deref() else {
+            return;
+        };
+        for c in req.commands.iter() {
+            if let crate::command::Command::SubmitRun { spec, .. } = c
+                && spec.name == poison
+            {
+                panic!("DROVER_FAULT_PANIC_ON_RUN: applying run {poison:?} panics on purpose");
+            }
+        }
+    }
+
+    #[cfg(not(debug_assertions))]
+    pub fn panic_if_poisoned(_: &crate::command::Request) {}
 }
