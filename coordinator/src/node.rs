@@ -101,6 +101,16 @@ impl Ctx {
     /// long enough that a slow follower disk is not taken for a partition, short enough that
     /// agents find a leader elected elsewhere before it declares them lost.
     pub fn quorum_silence(&self, m: &RaftMetrics<crate::raft::TypeConfig>) -> Option<Duration> {
+        // A single voter is its own quorum: nobody to be cut off from. (openraft keeps a lone
+        // voter's quorum time fresh anyway; this does not depend on it.)
+        if m.membership_config
+            .membership()
+            .voter_ids()
+            .nth(1)
+            .is_none()
+        {
+            return None;
+        }
         let silent = openraft::Instant::elapsed(&**m.last_quorum_acked.as_ref()?);
         (silent >= self.timing.lease_ttl / 2).then_some(silent)
     }

@@ -477,3 +477,28 @@ async fn a_followers_probe_reaches_the_leader_over_a_warmed_connection_and_recon
     .await
     .expect("test deadline");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_node_cluster_keeps_its_agents() {
+    // Guards: a single voter is its own quorum; the check that ends agent sessions on a leader
+    // cut off from its quorum must not take its silence for a partition.
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let mut cluster = Cluster::start(ClusterOptions {
+            nodes: 1,
+            ..Default::default()
+        })
+        .await;
+        cluster.add_agent("solo", &[]).await;
+        // Longer than half a lease (2 s): watched throughout, failing at the first end.
+        let window = tokio::time::Instant::now() + Duration::from_millis(3_000);
+        while tokio::time::Instant::now() < window {
+            assert_eq!(cluster.metric(0, "drover_agent_sessions"), Some(1.0));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let run = drover_tests::submit_cmd(&cluster.client(), &["true"]).await;
+        let done = drover_tests::wait_done(&cluster.client(), &run, Duration::from_secs(20)).await;
+        assert_eq!(done.state, pb::RunState::Succeeded as i32);
+    })
+    .await
+    .expect("test deadline");
+}
