@@ -103,14 +103,7 @@ impl Ctx {
     pub fn quorum_silence(&self, m: &RaftMetrics<crate::raft::TypeConfig>) -> Option<Duration> {
         // A single voter is its own quorum: nobody to be cut off from. (openraft keeps a lone
         // voter's quorum time fresh anyway; this does not depend on it.)
-        if m.membership_config
-            .membership()
-            .voter_ids()
-            .nth(1)
-            .is_none()
-        {
-            return None;
-        }
+        m.membership_config.membership().voter_ids().nth(1)?;
         let silent = openraft::Instant::elapsed(&**m.last_quorum_acked.as_ref()?);
         (silent >= self.timing.lease_ttl / 2).then_some(silent)
     }
