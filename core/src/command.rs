@@ -112,30 +112,13 @@ impl Command {
             m.iter().map(|(k, v)| k.len() + v.len() + 8).sum()
         }
         match self {
+            // A spec's size in memory (with its per-item overheads) is more than its encoding.
             Command::SubmitRun { spec, .. } => {
                 256 + map(&spec.labels)
                     + spec
                         .tasks
                         .iter()
-                        .map(|t| {
-                            let program = match &t.program {
-                                crate::model::Program::Argv(a) => {
-                                    a.iter().map(|s| s.len() + 4).sum()
-                                }
-                                crate::model::Program::Shell(s) => s.len(),
-                                crate::model::Program::Noop { .. } => 0,
-                            };
-                            let exprs: usize = t
-                                .required
-                                .iter()
-                                .chain(t.preferred.iter().map(|(_, e)| e))
-                                .map(|e| {
-                                    e.key.len()
-                                        + e.values.iter().map(|v| v.len() + 4).sum::<usize>()
-                                })
-                                .sum();
-                            512 + program + map(&t.env) + t.workdir.len() + exprs * 2
-                        })
+                        .map(|t| 256 + t.approx_bytes() as usize)
                         .sum::<usize>()
             }
             Command::RegisterAgent { labels, held, .. } => 512 + map(labels) + held.len() * 96,

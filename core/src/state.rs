@@ -106,6 +106,54 @@ pub fn room_for(
     Ok(())
 }
 
+/// Who submitted the run `run_id` ("" if it is gone).
+fn submitter_of<'a>(runs: &'a BTreeMap<u64, Run>, run_id: &str) -> &'a str {
+    run_seq(run_id)
+        .and_then(|s| runs.get(&s))
+        .map_or("", |r| r.submitted_by.as_str())
+}
+
+/// The pending tallies (all, per submitter, per queue) as separate borrows, so callers can
+/// count while they read tasks and runs.
+type Tallies<'a> = (
+    &'a mut Tally,
+    &'a mut BTreeMap<String, Tally>,
+    &'a mut BTreeMap<String, Tally>,
+);
+
+fn count_pending(
+    (total, by_submitter, by_queue): Tallies<'_>,
+    submitter: &str,
+    queue: &str,
+    delta: Tally,
+    entering: bool,
+) {
+    let change = |tally: &mut Tally| {
+        if entering {
+            tally.add(delta)
+        } else {
+            tally.sub(delta)
+        }
+    };
+    change(total);
+    for (map, key) in [(by_submitter, submitter), (by_queue, queue)] {
+        match map.get_mut(key) {
+            Some(tally) => {
+                change(tally);
+                if tally.tasks == 0 {
+                    map.remove(key);
+                }
+            }
+            None if entering => {
+                let mut tally = Tally::default();
+                change(&mut tally);
+                map.insert(key.to_owned(), tally);
+            }
+            None => {}
+        }
+    }
+}
+
 pub fn run_id(seq: u64) -> String {
     format!("run-{seq}")
 }
@@ -139,45 +187,35 @@ impl State {
             tasks: 1,
             bytes: t.spec.approx_bytes(),
         };
-        let submitter = run_seq(&t.run_id)
-            .and_then(|s| self.runs.get(&s))
-            .map(|r| r.submitted_by.clone())
-            .unwrap_or_default();
-        let queue = t.spec.queue.clone();
-        self.tally(&submitter, &queue, delta, entering);
+        let submitter = submitter_of(&self.runs, &t.run_id);
+        count_pending(
+            (
+                &mut self.pending_total,
+                &mut self.pending_by_submitter,
+                &mut self.pending_by_queue,
+            ),
+            submitter,
+            &t.spec.queue,
+            delta,
+            entering,
+        );
     }
 
     /// Counts `delta` (tasks of one submitter and queue) into (`entering`) or out of the pending
     /// tallies. Applies change it a run or a plan at a time, not a task at a time: it is on the
     /// path of every submission and assignment, on every replica.
     fn tally(&mut self, submitter: &str, queue: &str, delta: Tally, entering: bool) {
-        let change = |tally: &mut Tally| {
-            if entering {
-                tally.add(delta)
-            } else {
-                tally.sub(delta)
-            }
-        };
-        change(&mut self.pending_total);
-        for (map, key) in [
-            (&mut self.pending_by_submitter, submitter),
-            (&mut self.pending_by_queue, queue),
-        ] {
-            match map.get_mut(key) {
-                Some(tally) => {
-                    change(tally);
-                    if tally.tasks == 0 {
-                        map.remove(key);
-                    }
-                }
-                None if entering => {
-                    let mut tally = Tally::default();
-                    change(&mut tally);
-                    map.insert(key.to_owned(), tally);
-                }
-                None => {}
-            }
-        }
+        count_pending(
+            (
+                &mut self.pending_total,
+                &mut self.pending_by_submitter,
+                &mut self.pending_by_queue,
+            ),
+            submitter,
+            queue,
+            delta,
+            entering,
+        );
     }
 
     /// Applies one entry. `term` is the term of the entry's log id.
@@ -684,12 +722,18 @@ impl State {
             }
         }
         for (seq, queue, d) in leaving {
-            let submitter = self
-                .runs
-                .get(&seq)
-                .map(|r| r.submitted_by.clone())
-                .unwrap_or_default();
-            self.tally(&submitter, &queue, d, false);
+            let submitter = self.runs.get(&seq).map_or("", |r| r.submitted_by.as_str());
+            count_pending(
+                (
+                    &mut self.pending_total,
+                    &mut self.pending_by_submitter,
+                    &mut self.pending_by_queue,
+                ),
+                submitter,
+                &queue,
+                d,
+                false,
+            );
         }
         self.counters.assignments_dropped += dropped as u64;
         CommandResult::PlanApplied { accepted, dropped }
