@@ -49,6 +49,7 @@ fn view(tasks: usize, agents: usize) -> View<'static> {
                 spread_by: if i % 5 == 0 { "zone".into() } else { "".into() },
                 strategy: Strategy::BinPack,
                 reason: "",
+                queue: "default".into(),
             })
             .collect(),
         agents: (0..agents)
@@ -71,6 +72,7 @@ fn view(tasks: usize, agents: usize) -> View<'static> {
             })
             .collect(),
         placed: BTreeMap::new(),
+        ..Default::default()
     }
 }
 
@@ -84,6 +86,7 @@ fn submit_batch(n: usize, offset: usize) -> Request {
                     name: "bench".into(),
                     tasks: vec![TaskSpec::new("main", Program::Argv(vec!["true".into()]))],
                     labels: BTreeMap::new(),
+                    ..Default::default()
                 },
                 submitted_by: "bench".into(),
                 placement: None,

@@ -32,6 +32,7 @@ fn run_spec(tasks: usize) -> RunSpec {
             .map(|i| TaskSpec::new(format!("t{i}"), Program::Noop { duration_ms: 0 }))
             .collect(),
         labels: BTreeMap::new(),
+        ..Default::default()
     }
 }
 

@@ -234,6 +234,7 @@ async fn fetch(
         let req = pb::ListRunsRequest {
             limit: 1000,
             before: before.clone(),
+            ..Default::default()
         };
         let page = client
             .call(|mut c| {

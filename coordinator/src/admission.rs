@@ -177,6 +177,7 @@ mod tests {
                 })
                 .collect(),
             labels: Default::default(),
+            ..Default::default()
         }
     }
 

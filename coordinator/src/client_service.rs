@@ -31,6 +31,10 @@ impl ClientRpc {
     /// or a leader just elected, may not have applied an acknowledged write yet; saying "not found"
     /// there would break read-your-writes after a failover. Followers redirect to the leader, and
     /// without one the answer is UNAVAILABLE; clients retry both.
+    pub(crate) fn not_found_pub(&self, what: String) -> Status {
+        self.not_found(what)
+    }
+
     fn not_found(&self, what: String) -> Status {
         match self.ctx.require_leader() {
             Err(e) => e.into(),
@@ -349,12 +353,14 @@ impl ClientService for ClientRpc {
                     Status::invalid_argument(format!("before: '{}' is not a run id", req.before))
                 })?
             };
+            let filter = RunFilter::from_request(req)?;
             Ok(self.ctx.shared.read(|a| {
                 list_page(
                     a.state
                         .runs
                         .range(..before)
                         .rev()
+                        .filter(|(_, run)| filter.keeps(&a.state, run))
                         .map(|(_, run)| convert::run_to_proto(&a.state, run)),
                     limit,
                     limits::LIST_RUNS_BYTES_MAX,
@@ -484,6 +490,146 @@ impl ClientService for ClientRpc {
             Ok(self.ctx.cluster_status())
         })();
         self.observe("ClientService/ClusterStatus", r)
+    }
+
+    #[tracing::instrument(skip_all, fields(run_id = %req.get_ref().run_id))]
+    async fn cancel_run(
+        &self,
+        req: Request<pb::CancelRunRequest>,
+    ) -> Result<Response<pb::CancelRunResponse>, Status> {
+        let r = self.cancel(req).await;
+        self.observe("ClientService/CancelRun", r)
+    }
+
+    type WatchRunStream = crate::run_control::WatchStream;
+
+    #[tracing::instrument(skip_all, fields(run_id = %req.get_ref().run_id))]
+    async fn watch_run(
+        &self,
+        req: Request<pb::GetRunRequest>,
+    ) -> Result<Response<Self::WatchRunStream>, Status> {
+        let r = self.watch(req);
+        self.observe("ClientService/WatchRun", r)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_dead_letters(
+        &self,
+        req: Request<pb::ListDeadLettersRequest>,
+    ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
+        let r = self.dead_letters(req);
+        self.observe("ClientService/ListDeadLetters", r)
+    }
+
+    #[tracing::instrument(skip_all, fields(id = %req.get_ref().id))]
+    async fn retry_dead_letter(
+        &self,
+        req: Request<pb::DeadLetterRequest>,
+    ) -> Result<Response<pb::DeadLetterResponse>, Status> {
+        let r = self.dead_letter_action(req, true).await;
+        self.observe("ClientService/RetryDeadLetter", r)
+    }
+
+    #[tracing::instrument(skip_all, fields(id = %req.get_ref().id))]
+    async fn drop_dead_letter(
+        &self,
+        req: Request<pb::DeadLetterRequest>,
+    ) -> Result<Response<pb::DeadLetterResponse>, Status> {
+        let r = self.dead_letter_action(req, false).await;
+        self.observe("ClientService/DropDeadLetter", r)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn set_queue(
+        &self,
+        req: Request<pb::SetQueueRequest>,
+    ) -> Result<Response<pb::Queue>, Status> {
+        let r = ClientRpc::set_queue(self, req).await;
+        self.observe("ClientService/SetQueue", r)
+    }
+
+    #[tracing::instrument(skip_all, fields(queue = %req.get_ref().name))]
+    async fn get_queue(
+        &self,
+        req: Request<pb::GetQueueRequest>,
+    ) -> Result<Response<pb::Queue>, Status> {
+        let r = ClientRpc::get_queue(self, req);
+        self.observe("ClientService/GetQueue", r)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_queues(
+        &self,
+        req: Request<pb::ListQueuesRequest>,
+    ) -> Result<Response<pb::ListQueuesResponse>, Status> {
+        let r = ClientRpc::list_queues(self, req);
+        self.observe("ClientService/ListQueues", r)
+    }
+}
+
+/// What `ListRuns` keeps, from the request's filters.
+struct RunFilter<'a> {
+    state: Option<crate::model::RunState>,
+    queue: &'a str,
+    name: &'a str,
+    prefix: bool,
+    since_us: u64,
+}
+
+impl<'a> RunFilter<'a> {
+    fn from_request(req: &'a pb::ListRunsRequest) -> Result<Self, Status> {
+        use crate::model::RunState;
+        let state = match req.state.as_str() {
+            "" => None,
+            "pending" => Some(RunState::Pending),
+            "running" => Some(RunState::Running),
+            "succeeded" => Some(RunState::Succeeded),
+            "failed" => Some(RunState::Failed),
+            "cancelled" => Some(RunState::Cancelled),
+            other => {
+                return Err(CoordinatorError::invalid(
+                    "state",
+                    format!("'{other}' is not pending, running, succeeded, failed or cancelled"),
+                )
+                .into());
+            }
+        };
+        let (name, prefix) = match req.name.strip_suffix('*') {
+            Some(p) => (p, true),
+            None => (req.name.as_str(), false),
+        };
+        Ok(Self {
+            state,
+            queue: &req.queue,
+            name,
+            prefix,
+            since_us: req.since_ms.saturating_mul(1000),
+        })
+    }
+
+    fn keeps(&self, s: &crate::state::State, run: &crate::model::Run) -> bool {
+        if run.created_at_us < self.since_us {
+            return false;
+        }
+        if !self.name.is_empty() {
+            let hit = if self.prefix {
+                run.name.starts_with(self.name)
+            } else {
+                run.name == self.name
+            };
+            if !hit {
+                return false;
+            }
+        }
+        if !self.queue.is_empty()
+            && !run
+                .task_ids
+                .iter()
+                .any(|t| s.tasks.get(t).is_some_and(|t| t.spec.queue == self.queue))
+        {
+            return false;
+        }
+        self.state.is_none_or(|want| s.run_state(run) == want)
     }
 }
 

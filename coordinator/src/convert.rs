@@ -7,8 +7,9 @@ use drover_proto::pb;
 use crate::error::CoordinatorError;
 use crate::limits;
 use crate::model::{
-    Agent, AgentState, LabelExpr, LabelOp, Outcome, Program, Resources, Run, RunSpec, RunState,
-    Strategy, Task, TaskSpec, TaskState,
+    Agent, AgentState, Backoff, DeadLetter, LabelExpr, LabelOp, OnFailure, Outcome, Program,
+    QueueConfig, Resources, RetryPolicy, Run, RunSpec, RunState, Strategy, Task, TaskSpec,
+    TaskState,
 };
 use crate::state::State;
 
@@ -184,6 +185,30 @@ pub fn run_spec_from_proto(spec: Option<&pb::RunSpec>) -> Result<RunSpec, Coordi
             ));
         }
     };
+    let on_failure = match spec.on_failure.as_str() {
+        "" | "fail_fast" => OnFailure::FailFast,
+        "continue" => OnFailure::Continue,
+        other => {
+            return Err(CoordinatorError::invalid(
+                "spec.on_failure",
+                format!("'{other}' is not fail_fast or continue"),
+            ));
+        }
+    };
+    check_map("spec.params", &spec.params, limits::LABELS_MAX)?;
+    for k in spec.params.keys() {
+        if !drover_core::params::valid_name(k) {
+            return Err(CoordinatorError::invalid(
+                format!("spec.params.{k}"),
+                "a parameter name is a letter or '_', then letters, digits or '_' (at most 64)",
+            ));
+        }
+    }
+    let params: BTreeMap<String, String> = spec
+        .params
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let mut tasks = Vec::with_capacity(spec.tasks.len());
     let mut seen = std::collections::BTreeSet::new();
     for (i, t) in spec.tasks.iter().enumerate() {
@@ -339,7 +364,16 @@ pub fn run_spec_from_proto(spec: Option<&pb::RunSpec>) -> Result<RunSpec, Coordi
                 format!("'{}' is not a valid queue name", t.queue),
             ));
         }
-        tasks.push(TaskSpec {
+        let retry = retry_from_proto(&field, t.retry.as_ref())?;
+        if t.depends_on.len() > limits::TASKS_PER_RUN_MAX {
+            return Err(CoordinatorError::invalid(
+                format!("{field}.depends_on"),
+                "more dependencies than a run has steps",
+            ));
+        }
+        let mut task = TaskSpec {
+            depends_on: t.depends_on.clone(),
+            retry,
             required,
             preferred,
             spread_by: t.spread_by.clone(),
@@ -361,10 +395,20 @@ pub fn run_spec_from_proto(spec: Option<&pb::RunSpec>) -> Result<RunSpec, Coordi
                 t.class.clone()
             },
             resources: resources_from_proto(t.resources.as_ref()),
-        });
+        };
+        substitute_params(&field, &mut task, &params)?;
+        tasks.push(task);
     }
+    let steps: Vec<(&str, &[String])> = tasks
+        .iter()
+        .map(|t| (t.name.as_str(), t.depends_on.as_slice()))
+        .collect();
+    drover_core::dag::check("spec.tasks", &steps)
+        .map_err(|e| CoordinatorError::invalid(e.field, e.message))?;
     Ok(RunSpec {
         name,
+        on_failure,
+        params,
         tasks,
         labels: spec
             .labels
@@ -405,7 +449,84 @@ pub fn task_spec_to_proto(t: &TaskSpec) -> pb::TaskSpec {
         queue: t.queue.clone(),
         kind,
         noop_duration_ms,
+        depends_on: t.depends_on.clone(),
+        retry: (t.retry.max > 0).then(|| pb::RetryPolicy {
+            max: t.retry.max,
+            backoff: match t.retry.backoff {
+                Backoff::Fixed => "fixed".into(),
+                Backoff::Exponential => "exponential".into(),
+            },
+            initial_ms: t.retry.initial_ms,
+            max_delay_ms: t.retry.max_delay_ms,
+        }),
     }
+}
+
+/// The retry policy of `field`, checked.
+fn retry_from_proto(
+    field: &str,
+    r: Option<&pb::RetryPolicy>,
+) -> Result<RetryPolicy, CoordinatorError> {
+    let Some(r) = r else {
+        return Ok(RetryPolicy::default());
+    };
+    if r.max > limits::RETRIES_MAX {
+        return Err(CoordinatorError::invalid(
+            format!("{field}.retry.max"),
+            format!("{} retries; at most {}", r.max, limits::RETRIES_MAX),
+        ));
+    }
+    let backoff = match r.backoff.as_str() {
+        "" | "exponential" => Backoff::Exponential,
+        "fixed" => Backoff::Fixed,
+        other => {
+            return Err(CoordinatorError::invalid(
+                format!("{field}.retry.backoff"),
+                format!("'{other}' is not exponential or fixed"),
+            ));
+        }
+    };
+    for (name, v) in [("initial", r.initial_ms), ("max_delay", r.max_delay_ms)] {
+        if v > limits::RETRY_DELAY_MAX_MS {
+            return Err(CoordinatorError::invalid(
+                format!("{field}.retry.{name}"),
+                format!("{v} ms is longer than a day"),
+            ));
+        }
+    }
+    Ok(RetryPolicy {
+        max: r.max,
+        backoff,
+        initial_ms: r.initial_ms,
+        max_delay_ms: r.max_delay_ms,
+    })
+}
+
+/// Substitutes the run's params into the parts of a step that run (argv, shell, env values,
+/// workdir); an undefined `${NAME}` names the field it is in.
+fn substitute_params(
+    field: &str,
+    t: &mut TaskSpec,
+    params: &BTreeMap<String, String>,
+) -> Result<(), CoordinatorError> {
+    use drover_core::params::substitute;
+    let sub = |f: String, text: &mut String| -> Result<(), CoordinatorError> {
+        *text = substitute(text, params).map_err(|m| CoordinatorError::invalid(f, m))?;
+        Ok(())
+    };
+    match &mut t.program {
+        Program::Argv(args) => {
+            for (j, a) in args.iter_mut().enumerate() {
+                sub(format!("{field}.argv[{j}]"), a)?;
+            }
+        }
+        Program::Shell(s) => sub(format!("{field}.shell"), s)?,
+        Program::Noop { .. } => {}
+    }
+    for (k, v) in t.env.iter_mut() {
+        sub(format!("{field}.env.{k}"), v)?;
+    }
+    sub(format!("{field}.workdir"), &mut t.workdir)
 }
 
 /// `s` cut to at most `max` bytes at a character boundary, marked as cut.
@@ -470,6 +591,9 @@ fn task_state_to_proto(s: TaskState) -> pb::TaskState {
         TaskState::Succeeded => pb::TaskState::Succeeded,
         TaskState::Failed => pb::TaskState::Failed,
         TaskState::Cancelled => pb::TaskState::Cancelled,
+        TaskState::Blocked => pb::TaskState::Blocked,
+        TaskState::Waiting => pb::TaskState::WaitingRetry,
+        TaskState::Skipped => pb::TaskState::Skipped,
     }
 }
 
@@ -491,7 +615,10 @@ pub fn task_to_proto(t: &Task) -> pb::Task {
         state: task_state_to_proto(t.state) as i32,
         attempt: t.attempt,
         agent: t.agent.clone().unwrap_or_default(),
-        pending_reason: if t.state == TaskState::Pending {
+        pending_reason: if matches!(
+            t.state,
+            TaskState::Pending | TaskState::Blocked | TaskState::Waiting
+        ) {
             t.pending_reason.to_string()
         } else {
             String::new()
@@ -505,7 +632,94 @@ pub fn task_to_proto(t: &Task) -> pb::Task {
         started_at_us: t.started_at_us,
         finished_at_us: t.finished_at_us,
         outcome: t.outcome.as_deref().map(outcome_to_proto),
+        attempts: t
+            .history
+            .iter()
+            .map(|h| pb::Attempt {
+                attempt: h.attempt,
+                agent: h.agent.clone(),
+                started_at_ms: h.started_at_us / 1000,
+                finished_at_ms: h.finished_at_us / 1000,
+                exit_code: h.exit_code,
+                signal: h.signal,
+                reason: h.reason.clone(),
+                succeeded: h.succeeded,
+            })
+            .collect(),
+        retry_at_ms: if t.state == TaskState::Waiting {
+            t.retry_at_us / 1000
+        } else {
+            0
+        },
+        failures: t.failures,
     }
+}
+
+pub fn on_failure_name(f: OnFailure) -> &'static str {
+    match f {
+        OnFailure::FailFast => "fail_fast",
+        OnFailure::Continue => "continue",
+    }
+}
+
+pub fn dead_letter_to_proto(d: &DeadLetter) -> pb::DeadLetter {
+    pb::DeadLetter {
+        id: format!("dl-{}", d.id),
+        task_id: d.task_id.clone(),
+        run_id: d.run_id.clone(),
+        step: d.step.clone(),
+        queue: d.queue.clone(),
+        attempt: d.attempt,
+        failures: d.failures,
+        agent: d.agent.clone(),
+        failed_at_ms: d.failed_at_us / 1000,
+        reason: d.reason.clone(),
+        exit_code: d.exit_code,
+        signal: d.signal,
+        stdout_tail: d.stdout_tail.clone(),
+        stderr_tail: d.stderr_tail.clone(),
+    }
+}
+
+/// Parses `dl-N` (or `N`).
+pub fn dead_letter_id(id: &str) -> Result<u64, CoordinatorError> {
+    id.strip_prefix("dl-").unwrap_or(id).parse().map_err(|_| {
+        CoordinatorError::invalid("id", format!("'{id}' is not a dead letter id (dl-N)"))
+    })
+}
+
+pub fn queue_to_proto(state: &State, name: &str) -> pb::Queue {
+    let c = state.queues.get(name).cloned().unwrap_or_default();
+    pb::Queue {
+        name: name.to_owned(),
+        max_concurrency: c.max_concurrency,
+        rate: c.rate_milli as f64 / 1000.0,
+        burst: c.burst,
+        max_pending: c.max_pending,
+        pending: state.pending_by_queue.get(name).map_or(0, |t| t.tasks),
+        active: state.active_by_queue.get(name).copied().unwrap_or(0),
+    }
+}
+
+pub fn queue_config_from_proto(q: &pb::Queue) -> Result<QueueConfig, CoordinatorError> {
+    if !valid_name(&q.name) {
+        return Err(CoordinatorError::invalid(
+            "queue.name",
+            format!("'{}' is not a valid queue name", q.name),
+        ));
+    }
+    if !q.rate.is_finite() || q.rate < 0.0 || q.rate > 1_000_000.0 {
+        return Err(CoordinatorError::invalid(
+            "queue.rate",
+            format!("{} is not a rate between 0 and 1000000 per second", q.rate),
+        ));
+    }
+    Ok(QueueConfig {
+        max_concurrency: q.max_concurrency,
+        rate_milli: (q.rate * 1000.0).round() as u64,
+        burst: q.burst,
+        max_pending: q.max_pending,
+    })
 }
 
 pub fn run_to_proto(state: &State, run: &Run) -> pb::Run {
@@ -527,6 +741,13 @@ pub fn run_to_proto(state: &State, run: &Run) -> pb::Run {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         submitted_by: run.submitted_by.clone(),
+        params: run
+            .params
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        on_failure: on_failure_name(run.on_failure).into(),
+        cancelled: run.cancelled.clone(),
     }
 }
 

@@ -29,6 +29,7 @@ pub async fn run(ctx: Arc<Ctx>, mut shutdown: tokio::sync::watch::Receiver<bool>
     let mut last_housekeeping = tokio::time::Instant::now() - TICK;
     let mut took_office = tokio::time::Instant::now();
     let mut retention = Retention::default();
+    let mut stops = Stops::default();
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
@@ -90,6 +91,9 @@ pub async fn run(ctx: Arc<Ctx>, mut shutdown: tokio::sync::watch::Receiver<bool>
             enforce_drain_deadlines(&ctx).await;
             sweep_stranded(&ctx).await;
             retention.sweep(&ctx).await;
+            fire_retries(&ctx).await;
+            stops.send(&ctx);
+            stops.overdue(&ctx).await;
         }
         schedule_round(&ctx, m.current_term).await;
     }
@@ -313,6 +317,156 @@ impl Retention {
         }
     }
 }
+
+/// Queues the next attempt of every task whose retry deadline has passed. The deadline is in
+/// replicated state, so a new leader fires what the old one did not; firing twice is harmless
+/// (apply requires the task still waiting on that attempt).
+async fn fire_retries(ctx: &Ctx) {
+    let now_us = crate::proposer::now_ms() * 1000;
+    let due: Vec<HeldTask> = ctx.shared.read(|a| {
+        let s = &a.state;
+        s.retry_due
+            .range(..(now_us, u64::MAX))
+            .take(crate::limits::RETRY_DUE_BATCH_MAX)
+            .filter_map(|(_, tid)| s.tasks.get(tid))
+            .map(|t| HeldTask {
+                task_id: t.id.clone(),
+                attempt: t.attempt,
+            })
+            .collect()
+    });
+    if due.is_empty() {
+        return;
+    }
+    match ctx.proposer.propose(Command::RetryDue { tasks: due }).await {
+        Ok(CommandResult::Retried { tasks }) => {
+            ctx.metrics.tasks_retried.inc_by(tasks.len() as u64);
+            tracing::info!(tasks = tasks.len(), "retries queued");
+        }
+        Ok(other) => tracing::warn!(?other, "unexpected result for retry_due"),
+        Err(e) => tracing::warn!(error = %e, "could not commit retries"),
+    }
+}
+
+/// How often the leader repeats a stop an agent has not confirmed.
+const STOP_EVERY: Duration = Duration::from_secs(2);
+
+/// The leader's memory for stopping attempts the coordinator ended (`State::stopping`): when it
+/// last told each agent, and when it last looked for timeouts agents did not enforce.
+#[derive(Default)]
+struct Stops {
+    sent: std::collections::HashMap<(String, u64), tokio::time::Instant>,
+    last_timeout_look: Option<tokio::time::Instant>,
+}
+
+impl Stops {
+    /// Tells each agent to stop what it should no longer run, again every `STOP_EVERY` until
+    /// it reports the attempt ended (or registers again without it).
+    fn send(&mut self, ctx: &Ctx) {
+        let wanted: Vec<(String, String, u64)> = ctx.shared.read(|a| {
+            a.state
+                .stopping
+                .iter()
+                .map(|(t, (agent, attempt))| (t.clone(), agent.clone(), *attempt))
+                .collect()
+        });
+        if wanted.is_empty() {
+            self.sent.clear();
+            return;
+        }
+        let keep: std::collections::HashSet<(String, u64)> =
+            wanted.iter().map(|(t, _, n)| (t.clone(), *n)).collect();
+        self.sent.retain(|k, _| keep.contains(k));
+        for (task_id, agent, attempt) in wanted {
+            let key = (task_id.clone(), attempt);
+            if self
+                .sent
+                .get(&key)
+                .is_some_and(|t| t.elapsed() < STOP_EVERY)
+            {
+                continue;
+            }
+            let reason = ctx.shared.read(|a| {
+                a.state
+                    .tasks
+                    .get(&task_id)
+                    .and_then(|t| t.outcome.as_ref())
+                    .map(|o| o.reason.clone())
+                    .unwrap_or_default()
+            });
+            let msg = pb::CoordinatorMessage {
+                msg: Some(Msg::Cancel(pb::Cancel {
+                    task_id,
+                    attempt,
+                    reason,
+                })),
+            };
+            if ctx.sessions.send(&agent, msg).is_ok() {
+                ctx.metrics.tasks_stopped.inc();
+                self.sent.insert(key, tokio::time::Instant::now());
+            }
+        }
+    }
+
+    /// Fails running attempts past their timeout by more than the agent's grace: the agent
+    /// enforces timeouts, and this catches one that did not (hung, or lost its clock).
+    async fn overdue(&mut self, ctx: &Ctx) {
+        if self
+            .last_timeout_look
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.last_timeout_look = Some(tokio::time::Instant::now());
+        let now_us = crate::proposer::now_ms() * 1000;
+        let grace_us = (ctx.timing.lease_ttl + TIMEOUT_GRACE).as_micros() as u64;
+        let overdue: Vec<(HeldTask, String)> = ctx.shared.read(|a| {
+            let s = &a.state;
+            s.agents
+                .values()
+                .flat_map(|ag| ag.tasks.iter())
+                .filter_map(|t| s.tasks.get(t))
+                .filter(|t| {
+                    t.spec.timeout_ms > 0
+                        && t.state == TaskState::Running
+                        && t.started_at_us + t.spec.timeout_ms * 1000 + grace_us < now_us
+                })
+                .take(crate::limits::RETRY_DUE_BATCH_MAX)
+                .map(|t| {
+                    (
+                        HeldTask {
+                            task_id: t.id.clone(),
+                            attempt: t.attempt,
+                        },
+                        format!(
+                            "timeout after {} ms (its agent did not end it; failed by the \
+                             coordinator)",
+                            t.spec.timeout_ms
+                        ),
+                    )
+                })
+                .collect()
+        });
+        if overdue.is_empty() {
+            return;
+        }
+        match ctx
+            .proposer
+            .propose(Command::FailTasks { tasks: overdue })
+            .await
+        {
+            Ok(CommandResult::Failed { tasks }) => {
+                tracing::warn!(tasks = ?tasks, "timed-out tasks failed by the leader");
+            }
+            Ok(other) => tracing::warn!(?other, "unexpected result for fail_tasks"),
+            Err(e) => tracing::warn!(error = %e, "could not commit timed-out tasks"),
+        }
+    }
+}
+
+/// How long past its timeout (plus a lease) a running task may go unreported before the leader
+/// fails it: the agent's own kill takes up to its kill grace, and its report a round trip.
+const TIMEOUT_GRACE: Duration = Duration::from_secs(10);
 
 /// Re-sends assignments no agent has received and re-queues those never started in time; see
 /// `stranded`.

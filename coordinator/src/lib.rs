@@ -17,10 +17,13 @@ pub mod node;
 pub mod placer;
 pub mod proposer;
 pub mod raft;
+pub mod run_control;
 pub mod sessions;
 
 // The functional core, under the names the shell has always used for it.
-pub use drover_core::{command, model, placement, retention, scheduler, state, stranded, view};
+pub use drover_core::{
+    command, dag, model, params, placement, retention, scheduler, state, stranded, view,
+};
 
 pub use config::Config;
 pub use node::{NodeHandle, start};

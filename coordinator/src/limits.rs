@@ -142,3 +142,6 @@ pub const COMMIT_WAIT: Duration = Duration::from_secs(10);
 /// returns. Well within `COMMIT_WAIT`, so a caller still gets an answer when the lease stays
 /// lost; by then an election is under way and the answer names no leader.
 pub const LEASE_WAIT: Duration = Duration::from_secs(3);
+
+/// `WatchRun` streams open at once in one coordinator process.
+pub const WATCHES_MAX: usize = 1_024;

@@ -31,6 +31,12 @@ pub struct StateLabels {
     pub state: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct QueueLabels {
+    pub queue: String,
+    pub state: String,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub rpc_total: Family<RpcLabels, Counter>,
@@ -59,6 +65,11 @@ pub struct Metrics {
     pub assignments_resent: Counter,
     pub assignments_expired: Counter,
     pub tasks_expired: Counter,
+    pub tasks_retried: Counter,
+    pub tasks_stopped: Counter,
+    pub dead_letters: Gauge,
+    pub step_outcomes: Family<StateLabels, Gauge<u64, AtomicU64>>,
+    pub queue_tasks: Family<QueueLabels, Gauge>,
     pub schedule_rounds: Counter,
     pub tasks_placed: Counter,
     pub snapshot_build_seconds: Histogram,
@@ -224,6 +235,36 @@ impl Metrics {
             "Tasks failed by this leader because they were never placed within the unplaced timeout",
             tasks_expired.clone(),
         );
+        let tasks_retried = Counter::default();
+        registry.register(
+            "tasks_retried",
+            "Failed attempts this leader queued again once their retry backoff passed",
+            tasks_retried.clone(),
+        );
+        let tasks_stopped = Counter::default();
+        registry.register(
+            "tasks_stopped",
+            "Stop requests this leader sent agents for attempts the coordinator ended (cancel, skip, timeout)",
+            tasks_stopped.clone(),
+        );
+        let dead_letters = Gauge::default();
+        registry.register(
+            "dead_letters",
+            "Steps that failed for good and wait in the dead-letter list",
+            dead_letters.clone(),
+        );
+        let step_outcomes = Family::<StateLabels, Gauge<u64, AtomicU64>>::default();
+        registry.register(
+            "step_outcomes",
+            "Cluster-wide totals since the cluster began: retried, skipped, cancelled steps and dead letters",
+            step_outcomes.clone(),
+        );
+        let queue_tasks = Family::<QueueLabels, Gauge>::default();
+        registry.register(
+            "queue_tasks",
+            "Tasks per queue: pending (waiting for an agent) and active (assigned or running)",
+            queue_tasks.clone(),
+        );
         let schedule_rounds = Counter::default();
         registry.register(
             "schedule_rounds",
@@ -301,6 +342,11 @@ impl Metrics {
             assignments_resent,
             assignments_expired,
             tasks_expired,
+            tasks_retried,
+            tasks_stopped,
+            dead_letters,
+            step_outcomes,
+            queue_tasks,
             schedule_rounds,
             tasks_placed,
             snapshot_build_seconds,

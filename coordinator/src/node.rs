@@ -199,6 +199,45 @@ impl Ctx {
             mt.stale_reports.set(s.counters.stale_reports);
             mt.agents_lost.set(s.counters.agents_lost);
             mt.assignments_dropped.set(s.counters.assignments_dropped);
+            mt.dead_letters.set(s.dead_letters.len() as i64);
+            mt.tasks
+                .get_or_create(&StateLabels {
+                    state: "waiting_retry".into(),
+                })
+                .set(s.retry_due.len() as i64);
+            for (label, n) in [
+                ("retried", s.counters.tasks_retried),
+                ("skipped", s.counters.tasks_skipped),
+                ("cancelled", s.counters.tasks_cancelled),
+                ("dead_lettered", s.counters.dead_letters),
+                ("dead_letters_dropped", s.counters.dead_letters_dropped),
+            ] {
+                mt.step_outcomes
+                    .get_or_create(&StateLabels {
+                        state: label.into(),
+                    })
+                    .set(n);
+            }
+            // Rebuilt each scrape, so the series of a queue no longer known goes away.
+            mt.queue_tasks.clear();
+            let queues = s
+                .queues
+                .keys()
+                .chain(s.pending_by_queue.keys())
+                .chain(s.active_by_queue.keys());
+            for q in queues {
+                for (label, n) in [
+                    ("pending", s.pending_by_queue.get(q).map_or(0, |t| t.tasks)),
+                    ("active", s.active_by_queue.get(q).copied().unwrap_or(0)),
+                ] {
+                    mt.queue_tasks
+                        .get_or_create(&crate::metrics::QueueLabels {
+                            queue: q.clone(),
+                            state: label.into(),
+                        })
+                        .set(n as i64);
+                }
+            }
         });
     }
 

@@ -44,6 +44,14 @@ pub struct Placer {
     sessions: Arc<Sessions>,
     /// Per agent: resources and task count held by entries in flight.
     reserved: Mutex<BTreeMap<AgentName, (Resources, usize)>>,
+    /// Token buckets of queues with a rate. Kept by the leader only: a new leader starts them
+    /// full, so a failover may let one burst through early.
+    buckets: Mutex<std::collections::HashMap<String, Bucket>>,
+}
+
+struct Bucket {
+    tokens: f64,
+    at: std::time::Instant,
 }
 
 impl crate::proposer::BatchHook for Placer {
@@ -68,9 +76,77 @@ impl Placer {
     pub fn plan_round(&self) -> (Vec<crate::model::Assignment>, Vec<(String, String)>) {
         self.shared.read(|a| {
             let s = &a.state;
-            let plan = crate::view::plan_round(s, self.agent_slots(s, &self.reserved()));
+            let room = self.queue_room(s);
+            let limited = !room.is_empty();
+            let plan = crate::view::plan_round(s, self.agent_slots(s, &self.reserved()), room);
+            if limited {
+                self.spend_tokens(s, &plan.assignments);
+            }
             (plan.assignments, plan.unplaced)
         })
+    }
+
+    /// How many tasks of each queue with limits may start now: the room under its
+    /// `max_concurrency`, and the whole tokens in its rate bucket (refilled here).
+    fn queue_room(&self, s: &crate::state::State) -> BTreeMap<String, (usize, String)> {
+        let mut out = BTreeMap::new();
+        if s.queues.is_empty() {
+            return out;
+        }
+        let mut buckets = self.buckets.lock().expect("buckets lock");
+        let now = std::time::Instant::now();
+        for (name, q) in &s.queues {
+            let mut room = usize::MAX;
+            let mut why = String::new();
+            if q.max_concurrency > 0 {
+                let active = s.active_by_queue.get(name).copied().unwrap_or(0);
+                let r = u64::from(q.max_concurrency).saturating_sub(active) as usize;
+                if r < room {
+                    room = r;
+                    why = format!(
+                        "queue {name} is at its max_concurrency ({})",
+                        q.max_concurrency
+                    );
+                }
+            }
+            if q.rate_milli > 0 {
+                let rate = q.rate_milli as f64 / 1000.0;
+                let cap = if q.burst > 0 {
+                    f64::from(q.burst)
+                } else {
+                    rate.ceil().max(1.0)
+                };
+                let b = buckets.entry(name.clone()).or_insert(Bucket {
+                    tokens: cap,
+                    at: now,
+                });
+                let elapsed = now.duration_since(b.at).as_secs_f64();
+                b.tokens = (b.tokens + elapsed * rate).min(cap);
+                b.at = now;
+                let r = b.tokens.floor() as usize;
+                if r < room {
+                    room = r;
+                    why = format!("queue {name} is at its rate limit ({rate}/s)");
+                }
+            }
+            if room != usize::MAX {
+                out.insert(name.clone(), (room, why));
+            }
+        }
+        buckets.retain(|name, _| s.queues.get(name).is_some_and(|q| q.rate_milli > 0));
+        out
+    }
+
+    /// Takes a token per planned task of a queue with a rate.
+    fn spend_tokens(&self, s: &crate::state::State, planned: &[crate::model::Assignment]) {
+        let mut buckets = self.buckets.lock().expect("buckets lock");
+        for a in planned {
+            if let Some(t) = s.tasks.get(&a.task_id)
+                && let Some(b) = buckets.get_mut(&t.spec.queue)
+            {
+                b.tokens = (b.tokens - 1.0).max(0.0);
+            }
+        }
     }
 
     /// The agents that may take work (active, with a session here), as the scheduler sees
@@ -94,6 +170,7 @@ impl Placer {
             shared,
             sessions,
             reserved: Mutex::default(),
+            buckets: Mutex::default(),
         }
     }
 
@@ -152,7 +229,7 @@ impl Placer {
                     _ => None,
                 })
                 .collect();
-            let mut placed = place(agents, &runs).into_iter();
+            let mut placed = place(agents, &runs, &|q| s.queues.contains_key(q)).into_iter();
             drop(runs);
             for c in commands.iter_mut() {
                 if let Command::SubmitRun {

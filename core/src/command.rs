@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{AgentName, Assignment, HeldTask, Outcome, Resources, RunSpec, TaskId};
+use crate::model::{
+    AgentName, Assignment, HeldTask, Outcome, QueueConfig, Resources, RunSpec, TaskId,
+};
 
 /// One Raft entry: a batch of commands stamped with the leader's clock.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,6 +104,33 @@ pub enum Command {
     ForgetAgents {
         names: Vec<AgentName>,
     },
+    /// Cancel a whole run (`step` empty) or one step of it (its dependents are skipped).
+    CancelRun {
+        run_id: String,
+        step: String,
+        reason: String,
+    },
+    /// Queue the next attempt of tasks whose retry deadline passed (the leader fires these).
+    RetryDue {
+        tasks: Vec<HeldTask>,
+    },
+    /// Fail the current attempt of tasks the leader judged failed without their agent (a
+    /// timeout the agent did not enforce); retried like any failure, and stopped on the agent.
+    FailTasks {
+        tasks: Vec<(HeldTask, String)>,
+    },
+    /// A new attempt of the step behind dead letter `id`; its run resumes.
+    RetryDeadLetter {
+        id: u64,
+    },
+    DropDeadLetter {
+        id: u64,
+    },
+    /// Set (replace) a queue's limits.
+    SetQueue {
+        name: String,
+        config: QueueConfig,
+    },
 }
 
 impl Command {
@@ -148,7 +177,25 @@ impl Command {
             Command::ForgetAgents { names } => {
                 64 + names.iter().map(|n| 16 + n.len()).sum::<usize>()
             }
-            Command::TaskStarted { .. } | Command::SetDrain { .. } => 160,
+            Command::CancelRun {
+                run_id,
+                step,
+                reason,
+            } => 128 + run_id.len() + step.len() + reason.len(),
+            Command::RetryDue { tasks } => {
+                64 + tasks.iter().map(|h| 32 + h.task_id.len()).sum::<usize>()
+            }
+            Command::FailTasks { tasks } => {
+                64 + tasks
+                    .iter()
+                    .map(|(h, r)| 96 + h.task_id.len() + r.len())
+                    .sum::<usize>()
+            }
+            Command::SetQueue { name, .. } => 128 + name.len(),
+            Command::TaskStarted { .. }
+            | Command::SetDrain { .. }
+            | Command::RetryDeadLetter { .. }
+            | Command::DropDeadLetter { .. } => 160,
         }
     }
 
@@ -164,6 +211,12 @@ impl Command {
             Command::RequeueTasks { .. } => "requeue_tasks",
             Command::ExpireTasks { .. } => "expire_tasks",
             Command::ForgetAgents { .. } => "forget_agents",
+            Command::CancelRun { .. } => "cancel_run",
+            Command::RetryDue { .. } => "retry_due",
+            Command::FailTasks { .. } => "fail_tasks",
+            Command::RetryDeadLetter { .. } => "retry_dead_letter",
+            Command::DropDeadLetter { .. } => "drop_dead_letter",
+            Command::SetQueue { .. } => "set_queue",
         }
     }
 }
@@ -212,6 +265,23 @@ pub enum CommandResult {
     },
     Forgotten {
         names: Vec<AgentName>,
+    },
+    /// Tasks cancelled (or skipped below a cancelled step).
+    Cancelled {
+        tasks: Vec<TaskId>,
+    },
+    /// Tasks queued again (retry deadlines, or a dead letter's step).
+    Retried {
+        tasks: Vec<TaskId>,
+    },
+    /// Attempts failed by the leader.
+    Failed {
+        tasks: Vec<TaskId>,
+    },
+    Done,
+    /// The thing named does not exist.
+    NotFound {
+        message: String,
     },
 }
 

@@ -6,8 +6,11 @@
 //! compiler keeps it that way. The coordinator (`drover-coordinator`) is the shell around it.
 
 pub mod command;
+pub mod dag;
+pub mod lifecycle;
 pub mod limits;
 pub mod model;
+pub mod params;
 pub mod placement;
 pub mod retention;
 pub mod scheduler;

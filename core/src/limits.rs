@@ -37,3 +37,21 @@ pub const SCHEDULE_ROUND_TASKS_MAX: usize = 4_096;
 /// Queued tasks a round looks at beyond the fleet's free task slots before falling back to the
 /// full window: room for a few tasks no agent can take ahead of those that fit.
 pub const SCHEDULE_WINDOW_MARGIN: usize = 64;
+
+/// Finished attempts kept in a task's history (the newest).
+pub const ATTEMPTS_KEPT_MAX: usize = 32;
+
+/// Retries a step may ask for.
+pub const RETRIES_MAX: u32 = 100;
+
+/// Longest retry delay a step may ask for, and the cap on any computed delay: one day.
+pub const RETRY_DELAY_MAX_MS: u64 = 24 * 3600 * 1000;
+
+/// Dead letters kept; past it the oldest is dropped (and counted).
+pub const DEAD_LETTERS_MAX: usize = 10_000;
+
+/// Queues with a configuration.
+pub const QUEUES_MAX: usize = 1_024;
+
+/// Retries queued by one `RetryDue` entry; more wait for the next tick.
+pub const RETRY_DUE_BATCH_MAX: usize = 1_024;

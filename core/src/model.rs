@@ -157,6 +157,67 @@ pub struct TaskSpec {
     /// The run's strategy, copied onto each task.
     #[serde(default)]
     pub strategy: Strategy,
+    /// Names of steps of the same run that must succeed before this one starts.
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    #[serde(default)]
+    pub retry: RetryPolicy,
+}
+
+/// How a failed attempt is retried: `max` more attempts, each after a delay.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    /// Retries after the first failure (0 = none).
+    pub max: u32,
+    pub backoff: Backoff,
+    /// Delay before the first retry.
+    pub initial_ms: u64,
+    /// Cap on any one delay (0 = no cap).
+    pub max_delay_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Backoff {
+    /// Every delay is `initial`.
+    Fixed,
+    /// `initial`, then doubling, up to `max_delay`.
+    #[default]
+    Exponential,
+}
+
+impl RetryPolicy {
+    /// The delay before the retry that follows failure number `failures` (1-based) of task
+    /// `seq`: the backoff less up to a fifth, so retries of many steps that failed together do not
+    /// start together. The jitter is a hash, not a random draw: every replica computes the same.
+    pub fn delay_ms(&self, failures: u32, seq: u64) -> u64 {
+        let base = match self.backoff {
+            Backoff::Fixed => self.initial_ms,
+            Backoff::Exponential => {
+                let doublings = failures.saturating_sub(1).min(40);
+                self.initial_ms.saturating_mul(1u64 << doublings)
+            }
+        };
+        let capped = if self.max_delay_ms > 0 {
+            base.min(self.max_delay_ms)
+        } else {
+            base
+        };
+        let mut h = seq
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(u64::from(failures).wrapping_mul(0xBF58_476D_1CE4_E5B9));
+        h ^= h >> 31;
+        capped - h % (capped / 5 + 1)
+    }
+}
+
+/// What a run does when a step fails for good.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OnFailure {
+    /// Every step not yet finished is skipped, running ones stopped.
+    #[default]
+    FailFast,
+    /// Only the failed step's dependents are skipped; independent branches keep going.
+    Continue,
 }
 
 impl TaskSpec {
@@ -192,6 +253,11 @@ impl TaskSpec {
             + self.class.len()
             + self.queue.len()
             + self.spread_by.len()
+            + self
+                .depends_on
+                .iter()
+                .map(|d| PER_ITEM + d.len())
+                .sum::<usize>()
             + extended
             + self.required.iter().map(expr).sum::<usize>()
             + self.preferred.iter().map(|(_, e)| expr(e)).sum::<usize>()) as u64
@@ -214,15 +280,22 @@ impl TaskSpec {
             priority: 0,
             queue: "default".into(),
             strategy: Strategy::default(),
+            depends_on: vec![],
+            retry: RetryPolicy::default(),
         }
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunSpec {
     pub name: String,
     pub tasks: Vec<TaskSpec>,
     pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub on_failure: OnFailure,
+    /// The parameters substituted into the steps (after overrides), kept for display.
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -233,6 +306,25 @@ pub enum TaskState {
     Succeeded,
     Failed,
     Cancelled,
+    /// Waits for steps it depends on; not in the queue.
+    Blocked,
+    /// Failed; waits for its retry deadline (`Task::retry_at_us`); not in the queue.
+    Waiting,
+    /// Never ran (or was stopped) because a step it needed failed or its run failed fast.
+    Skipped,
+}
+
+/// One finished attempt of a task, kept in the task's history.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    pub attempt: u64,
+    pub agent: String,
+    pub started_at_us: u64,
+    pub finished_at_us: u64,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub reason: String,
+    pub succeeded: bool,
 }
 
 /// Queue order: higher priority first, then submission order.
@@ -248,7 +340,7 @@ impl TaskState {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled
+            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled | TaskState::Skipped
         )
     }
 }
@@ -305,6 +397,21 @@ pub struct Task {
     pub outcome: Option<Box<Outcome>>,
     /// Submission order, used to keep the queue first-in first-out.
     pub seq: u64,
+    /// Failed attempts counted against `spec.retry.max`.
+    #[serde(default)]
+    pub failures: u32,
+    /// While `Waiting`: when the next attempt is queued (leader clock, us).
+    #[serde(default)]
+    pub retry_at_us: u64,
+    /// Finished attempts, oldest first (the newest `limits::ATTEMPTS_KEPT_MAX`).
+    #[serde(default)]
+    pub history: Vec<AttemptRecord>,
+    /// While `Blocked`: dependencies not yet succeeded.
+    #[serde(default)]
+    pub waiting_on: u32,
+    /// Tasks of the run that depend on this one.
+    #[serde(default)]
+    pub dependents: Vec<TaskId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -318,6 +425,13 @@ pub struct Run {
     pub finished_at_us: u64,
     pub submitted_by: String,
     pub seq: u64,
+    #[serde(default)]
+    pub on_failure: OnFailure,
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
+    /// Why the run was cancelled; empty unless someone cancelled the whole run.
+    #[serde(default)]
+    pub cancelled: String,
     /// Tasks not yet terminal: a finishing task closes its run without walking every sibling,
     /// which made each result of a 1,000-task run cost 1,000 lookups. Derived, so not stored:
     /// `State::rebuild_derived` recomputes it when a snapshot is loaded.
@@ -388,4 +502,40 @@ pub struct Assignment {
 pub struct HeldTask {
     pub task_id: TaskId,
     pub attempt: u64,
+}
+
+/// Limits of one queue; 0 in a field means no limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueConfig {
+    /// Tasks of the queue assigned or running at once.
+    pub max_concurrency: u32,
+    /// Tasks started per second, in thousandths (1500 = 1.5/s).
+    pub rate_milli: u64,
+    /// Tasks that may start at once after a quiet spell (token bucket size); 0 = one second's worth.
+    pub burst: u32,
+    /// Tasks of the queue waiting for an agent; submissions past it are refused.
+    pub max_pending: u64,
+}
+
+/// A step that failed for good (retries exhausted): kept until retried, dropped, or its run is
+/// forgotten.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub id: u64,
+    pub task_id: TaskId,
+    pub run_id: String,
+    pub step: String,
+    pub queue: String,
+    /// The attempt that failed last; a retry must find the task still there.
+    pub attempt: u64,
+    pub failures: u32,
+    pub agent: String,
+    pub failed_at_us: u64,
+    pub reason: String,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    #[serde(with = "crate::serde_bytes")]
+    pub stdout_tail: Vec<u8>,
+    #[serde(with = "crate::serde_bytes")]
+    pub stderr_tail: Vec<u8>,
 }

@@ -10,12 +10,21 @@ use crate::model::{Agent, AgentName, Assignment, Resources, RunSpec};
 use crate::scheduler::{self, AgentSlot, PendingTask, View};
 
 /// Places the tasks of new runs on `agents`, honouring queue order across the runs (priority,
-/// then submission). Returns, per run and per task, the chosen agent.
-pub fn place(agents: Vec<AgentSlot>, runs: &[&RunSpec]) -> Vec<Vec<Option<AgentName>>> {
+/// then submission). Returns, per run and per task, the chosen agent. Steps that wait for others
+/// are not placed, nor are tasks of queues with limits (`limited`): the scheduling round
+/// applies those.
+pub fn place(
+    agents: Vec<AgentSlot>,
+    runs: &[&RunSpec],
+    limited: &dyn Fn(&str) -> bool,
+) -> Vec<Vec<Option<AgentName>>> {
     let mut pending = Vec::new();
     let mut at = Vec::new();
     for (ri, spec) in runs.iter().enumerate() {
         for (ti, t) in spec.tasks.iter().enumerate() {
+            if !t.depends_on.is_empty() || limited(&t.queue) {
+                continue;
+            }
             // Ids only need to be unique within this plan: the index into `at`.
             let task = PendingTask::new(at.len().to_string(), 1, ri.to_string(), t);
             pending.push((-i64::from(t.priority), task));
@@ -28,6 +37,7 @@ pub fn place(agents: Vec<AgentSlot>, runs: &[&RunSpec]) -> Vec<Vec<Option<AgentN
         pending: pending.into_iter().map(|(_, t)| t).collect(),
         agents,
         placed: BTreeMap::new(),
+        queue_room: BTreeMap::new(),
     };
     let plan = scheduler::plan(&view);
     let mut out: Vec<Vec<Option<AgentName>>> =
@@ -97,6 +107,7 @@ mod tests {
             name: "r".into(),
             tasks,
             labels: BTreeMap::new(),
+            ..Default::default()
         }
     }
 
@@ -121,6 +132,7 @@ mod tests {
         let placed = place(
             vec![slot("n1", 1_000, "default")],
             &[&first, &second, &third],
+            &|_| false,
         );
         // The later, higher-priority task takes the room first; the earlier one no longer fits,
         // but the smaller one after it still does. No agent offers class gpu.
@@ -132,6 +144,6 @@ mod tests {
     #[test]
     fn nothing_to_place_on_no_agents() {
         let r = run(vec![task("a", 0, 0, "default")]);
-        assert_eq!(place(vec![], &[&r]), vec![vec![None]]);
+        assert_eq!(place(vec![], &[&r], &|_| false), vec![vec![None]]);
     }
 }

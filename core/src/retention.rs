@@ -120,6 +120,8 @@ mod tests {
                         .map(|n| TaskSpec::new(*n, Program::Argv(vec!["true".into()])))
                         .collect(),
                     labels: Default::default(),
+                    on_failure: crate::model::OnFailure::Continue,
+                    ..Default::default()
                 },
                 submitted_by: "t".into(),
                 placement: None,

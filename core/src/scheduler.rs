@@ -33,6 +33,7 @@ pub struct PendingTask<'a> {
     pub preferred: Cow<'a, [(i32, LabelExpr)]>,
     pub spread_by: Cow<'a, str>,
     pub strategy: Strategy,
+    pub queue: Cow<'a, str>,
     /// Why it is still queued, as last recorded: the plan reports a reason only when it differs.
     pub reason: &'a str,
 }
@@ -54,6 +55,7 @@ impl<'a> PendingTask<'a> {
             preferred: Cow::Borrowed(&spec.preferred),
             spread_by: Cow::Borrowed(&spec.spread_by),
             strategy: spec.strategy,
+            queue: Cow::Borrowed(&spec.queue),
             reason: "",
         }
     }
@@ -78,6 +80,9 @@ pub struct View<'a> {
     pub agents: Vec<AgentSlot>,
     /// run id -> agent -> tasks of that run placed there and not finished.
     pub placed: BTreeMap<String, BTreeMap<AgentName, u32>>,
+    /// Queues with limits: how many more of their tasks may start now, and what stops them
+    /// when none may. Queues not listed have no limit.
+    pub queue_room: BTreeMap<String, (usize, String)>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -119,11 +124,20 @@ pub fn plan(view: &View<'_>) -> Plan {
     // wait behind it (as Slurm's "Priority" reason).
     let mut open_slots: usize = agents.iter().map(|a| a.slots).sum();
     let mut met_full_fleet = false;
+    let mut queue_room = view.queue_room.clone();
 
     for (n, task) in view.pending.iter().enumerate() {
         if met_full_fleet {
             out.unexamined = view.pending.len() - n;
             break;
+        }
+        if let Some((room, why)) = queue_room.get(&*task.queue)
+            && *room == 0
+        {
+            if why != task.reason {
+                out.unplaced.push((task.id.to_string(), why.clone()));
+            }
+            continue;
         }
         let class = if task.class.is_empty() {
             DEFAULT_CLASS
@@ -212,6 +226,9 @@ pub fn plan(view: &View<'_>) -> Plan {
         match best {
             Some((_, i)) => {
                 last_reason = None;
+                if let Some((room, _)) = queue_room.get_mut(&*task.queue) {
+                    *room -= 1;
+                }
                 let agent = &mut agents[i];
                 agent.free = agent.free.minus(&task.resources);
                 agent.slots -= 1;

@@ -28,6 +28,7 @@ fn pending(id: &str, class: &str, r: Resources) -> PendingTask<'static> {
         preferred: Cow::Borrowed(&[]),
         spread_by: "".into(),
         strategy: Fit::BinPack,
+        queue: "default".into(),
         reason: "",
     }
 }
@@ -212,6 +213,7 @@ fn spread_by_distributes_a_runs_tasks_across_label_values() {
         pending,
         agents,
         placed,
+        ..Default::default()
     });
     let in_a = 1 + p
         .assignments
@@ -335,6 +337,7 @@ fn arb_view() -> impl PropStrategy<Value = View<'static>> {
                     })
                     .collect(),
                 placed: BTreeMap::new(),
+                queue_room: BTreeMap::new(),
             }
         })
 }
@@ -401,6 +404,7 @@ fn slot_bound_view(slots: usize, tasks: usize) -> View<'static> {
             .collect(),
         agents: vec![a],
         placed: Default::default(),
+        ..Default::default()
     }
 }
 
@@ -434,4 +438,41 @@ fn behind_a_full_fleet_only_the_first_waiting_task_is_examined_and_known_reasons
     let again = plan(&view);
     assert!(again.unplaced.is_empty(), "{:?}", again.unplaced);
     assert_eq!(again.unexamined, 3);
+}
+
+#[test]
+fn a_queue_with_no_room_left_waits_without_holding_back_other_queues() {
+    let etl = |id: &str| PendingTask {
+        queue: "etl".into(),
+        ..pending(id, "default", res(0, 0))
+    };
+    let view = View {
+        pending: vec![
+            etl("e1"),
+            etl("e2"),
+            etl("e3"),
+            pending("o1", "default", res(0, 0)),
+        ],
+        agents: vec![agent("a", "default", res(4000, 4096), &[])],
+        placed: BTreeMap::new(),
+        queue_room: [(
+            "etl".to_owned(),
+            (2, "queue etl is at its max_concurrency (2)".to_owned()),
+        )]
+        .into(),
+    };
+    let plan = plan(&view);
+    let placed: Vec<&str> = plan
+        .assignments
+        .iter()
+        .map(|a| a.task_id.as_str())
+        .collect();
+    assert_eq!(placed, ["e1", "e2", "o1"]);
+    assert_eq!(
+        plan.unplaced,
+        [(
+            "e3".to_owned(),
+            "queue etl is at its max_concurrency (2)".to_owned()
+        )]
+    );
 }

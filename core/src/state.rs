@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use crate::command::{Command, CommandResult, Request, Response};
 use crate::limits;
 use crate::model::{
-    Agent, AgentName, AgentState, Assignment, HeldTask, Outcome, PendingKey, Resources, Run,
-    RunSpec, RunState, Task, TaskId, TaskSpec, TaskState,
+    Agent, AgentName, AgentState, Assignment, DeadLetter, HeldTask, Outcome, PendingKey,
+    QueueConfig, Resources, Run, RunSpec, RunState, Task, TaskId, TaskSpec, TaskState,
 };
 
 /// Pending tasks and the bytes of their specs, for one submitter, one queue, or everyone.
@@ -41,6 +41,11 @@ pub struct Counters {
     pub stale_reports: u64,
     pub agents_lost: u64,
     pub assignments_dropped: u64,
+    pub tasks_retried: u64,
+    pub tasks_skipped: u64,
+    pub tasks_cancelled: u64,
+    pub dead_letters: u64,
+    pub dead_letters_dropped: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +62,20 @@ pub struct State {
     pub last_run_seq: u64,
     pub next_task_seq: u64,
     pub counters: Counters,
+    /// Steps that failed for good, by id (oldest first).
+    pub dead_letters: BTreeMap<u64, DeadLetter>,
+    pub last_dead_letter: u64,
+    /// Queues with limits, by name.
+    pub queues: BTreeMap<String, QueueConfig>,
+    /// Attempts the coordinator ended (cancelled, skipped, failed by timeout) while an agent
+    /// still ran them: the leader tells the agent to stop them until it reports them ended.
+    pub stopping: BTreeMap<TaskId, (AgentName, u64)>,
+    /// Tasks waiting to be retried, by (deadline us, task seq). Derived.
+    #[serde(skip)]
+    pub retry_due: BTreeMap<(u64, u64), TaskId>,
+    /// Tasks assigned or running per queue, for `max_concurrency`. Derived.
+    #[serde(skip)]
+    pub active_by_queue: BTreeMap<String, u64>,
     /// Tasks assigned and not yet reported started, oldest assignment first, keyed by (when
     /// assigned, task seq): what the leader re-sends, or re-queues once they have waited too long
     /// (`stranded`), looking only at the old end. Derived, so not stored; `rebuild_derived`.
@@ -179,7 +198,7 @@ pub fn task_id(run_id: &str, task_name: &str) -> TaskId {
 
 impl State {
     /// Counts task `tid` into (`entering`) or out of the pending tallies.
-    fn tally_pending(&mut self, tid: &str, entering: bool) {
+    pub(crate) fn tally_pending(&mut self, tid: &str, entering: bool) {
         let Some(t) = self.tasks.get(tid) else {
             return;
         };
@@ -280,7 +299,7 @@ impl State {
                 outcome,
                 started_at_us,
             } => self.task_finished(now_us, agent, task_id, *attempt, outcome, *started_at_us),
-            Command::AgentLost { name, reason } => self.agent_lost(name, reason),
+            Command::AgentLost { name, reason } => self.agent_lost(now_us, name, reason),
             Command::SetDrain {
                 name,
                 draining,
@@ -299,7 +318,7 @@ impl State {
                             && !t.state.is_terminal()
                     });
                     if current {
-                        self.requeue(&h.task_id, reason);
+                        self.requeue(now_us, &h.task_id, reason);
                         requeued.push(h.task_id.clone());
                     }
                 }
@@ -313,6 +332,55 @@ impl State {
                     }
                 }
                 CommandResult::Expired { expired }
+            }
+            Command::CancelRun {
+                run_id,
+                step,
+                reason,
+            } => self.cancel_run(now_us, run_id, step, reason),
+            Command::RetryDue { tasks } => self.retry_due_tasks(tasks),
+            Command::FailTasks { tasks } => {
+                let mut failed = Vec::new();
+                for (h, reason) in tasks {
+                    let current = self.tasks.get(&h.task_id).is_some_and(|t| {
+                        t.attempt == h.attempt
+                            && matches!(t.state, TaskState::Assigned | TaskState::Running)
+                    });
+                    if current {
+                        let outcome = Outcome {
+                            reason: reason.clone(),
+                            ..Default::default()
+                        };
+                        self.fail_attempt(now_us, &h.task_id, outcome, true);
+                        failed.push(h.task_id.clone());
+                    }
+                }
+                CommandResult::Failed { tasks: failed }
+            }
+            Command::RetryDeadLetter { id } => self.retry_dead_letter(*id),
+            Command::DropDeadLetter { id } => match self.dead_letters.remove(id) {
+                Some(_) => CommandResult::Done,
+                None => CommandResult::NotFound {
+                    message: format!("dead letter dl-{id} not found"),
+                },
+            },
+            Command::SetQueue { name, config } => {
+                if !self.queues.contains_key(name) && self.queues.len() >= limits::QUEUES_MAX {
+                    return CommandResult::Rejected {
+                        limit: Some("queues_max".into()),
+                        message: format!(
+                            "{} queues are configured; queues_max is {}",
+                            self.queues.len(),
+                            limits::QUEUES_MAX
+                        ),
+                    };
+                }
+                if *config == QueueConfig::default() {
+                    self.queues.remove(name);
+                } else {
+                    self.queues.insert(name.clone(), config.clone());
+                }
+                CommandResult::Done
             }
             Command::ForgetAgents { names } => {
                 let forgotten: Vec<AgentName> = names
@@ -340,29 +408,8 @@ impl State {
         if task.state != TaskState::Pending || task.attempt != h.attempt {
             return false;
         }
-        let key = task.pending_key();
-        self.tally_pending(&h.task_id, false);
-        self.pending.remove(&key);
-        let Some(task) = self.tasks.get_mut(&h.task_id) else {
-            return false;
-        };
-        task.state = TaskState::Failed;
-        task.finished_at_us = now_us;
-        task.pending_reason = std::borrow::Cow::Borrowed("");
-        task.outcome = Some(Box::new(Outcome {
-            reason: reason.to_owned(),
-            ..Default::default()
-        }));
-        self.counters.tasks_failed += 1;
-        let run_id = task.run_id.clone();
-        if let Some(seq) = run_seq(&run_id)
-            && let Some(run) = self.runs.get_mut(&seq)
-        {
-            run.unfinished = run.unfinished.saturating_sub(1);
-            if run.unfinished == 0 {
-                run.finished_at_us = now_us;
-            }
-        }
+        self.settle(now_us, &h.task_id, TaskState::Failed, Some(reason), false);
+        self.after_final_failure(now_us, &h.task_id);
         true
     }
 
@@ -401,33 +448,61 @@ impl State {
         ) {
             return refusal;
         }
+        if let Err(refusal) = self.queue_room(spec) {
+            return refusal;
+        }
         // Run ids start at run-1.
         self.last_run_seq += 1;
         let seq = self.last_run_seq;
         let id = run_id(seq);
         let mut task_ids = Vec::with_capacity(spec.tasks.len());
+        let mut dependents: BTreeMap<&str, Vec<TaskId>> = BTreeMap::new();
+        for t in &spec.tasks {
+            for d in &t.depends_on {
+                dependents
+                    .entry(d.as_str())
+                    .or_default()
+                    .push(task_id(&id, &t.name));
+            }
+        }
         for t in &spec.tasks {
             let tid = task_id(&id, &t.name);
             let tseq = self.next_task_seq;
             self.next_task_seq += 1;
-            self.pending
-                .insert((-i64::from(t.priority), tseq, tid.clone()));
+            let blocked = !t.depends_on.is_empty();
+            if !blocked {
+                self.pending
+                    .insert((-i64::from(t.priority), tseq, tid.clone()));
+            }
             self.tasks.insert(
                 tid.clone(),
                 Task {
                     id: tid.clone(),
                     run_id: id.clone(),
                     spec: t.clone(),
-                    state: TaskState::Pending,
+                    state: if blocked {
+                        TaskState::Blocked
+                    } else {
+                        TaskState::Pending
+                    },
                     attempt: 1,
                     agent: None,
-                    pending_reason: "waiting for the scheduler".into(),
+                    pending_reason: if blocked {
+                        format!("waiting for {}", t.depends_on.join(", ")).into()
+                    } else {
+                        "waiting for the scheduler".into()
+                    },
                     created_at_us: now_us,
                     assigned_at_us: 0,
                     started_at_us: 0,
                     finished_at_us: 0,
                     outcome: None,
                     seq: tseq,
+                    failures: 0,
+                    retry_at_us: 0,
+                    history: Vec::new(),
+                    waiting_on: t.depends_on.len() as u32,
+                    dependents: dependents.remove(t.name.as_str()).unwrap_or_default(),
                 },
             );
             task_ids.push(tid);
@@ -444,11 +519,14 @@ impl State {
                 finished_at_us: 0,
                 submitted_by: submitted_by.to_owned(),
                 seq,
+                on_failure: spec.on_failure,
+                params: spec.params.clone(),
+                cancelled: String::new(),
                 unfinished: spec.tasks.len() as u32,
             },
         );
         let mut by_queue: Vec<(&str, Tally)> = Vec::new();
-        for t in &spec.tasks {
+        for t in spec.tasks.iter().filter(|t| t.depends_on.is_empty()) {
             let d = Tally {
                 tasks: 1,
                 bytes: t.approx_bytes(),
@@ -502,6 +580,10 @@ impl State {
                     if let Some(t) = self.tasks.remove(tid) {
                         self.task_bytes = self.task_bytes.saturating_sub(t.spec.approx_bytes());
                     }
+                    self.stopping.remove(tid);
+                }
+                if !self.dead_letters.is_empty() {
+                    self.dead_letters.retain(|_, d| d.run_id != run.id);
                 }
             }
         }
@@ -526,10 +608,13 @@ impl State {
         let stale = held
             .iter()
             .filter(|h| {
-                !self
-                    .tasks
-                    .get(&h.task_id)
-                    .is_some_and(|t| t.attempt == h.attempt && t.agent.as_deref() == Some(name))
+                // A task the coordinator ended (cancelled, skipped) is stale too: stop it.
+                !self.tasks.get(&h.task_id).is_some_and(|t| {
+                    t.attempt == h.attempt
+                        && t.agent.as_deref() == Some(name)
+                        && !matches!(t.state, TaskState::Cancelled | TaskState::Skipped)
+                        && !self.stopping.contains_key(&h.task_id)
+                })
             })
             .cloned()
             .collect();
@@ -576,7 +661,7 @@ impl State {
             && &a.version == version
             && &a.pool == pool
             && &a.isolation == isolation;
-        if !same {
+        if !same || self.stopping.values().any(|(a, _)| a == name) {
             return None;
         }
         let (stale, resend, vanished) = self.registration_check(name, held);
@@ -628,9 +713,11 @@ impl State {
         }
 
         let (stale, resend, vanished) = self.registration_check(name, held);
+        // Whatever it should stop is in `stale` now, or it no longer runs it.
+        self.stopping.retain(|_, (a, _)| a != name);
         let mut requeued = Vec::new();
         for tid in vanished {
-            self.requeue(&tid, &format!("agent {name} restarted without it"));
+            self.requeue(now_us, &tid, &format!("agent {name} restarted without it"));
             requeued.push(tid);
         }
         CommandResult::Registered {
@@ -641,20 +728,23 @@ impl State {
     }
 
     /// Takes a non-terminal task off its agent and puts it back in the queue as a new attempt.
-    fn requeue(&mut self, tid: &str, reason: &str) {
+    fn requeue(&mut self, now_us: u64, tid: &str, reason: &str) {
         let Some(task) = self.tasks.get_mut(tid) else {
             return;
         };
-        if task.state.is_terminal() {
+        if !matches!(task.state, TaskState::Assigned | TaskState::Running) {
             return;
         }
-        if let Some(agent_name) = task.agent.take()
-            && let Some(agent) = self.agents.get_mut(&agent_name)
-        {
-            agent.used = agent.used.minus(&task.spec.resources);
-            agent.tasks.remove(tid);
-        }
-        self.assigned.remove(&(task.assigned_at_us, task.seq));
+        let note = Outcome {
+            reason: format!("re-queued: {reason}"),
+            ..Default::default()
+        };
+        crate::lifecycle::record_attempt(task, now_us, &note);
+        self.leave_active(tid);
+        let Some(task) = self.tasks.get_mut(tid) else {
+            return;
+        };
+        task.agent = None;
         task.attempt += 1;
         task.state = TaskState::Pending;
         task.pending_reason = format!("re-queued: {reason}").into();
@@ -687,7 +777,15 @@ impl State {
             // it holds has a free capacity that saturates at zero, which a zero request would fit.
             let fits =
                 agent.can_take(&task.spec.resources) && agent.tasks.len() < limits::AGENT_TASKS_MAX;
+            let queue_full = self.queues.get(&task.spec.queue).is_some_and(|q| {
+                q.max_concurrency > 0
+                    && self
+                        .active_by_queue
+                        .get(&task.spec.queue)
+                        .is_some_and(|n| *n >= u64::from(q.max_concurrency))
+            });
             if task.state != TaskState::Pending
+                || queue_full
                 || task.attempt != a.attempt
                 || agent.state != AgentState::Active
                 || !fits
@@ -698,6 +796,12 @@ impl State {
             agent.used = agent.used.plus(&task.spec.resources);
             agent.tasks.insert(task.id.clone());
             self.assigned.insert((now_us, task.seq), task.id.clone());
+            match self.active_by_queue.get_mut(&task.spec.queue) {
+                Some(n) => *n += 1,
+                None => {
+                    self.active_by_queue.insert(task.spec.queue.clone(), 1);
+                }
+            }
             task.state = TaskState::Assigned;
             task.agent = Some(a.agent.clone());
             task.assigned_at_us = now_us;
@@ -790,35 +894,21 @@ impl State {
         }
         let task = self.tasks.get_mut(tid).expect("checked above");
         if task.state.is_terminal() {
-            // A duplicate delivery of a result already recorded.
+            // A duplicate delivery of a result already recorded, or the end of an attempt the
+            // coordinator had already ended (cancelled, skipped): it is stopped now.
+            self.stopping.remove(tid);
             return CommandResult::Reported;
         }
         if task.started_at_us == 0 {
             task.started_at_us = start_time(task, reported_us, now_us);
         }
-        task.state = if outcome.succeeded {
-            self.counters.tasks_succeeded += 1;
-            TaskState::Succeeded
+        if outcome.succeeded {
+            crate::lifecycle::record_attempt(task, now_us, outcome);
+            task.outcome = Some(Box::new(outcome.clone()));
+            self.settle(now_us, tid, TaskState::Succeeded, None, false);
+            self.after_success(tid);
         } else {
-            self.counters.tasks_failed += 1;
-            TaskState::Failed
-        };
-        task.finished_at_us = now_us;
-        task.outcome = Some(Box::new(outcome.clone()));
-        self.assigned.remove(&(task.assigned_at_us, task.seq));
-        let resources = task.spec.resources.clone();
-        let run_id = task.run_id.clone();
-        if let Some(a) = self.agents.get_mut(agent) {
-            a.used = a.used.minus(&resources);
-            a.tasks.remove(tid);
-        }
-        if let Some(seq) = run_seq(&run_id)
-            && let Some(run) = self.runs.get_mut(&seq)
-        {
-            run.unfinished = run.unfinished.saturating_sub(1);
-            if run.unfinished == 0 {
-                run.finished_at_us = now_us;
-            }
+            self.fail_attempt(now_us, tid, outcome.clone(), false);
         }
         CommandResult::Reported
     }
@@ -848,7 +938,7 @@ impl State {
         }
     }
 
-    fn agent_lost(&mut self, name: &str, reason: &str) -> CommandResult {
+    fn agent_lost(&mut self, now_us: u64, name: &str, reason: &str) -> CommandResult {
         let Some(agent) = self.agents.get_mut(name) else {
             return CommandResult::AgentLost { requeued: vec![] };
         };
@@ -857,9 +947,10 @@ impl State {
         }
         agent.state = AgentState::Lost;
         self.counters.agents_lost += 1;
+        self.stopping.retain(|_, (a, _)| a != name);
         let tasks: Vec<TaskId> = agent.tasks.iter().cloned().collect();
         for tid in &tasks {
-            self.requeue(tid, &format!("agent {name} lost ({reason})"));
+            self.requeue(now_us, tid, &format!("agent {name} lost ({reason})"));
         }
         CommandResult::AgentLost { requeued: tasks }
     }
@@ -880,6 +971,21 @@ impl State {
             .filter(|t| t.state == TaskState::Assigned)
             .map(|t| ((t.assigned_at_us, t.seq), t.id.clone()))
             .collect();
+        self.retry_due = self
+            .tasks
+            .values()
+            .filter(|t| t.state == TaskState::Waiting)
+            .map(|t| ((t.retry_at_us, t.seq), t.id.clone()))
+            .collect();
+        self.active_by_queue.clear();
+        for t in self.tasks.values() {
+            if matches!(t.state, TaskState::Assigned | TaskState::Running) {
+                *self
+                    .active_by_queue
+                    .entry(t.spec.queue.clone())
+                    .or_default() += 1;
+            }
+        }
         let tasks = &self.tasks;
         for run in self.runs.values_mut() {
             run.unfinished = run
@@ -896,6 +1002,10 @@ impl State {
         self.runs.get(&run_seq(id)?)
     }
 
+    /// A run is finished when every step is; then it is cancelled if someone cancelled it, failed
+    /// if a step failed, cancelled if a step was cancelled, and succeeded otherwise (skipped steps
+    /// only follow a failure or a cancel). Until then it is pending while no step has left the
+    /// queue, and running after.
     pub fn run_state(&self, run: &Run) -> RunState {
         let states: Vec<TaskState> = run
             .task_ids
@@ -903,14 +1013,19 @@ impl State {
             .filter_map(|t| self.tasks.get(t).map(|t| t.state))
             .collect();
         if states.iter().all(|s| s.is_terminal()) {
-            if states.contains(&TaskState::Failed) {
+            if !run.cancelled.is_empty() {
+                RunState::Cancelled
+            } else if states.contains(&TaskState::Failed) {
                 RunState::Failed
             } else if states.contains(&TaskState::Cancelled) {
                 RunState::Cancelled
             } else {
                 RunState::Succeeded
             }
-        } else if states.iter().any(|s| !matches!(s, TaskState::Pending)) {
+        } else if states
+            .iter()
+            .any(|s| !matches!(s, TaskState::Pending | TaskState::Blocked))
+        {
             RunState::Running
         } else {
             RunState::Pending

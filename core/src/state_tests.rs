@@ -18,7 +18,9 @@ fn spec(tasks: &[&str], cpu: u64) -> RunSpec {
                 ..TaskSpec::new(*n, Program::Argv(vec!["true".into()]))
             })
             .collect(),
+        on_failure: crate::model::OnFailure::Continue,
         labels: BTreeMap::new(),
+        ..Default::default()
     }
 }
 

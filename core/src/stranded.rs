@@ -140,6 +140,7 @@ mod tests {
                 .map(|n| TaskSpec::new(*n, Program::Argv(vec!["true".into()])))
                 .collect(),
             labels: Default::default(),
+            ..Default::default()
         };
         s.apply(
             1,

@@ -9,7 +9,11 @@ use crate::scheduler::{self, AgentSlot, PendingTask, Plan, View};
 use crate::state::State;
 
 /// Plans one round: the head of the queue against `agents`.
-pub fn plan_round(s: &State, agents: Vec<AgentSlot>) -> Plan {
+pub fn plan_round(
+    s: &State,
+    agents: Vec<AgentSlot>,
+    queue_room: BTreeMap<String, (usize, String)>,
+) -> Plan {
     // Behind a deep queue most rounds can place only as many tasks as the fleet has free
     // slots, yet looking up a full window of queued tasks was a fifth of the leader's CPU.
     // A window just past the free slots gives the same plan whenever the plan stops at the
@@ -20,6 +24,7 @@ pub fn plan_round(s: &State, agents: Vec<AgentSlot>) -> Plan {
         .min(limits::SCHEDULE_ROUND_TASKS_MAX);
     let mut view = View {
         agents,
+        queue_room,
         ..View::default()
     };
     for window in [small, limits::SCHEDULE_ROUND_TASKS_MAX] {

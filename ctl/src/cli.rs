@@ -104,6 +104,12 @@ pub enum Command {
     /// Inspect the coordinator cluster.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Steps that failed for good: list, retry (the run resumes), drop.
+    #[command(subcommand)]
+    Dlq(DlqCmd),
+    /// Queue limits: concurrency, start rate, pending tasks.
+    #[command(subcommand)]
+    Queue(QueueCmd),
     /// Start a local 3-node coordinator cluster and 2 agents with mTLS, submit a demo run, and
     /// keep running until Ctrl-C.
     Dev(crate::dev::DevArgs),
@@ -208,11 +214,41 @@ pub enum RunCmd {
         /// Wait for the run to finish, print it, and exit non-zero unless it succeeded.
         #[arg(long)]
         wait: bool,
+        /// Override a parameter of the spec (repeatable): --param DATE=2026-11-02.
+        #[arg(long = "param", value_parser = parse_param)]
+        params: Vec<(String, String)>,
+        /// Submitting again with the same key returns the run the first submission created
+        /// (kept as long as that run is). Default: a fresh key per invocation.
+        #[arg(long)]
+        idempotency_key: Option<String>,
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Format,
         /// The command and its arguments.
         #[arg(last = true)]
         argv: Vec<String>,
+    },
+    /// Check a spec file as the coordinator would, without submitting it.
+    Validate {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        #[arg(long = "param", value_parser = parse_param)]
+        params: Vec<(String, String)>,
+    },
+    /// Cancel a run (every unfinished step), or one step and what depends on it.
+    Cancel {
+        id: String,
+        #[arg(long)]
+        step: Option<String>,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Follow a run live until it finishes; exit 0 if it succeeded, 1 if it failed, 3 if it was
+    /// cancelled.
+    Watch {
+        id: String,
+        /// Print each change as a JSON run instead of step lines.
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
     },
     /// Show one run, its tasks, results and why pending tasks are pending.
     Get {
@@ -224,6 +260,18 @@ pub enum RunCmd {
     List {
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Only runs in this state: pending, running, succeeded, failed, cancelled.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only runs with a step in this queue.
+        #[arg(long)]
+        queue: Option<String>,
+        /// Only runs with this name (or a prefix ending in '*').
+        #[arg(long)]
+        name: Option<String>,
+        /// Only runs submitted within this long, e.g. 2h.
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<Duration>,
         /// Only runs older than this run id: the next page (printed at the end of a page).
         #[arg(long, default_value = "")]
         before: String,
@@ -233,13 +281,79 @@ pub enum RunCmd {
     /// Print a task's output (the agent's full log when reachable, else the replicated tail).
     Logs {
         id: String,
-        /// Task name; may be omitted for single-task runs.
-        #[arg(long)]
-        task: Option<String>,
+        /// Step name; may be omitted for single-step runs.
+        #[arg(long, visible_alias = "task")]
+        step: Option<String>,
         /// Show stderr instead of stdout.
         #[arg(long)]
         stderr: bool,
+        /// Keep printing output as the step writes it, until it finishes.
+        #[arg(short = 'f', long)]
+        follow: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCmd {
+    /// Dead letters, newest first.
+    List {
+        #[arg(long)]
+        queue: Option<String>,
+        #[arg(long)]
+        run: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long, default_value = "")]
+        before: String,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Start a new attempt of the letter's step; its run resumes.
+    Retry { id: String },
+    /// Forget a dead letter (its run stays failed).
+    Drop { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QueueCmd {
+    /// Queues with limits or tasks.
+    List {
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+    },
+    Get {
+        name: String,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Set a queue's limits (each 0 = none); limits not given keep their value.
+    Set {
+        name: String,
+        /// Tasks of the queue assigned or running at once.
+        #[arg(long)]
+        max_concurrency: Option<u32>,
+        /// Tasks started per second (may be fractional, e.g. 0.5).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Starts allowed at once after a quiet spell (token bucket size).
+        #[arg(long)]
+        burst: Option<u32>,
+        /// Tasks waiting for an agent; submissions beyond it are refused.
+        #[arg(long)]
+        max_pending: Option<u64>,
+    },
+}
+
+fn parse_param(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}' is not NAME=VALUE"))?;
+    if !drover_coordinator::params::valid_name(k) {
+        return Err(format!(
+            "'{k}' is not a parameter name (letters, digits, '_')"
+        ));
+    }
+    Ok((k.to_owned(), v.to_owned()))
 }
 
 #[derive(Debug, Subcommand)]
@@ -305,7 +419,14 @@ pub async fn submit(
     spec: pb::RunSpec,
 ) -> Result<pb::SubmitRunResponse, CallError> {
     // One key for every retry of this submission, so a retried write cannot create a second run.
-    let key = random_key();
+    submit_keyed(client, spec, random_key()).await
+}
+
+pub async fn submit_keyed(
+    client: &ClusterClient,
+    spec: pb::RunSpec,
+    key: String,
+) -> Result<pb::SubmitRunResponse, CallError> {
     client
         .call(|mut c| {
             let req = pb::SubmitRunRequest {
@@ -420,6 +541,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Dev(args) => crate::dev::run(args).await,
         Command::Run(cmd) => run_cmd(&cli.conn, cmd).await,
+        Command::Dlq(cmd) => dlq_cmd(&cli.conn, cmd).await,
+        Command::Queue(cmd) => queue_cmd(&cli.conn, cmd).await,
         Command::Agent(AgentCmd::List { output }) => {
             let client = cli.conn.client()?;
             let resp = client
@@ -524,6 +647,8 @@ async fn run_cmd(conn: &Conn, cmd: RunCmd) -> anyhow::Result<i32> {
             memory,
             priority,
             wait,
+            params,
+            idempotency_key,
             output,
             argv,
         } => {
@@ -535,11 +660,7 @@ async fn run_cmd(conn: &Conn, cmd: RunCmd) -> anyhow::Result<i32> {
                 priority,
             };
             let spec = match (file, shell, argv.is_empty()) {
-                (Some(path), None, true) => {
-                    let text = std::fs::read_to_string(&path)
-                        .with_context(|| format!("reading {}", path.display()))?;
-                    crate::spec::parse(&path.display().to_string(), &text)?
-                }
+                (Some(path), None, true) => load_spec(&path, &params)?,
                 (Some(_), _, false) => bail!("give either -f FILE or a command after --, not both"),
                 (None, Some(sh), true) => {
                     command_spec(name, Vec::new(), sh, task_timeout, placement)
@@ -555,7 +676,17 @@ async fn run_cmd(conn: &Conn, cmd: RunCmd) -> anyhow::Result<i32> {
                 }
                 (Some(_), Some(_), _) => unreachable!("clap rejects -f with --shell"),
             };
-            let resp = submit(&client, spec).await.map_err(call_err)?;
+            let mut spec = spec;
+            crate::spec::override_params(&mut spec, &params);
+            crate::spec::check("command", None, &spec)?;
+            let key = idempotency_key.unwrap_or_else(random_key);
+            let resp = submit_keyed(&client, spec, key).await.map_err(call_err)?;
+            if resp.deduplicated {
+                eprintln!(
+                    "{} was submitted before with this idempotency key; not submitted again",
+                    resp.run_id
+                );
+            }
             if !wait {
                 match output {
                     Format::Table => println!("{}", resp.run_id),
@@ -587,13 +718,31 @@ async fn run_cmd(conn: &Conn, cmd: RunCmd) -> anyhow::Result<i32> {
         }
         RunCmd::List {
             limit,
+            state,
+            queue,
+            name,
+            since,
             before,
             output,
         } => {
+            let since_ms = since.map_or(0, |d| {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                now.saturating_sub(d).as_millis() as u64
+            });
+            let req = pb::ListRunsRequest {
+                limit,
+                before: before.clone(),
+                state: state.clone().unwrap_or_default(),
+                queue: queue.clone().unwrap_or_default(),
+                name: name.clone().unwrap_or_default(),
+                since_ms,
+            };
             let resp = client
                 .call(|mut c| {
-                    let before = before.clone();
-                    async move { c.list_runs(pb::ListRunsRequest { limit, before }).await }
+                    let req = req.clone();
+                    async move { c.list_runs(req).await }
                 })
                 .await
                 .map_err(call_err)?;
@@ -604,14 +753,75 @@ async fn run_cmd(conn: &Conn, cmd: RunCmd) -> anyhow::Result<i32> {
                 )),
             }
             if !resp.next_before.is_empty() {
-                eprintln!(
+                let mut more = format!(
                     "more: droverctl run list --before {} --limit {limit}",
                     resp.next_before
                 );
+                for (flag, v) in [("state", &state), ("queue", &queue), ("name", &name)] {
+                    if let Some(v) = v {
+                        more.push_str(&format!(" --{flag} '{v}'"));
+                    }
+                }
+                if let Some(d) = since {
+                    more.push_str(&format!(" --since {}s", d.as_secs()));
+                }
+                eprintln!("{more}");
             }
             Ok(0)
         }
-        RunCmd::Logs { id, task, stderr } => {
+        RunCmd::Validate { file, params } => {
+            let spec = load_spec(&file, &params)?;
+            println!(
+                "{}: valid ({} steps{})",
+                file.display(),
+                spec.tasks.len(),
+                if spec.params.is_empty() {
+                    String::new()
+                } else {
+                    let mut p: Vec<String> = spec
+                        .params
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect();
+                    p.sort();
+                    format!("; params {}", p.join(" "))
+                }
+            );
+            Ok(0)
+        }
+        RunCmd::Cancel { id, step, reason } => {
+            let req = pb::CancelRunRequest {
+                run_id: id.clone(),
+                step: step.clone().unwrap_or_default(),
+                reason,
+            };
+            let resp = client
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.cancel_run(req).await }
+                })
+                .await
+                .map_err(call_err)?;
+            let what = step.map_or(id, |s| format!("step {s} of {}", req.run_id));
+            eprintln!(
+                "cancelled {what}: {} steps ended; running ones are being stopped on their agents",
+                resp.tasks.len()
+            );
+            Ok(0)
+        }
+        RunCmd::Watch { id, output } => watch(&client, &id, output).await,
+        RunCmd::Logs {
+            id,
+            step,
+            stderr,
+            follow,
+        } if follow => follow_logs(&client, &id, step.unwrap_or_default(), stderr).await,
+        RunCmd::Logs {
+            id,
+            step: task,
+            stderr,
+            ..
+        } => {
             use std::io::Write;
             let stream = if stderr {
                 pb::LogStream::Stderr
@@ -646,6 +856,297 @@ async fn run_cmd(conn: &Conn, cmd: RunCmd) -> anyhow::Result<i32> {
             }
             stdout.flush()?;
             Ok(0)
+        }
+    }
+}
+
+async fn dlq_cmd(conn: &Conn, cmd: DlqCmd) -> anyhow::Result<i32> {
+    let client = conn.client()?;
+    match cmd {
+        DlqCmd::List {
+            queue,
+            run,
+            limit,
+            before,
+            output,
+        } => {
+            let req = pb::ListDeadLettersRequest {
+                limit,
+                before,
+                queue: queue.unwrap_or_default(),
+                run_id: run.unwrap_or_default(),
+            };
+            let resp = client
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.list_dead_letters(req).await }
+                })
+                .await
+                .map_err(call_err)?;
+            match output {
+                Format::Table => print!("{}", output::dead_letters_table(&resp.letters)),
+                Format::Json => output::print_json(&serde_json::Value::Array(
+                    resp.letters.iter().map(output::dead_letter_json).collect(),
+                )),
+            }
+            if !resp.next_before.is_empty() {
+                eprintln!(
+                    "more: droverctl dlq list --before {} --limit {limit}",
+                    resp.next_before
+                );
+            }
+            Ok(0)
+        }
+        DlqCmd::Retry { id } => {
+            let req = pb::DeadLetterRequest { id: id.clone() };
+            let resp = client
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.retry_dead_letter(req).await }
+                })
+                .await
+                .map_err(call_err)?;
+            eprintln!("{id}: {} queued again; its run resumes", resp.task_id);
+            Ok(0)
+        }
+        DlqCmd::Drop { id } => {
+            let req = pb::DeadLetterRequest { id: id.clone() };
+            client
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.drop_dead_letter(req).await }
+                })
+                .await
+                .map_err(call_err)?;
+            eprintln!("{id} dropped");
+            Ok(0)
+        }
+    }
+}
+
+async fn get_queue(client: &ClusterClient, name: &str) -> anyhow::Result<pb::Queue> {
+    let req = pb::GetQueueRequest {
+        name: name.to_owned(),
+    };
+    client
+        .call(|mut c| {
+            let req = req.clone();
+            async move { c.get_queue(req).await }
+        })
+        .await
+        .map_err(call_err)
+}
+
+async fn queue_cmd(conn: &Conn, cmd: QueueCmd) -> anyhow::Result<i32> {
+    let client = conn.client()?;
+    match cmd {
+        QueueCmd::List { output } => {
+            let resp = client
+                .call(|mut c| async move { c.list_queues(pb::ListQueuesRequest {}).await })
+                .await
+                .map_err(call_err)?;
+            match output {
+                Format::Table => print!("{}", output::queues_table(&resp.queues)),
+                Format::Json => output::print_json(&serde_json::Value::Array(
+                    resp.queues.iter().map(output::queue_json).collect(),
+                )),
+            }
+            Ok(0)
+        }
+        QueueCmd::Get { name, output } => {
+            let q = get_queue(&client, &name).await?;
+            match output {
+                Format::Table => print!("{}", output::queues_table(std::slice::from_ref(&q))),
+                Format::Json => output::print_json(&output::queue_json(&q)),
+            }
+            Ok(0)
+        }
+        QueueCmd::Set {
+            name,
+            max_concurrency,
+            rate,
+            burst,
+            max_pending,
+        } => {
+            // Limits not given keep their value: read, change, write.
+            let mut q = get_queue(&client, &name).await?;
+            if let Some(v) = max_concurrency {
+                q.max_concurrency = v;
+            }
+            if let Some(v) = rate {
+                q.rate = v;
+            }
+            if let Some(v) = burst {
+                q.burst = v;
+            }
+            if let Some(v) = max_pending {
+                q.max_pending = v;
+            }
+            let req = pb::SetQueueRequest { queue: Some(q) };
+            let q = client
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.set_queue(req).await }
+                })
+                .await
+                .map_err(call_err)?;
+            print!("{}", output::queues_table(std::slice::from_ref(&q)));
+            Ok(0)
+        }
+    }
+}
+
+/// Reads, parses and checks a spec file with `--param` overrides: errors name the field and
+/// line.
+fn load_spec(path: &std::path::Path, params: &[(String, String)]) -> anyhow::Result<pb::RunSpec> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let name = path.display().to_string();
+    let mut spec = crate::spec::parse(&name, &text)?;
+    crate::spec::override_params(&mut spec, params);
+    crate::spec::check(&name, Some(&text), &spec)?;
+    Ok(spec)
+}
+
+/// `run watch`: prints each step change until the run finishes; the exit code is its outcome.
+/// A broken stream (the node went away) is opened again on any member.
+async fn watch(client: &ClusterClient, id: &str, format: Format) -> anyhow::Result<i32> {
+    let mut last: Option<pb::Run> = None;
+    loop {
+        let req = pb::GetRunRequest {
+            run_id: id.to_owned(),
+        };
+        let mut stream = client
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.watch_run(req).await }
+            })
+            .await
+            .map_err(call_err)?;
+        loop {
+            match stream.message().await {
+                Ok(Some(run)) => {
+                    match format {
+                        Format::Table => {
+                            for line in output::watch_lines(last.as_ref(), &run) {
+                                println!("{line}");
+                            }
+                        }
+                        Format::Json => output::print_json(&output::run_json(&run)),
+                    }
+                    let done = output::is_terminal_run(run.state);
+                    let state = output::run_state(run.state);
+                    last = Some(run);
+                    if done {
+                        return Ok(match state {
+                            "succeeded" => 0,
+                            "cancelled" => 3,
+                            _ => 1,
+                        });
+                    }
+                }
+                Ok(None) => break,
+                Err(status) if status.code() == tonic::Code::NotFound => {
+                    bail!("{}", status.message())
+                }
+                Err(status) => {
+                    eprintln!("watch interrupted ({}); following again", status.message());
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `run logs -f`: what the step has written so far, then more as it comes, until the step
+/// has finished and everything it wrote is printed. Before the step starts it waits; after its
+/// agent is gone, the replicated tail is all there is.
+async fn follow_logs(
+    client: &ClusterClient,
+    id: &str,
+    step: String,
+    stderr: bool,
+) -> anyhow::Result<i32> {
+    use std::io::Write;
+    let stream = if stderr {
+        pb::LogStream::Stderr
+    } else {
+        pb::LogStream::Stdout
+    } as i32;
+    let mut offset = 0;
+    let mut attempt = 0;
+    let mut stdout = std::io::stdout();
+    loop {
+        let run = get_run(client, id).await.map_err(call_err)?;
+        let task = if step.is_empty() && run.tasks.len() == 1 {
+            run.tasks.first()
+        } else {
+            run.tasks
+                .iter()
+                .find(|t| t.spec.as_ref().is_some_and(|s| s.name == step))
+        };
+        let Some(task) = task else {
+            let names: Vec<&str> = run
+                .tasks
+                .iter()
+                .filter_map(|t| t.spec.as_ref().map(|s| s.name.as_str()))
+                .collect();
+            bail!(
+                "run {id} has no step '{step}' (steps: {})",
+                names.join(", ")
+            );
+        };
+        let state = output::task_state(task.state);
+        let finished = matches!(state, "succeeded" | "failed" | "cancelled" | "skipped");
+        if matches!(state, "pending" | "blocked" | "waiting-retry") {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            continue;
+        }
+        if task.attempt != attempt {
+            if attempt != 0 {
+                eprintln!("--- attempt {} ---", task.attempt);
+            }
+            attempt = task.attempt;
+            offset = 0;
+        }
+        let req = pb::GetTaskLogsRequest {
+            run_id: id.to_owned(),
+            task: task
+                .spec
+                .as_ref()
+                .map(|s| s.name.clone())
+                .unwrap_or_default(),
+            stream,
+            offset,
+            max_bytes: 0,
+        };
+        let resp = client
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.get_task_logs(req).await }
+            })
+            .await
+            .map_err(call_err)?;
+        stdout.write_all(&resp.data)?;
+        stdout.flush()?;
+        if resp.source != "agent" {
+            // The agent's full log is out of reach: the stored tail is the last word.
+            if !resp.note.is_empty() {
+                eprintln!("note: {}", resp.note);
+            }
+            if finished {
+                return Ok(0);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        offset = resp.next_offset;
+        if resp.data.is_empty() {
+            if finished {
+                return Ok(0);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 }
@@ -685,6 +1186,7 @@ fn command_spec(
         }],
         labels: Default::default(),
         strategy: String::new(),
+        ..Default::default()
     }
 }
 

@@ -20,6 +20,9 @@ pub fn task_state(s: i32) -> &'static str {
         pb::TaskState::Succeeded => "succeeded",
         pb::TaskState::Failed => "failed",
         pb::TaskState::Cancelled => "cancelled",
+        pb::TaskState::Blocked => "blocked",
+        pb::TaskState::WaitingRetry => "waiting-retry",
+        pb::TaskState::Skipped => "skipped",
         pb::TaskState::Unspecified => "unknown",
     }
 }
@@ -129,9 +132,14 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 fn outcome_summary(t: &pb::Task) -> String {
+    let waiting = matches!(task_state(t.state), "pending" | "blocked" | "waiting-retry");
     match &t.outcome {
+        _ if waiting && !t.pending_reason.is_empty() => t.pending_reason.clone(),
         None if !t.pending_reason.is_empty() => t.pending_reason.clone(),
         None => String::new(),
+        Some(o) if o.exit_code.is_none() && o.signal.is_none() && !o.reason.is_empty() => {
+            o.reason.clone()
+        }
         Some(o) => {
             let mut s = match (o.exit_code, o.signal) {
                 (Some(c), _) => format!("exit {c}"),
@@ -165,6 +173,21 @@ pub fn run_table(run: &pb::Run) -> String {
             duration(run.finished_at_ms.saturating_sub(run.created_at_ms))
         );
     }
+    if !run.cancelled.is_empty() {
+        let _ = writeln!(out, "Cancelled:  {}", run.cancelled);
+    }
+    if !run.params.is_empty() {
+        let mut params: Vec<String> = run.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        params.sort();
+        let _ = writeln!(out, "Params:     {}", params.join(" "));
+    }
+    if run
+        .tasks
+        .iter()
+        .any(|t| t.spec.as_ref().is_some_and(|s| !s.depends_on.is_empty()))
+    {
+        let _ = writeln!(out, "On failure: {}", run.on_failure);
+    }
     out.push('\n');
     let rows: Vec<Vec<String>> = run
         .tasks
@@ -184,9 +207,38 @@ pub fn run_table(run: &pb::Run) -> String {
         })
         .collect();
     out.push_str(&table(
-        &["TASK", "STATE", "ATTEMPT", "AGENT", "RESULT / WHY PENDING"],
+        &["STEP", "STATE", "ATTEMPT", "AGENT", "RESULT / WHY PENDING"],
         &rows,
     ));
+    let retried: Vec<&pb::Task> = run.tasks.iter().filter(|t| t.attempts.len() > 1).collect();
+    if !retried.is_empty() {
+        out.push_str("\nAttempts:\n");
+        let mut rows = Vec::new();
+        for t in retried {
+            let name = t.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default();
+            for a in &t.attempts {
+                rows.push(vec![
+                    name.clone(),
+                    a.attempt.to_string(),
+                    if a.agent.is_empty() {
+                        "-".into()
+                    } else {
+                        a.agent.clone()
+                    },
+                    a.exit_code.map_or_else(
+                        || a.signal.map_or("-".into(), |s| format!("signal {s}")),
+                        |c| c.to_string(),
+                    ),
+                    ago(a.finished_at_ms),
+                    a.reason.clone(),
+                ]);
+            }
+        }
+        out.push_str(&table(
+            &["STEP", "ATTEMPT", "AGENT", "EXIT", "ENDED", "REASON"],
+            &rows,
+        ));
+    }
     for t in &run.tasks {
         if let Some(o) = &t.outcome {
             let name = t.spec.as_ref().map(|s| s.name.as_str()).unwrap_or("");
@@ -211,7 +263,12 @@ pub fn runs_table(runs: &[pb::Run]) -> String {
             let done = r
                 .tasks
                 .iter()
-                .filter(|t| matches!(task_state(t.state), "succeeded" | "failed" | "cancelled"))
+                .filter(|t| {
+                    matches!(
+                        task_state(t.state),
+                        "succeeded" | "failed" | "cancelled" | "skipped"
+                    )
+                })
                 .count();
             vec![
                 r.id.clone(),
@@ -222,7 +279,7 @@ pub fn runs_table(runs: &[pb::Run]) -> String {
             ]
         })
         .collect();
-    table(&["ID", "NAME", "STATE", "TASKS DONE", "SUBMITTED"], &rows)
+    table(&["ID", "NAME", "STATE", "STEPS DONE", "SUBMITTED"], &rows)
 }
 
 pub fn agents_table(agents: &[pb::Agent]) -> String {
@@ -395,7 +452,19 @@ pub fn task_json(t: &pb::Task) -> Value {
         "assigned_at_ms": t.assigned_at_ms,
         "started_at_ms": t.started_at_ms,
         "finished_at_ms": t.finished_at_ms,
+        "failures": t.failures,
+        "retry_at_ms": t.retry_at_ms,
+        "attempts": t.attempts.iter().map(|a| json!({
+            "attempt": a.attempt, "agent": a.agent, "started_at_ms": a.started_at_ms,
+            "finished_at_ms": a.finished_at_ms, "exit_code": a.exit_code, "signal": a.signal,
+            "reason": a.reason, "succeeded": a.succeeded,
+        })).collect::<Vec<_>>(),
         "spec": {
+            "depends_on": spec.depends_on,
+            "retry": spec.retry.as_ref().map(|r| json!({
+                "max": r.max, "backoff": r.backoff, "initial_ms": r.initial_ms,
+                "max_delay_ms": r.max_delay_ms,
+            })),
             "command": spec.argv, "shell": spec.shell, "env": spec.env, "workdir": spec.workdir,
             "timeout_ms": spec.timeout_ms, "class": spec.class, "resources": resources_json(&spec.resources),
             "affinity": {
@@ -430,6 +499,9 @@ pub fn run_json(r: &pb::Run) -> Value {
         "submitted_by": r.submitted_by,
         "created_at_ms": r.created_at_ms,
         "finished_at_ms": r.finished_at_ms,
+        "params": r.params,
+        "on_failure": r.on_failure,
+        "cancelled": r.cancelled,
         "tasks": r.tasks.iter().map(task_json).collect::<Vec<_>>(),
     })
 }
@@ -497,4 +569,144 @@ pub fn cert_line(c: &crate::certs::CertInfo) -> String {
         let _ = write!(line, "  hosts: {}", c.sans.join(", "));
     }
     line
+}
+
+/// One line per step whose state, attempt or agent changed since `before` (all steps when
+/// `before` is None): the live view of `droverctl run watch`.
+pub fn watch_lines(before: Option<&pb::Run>, now: &pb::Run) -> Vec<String> {
+    let key = |t: &pb::Task| (t.state, t.attempt, t.agent.clone());
+    let mut lines = Vec::new();
+    let clock = {
+        let secs = now_ms() / 1000;
+        format!(
+            "{:02}:{:02}:{:02}",
+            secs / 3600 % 24,
+            secs / 60 % 60,
+            secs % 60
+        )
+    };
+    for t in &now.tasks {
+        let old = before.and_then(|b| b.tasks.iter().find(|o| o.id == t.id));
+        if old.is_some_and(|o| key(o) == key(t)) {
+            continue;
+        }
+        let name = t.spec.as_ref().map(|s| s.name.as_str()).unwrap_or("");
+        let mut line = format!("{clock} {name:<20} {:<13}", task_state(t.state));
+        if t.attempt > 1 {
+            let _ = write!(line, " attempt {}", t.attempt);
+        }
+        if !t.agent.is_empty() && matches!(task_state(t.state), "assigned" | "running") {
+            let _ = write!(line, " on {}", t.agent);
+        }
+        let detail = match task_state(t.state) {
+            "succeeded" | "failed" | "skipped" | "cancelled" => outcome_summary(t),
+            _ => t.pending_reason.clone(),
+        };
+        if !detail.is_empty() && detail != "-" {
+            let _ = write!(line, "  {detail}");
+        }
+        lines.push(line);
+    }
+    if before.is_none_or(|b| b.state != now.state) {
+        let done = now
+            .tasks
+            .iter()
+            .filter(|t| {
+                matches!(
+                    task_state(t.state),
+                    "succeeded" | "failed" | "cancelled" | "skipped"
+                )
+            })
+            .count();
+        lines.push(format!(
+            "{clock} run {} is {} ({done}/{} steps done)",
+            now.id,
+            run_state(now.state),
+            now.tasks.len()
+        ));
+    }
+    lines
+}
+
+pub fn dead_letters_table(letters: &[pb::DeadLetter]) -> String {
+    let rows: Vec<Vec<String>> = letters
+        .iter()
+        .map(|d| {
+            vec![
+                d.id.clone(),
+                d.run_id.clone(),
+                d.step.clone(),
+                d.queue.clone(),
+                d.failures.to_string(),
+                d.exit_code.map_or_else(
+                    || d.signal.map_or("-".into(), |s| format!("signal {s}")),
+                    |c| c.to_string(),
+                ),
+                ago(d.failed_at_ms),
+                d.reason.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID", "RUN", "STEP", "QUEUE", "FAILURES", "EXIT", "FAILED", "REASON",
+        ],
+        &rows,
+    )
+}
+
+pub fn dead_letter_json(d: &pb::DeadLetter) -> Value {
+    json!({
+        "id": d.id, "run_id": d.run_id, "task_id": d.task_id, "step": d.step, "queue": d.queue,
+        "attempt": d.attempt, "failures": d.failures, "agent": d.agent,
+        "failed_at_ms": d.failed_at_ms, "reason": d.reason, "exit_code": d.exit_code,
+        "signal": d.signal,
+        "stdout_tail": String::from_utf8_lossy(&d.stdout_tail),
+        "stderr_tail": String::from_utf8_lossy(&d.stderr_tail),
+    })
+}
+
+fn limit_text(n: u64) -> String {
+    if n == 0 { "-".into() } else { n.to_string() }
+}
+
+pub fn queues_table(queues: &[pb::Queue]) -> String {
+    let rows: Vec<Vec<String>> = queues
+        .iter()
+        .map(|q| {
+            vec![
+                q.name.clone(),
+                q.pending.to_string(),
+                q.active.to_string(),
+                limit_text(q.max_concurrency.into()),
+                if q.rate > 0.0 {
+                    format!("{}/s", q.rate)
+                } else {
+                    "-".into()
+                },
+                limit_text(q.burst.into()),
+                limit_text(q.max_pending),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "QUEUE",
+            "PENDING",
+            "ACTIVE",
+            "MAX CONCURRENCY",
+            "RATE",
+            "BURST",
+            "MAX PENDING",
+        ],
+        &rows,
+    )
+}
+
+pub fn queue_json(q: &pb::Queue) -> Value {
+    json!({
+        "name": q.name, "pending": q.pending, "active": q.active,
+        "max_concurrency": q.max_concurrency, "rate": q.rate, "burst": q.burst,
+        "max_pending": q.max_pending,
+    })
 }

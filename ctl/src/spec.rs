@@ -25,8 +25,15 @@ struct RunFile {
     name: Option<String>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
-    #[serde(default)]
+    #[serde(default, alias = "steps")]
     tasks: Vec<TaskFile>,
+    #[serde(default)]
+    params: BTreeMap<String, String>,
+    /// fail_fast (default) or continue.
+    on_failure: Option<String>,
+    #[serde(default)]
+    depends_on: Vec<String>,
+    retries: Option<RetryFile>,
     /// binpack (default) or spread.
     strategy: Option<String>,
     command: Option<Vec<String>>,
@@ -46,10 +53,23 @@ struct RunFile {
     noop_duration: Option<DurationMs>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetryFile {
+    max: u32,
+    /// exponential (default) or fixed.
+    backoff: Option<String>,
+    initial: Option<DurationMs>,
+    max_delay: Option<DurationMs>,
+}
+
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TaskFile {
     name: Option<String>,
+    #[serde(default)]
+    depends_on: Vec<String>,
+    retries: Option<RetryFile>,
     /// argv list: `["echo", "hi"]`.
     command: Option<Vec<String>>,
     /// a string for `sh -c`.
@@ -70,23 +90,12 @@ struct TaskFile {
 }
 
 impl RunFile {
-    /// The top-level task fields, if any are set.
+    /// The run written as one task at the top level (`command:` or `shell:` there).
     fn single_task(&mut self) -> Option<TaskFile> {
-        let any = self.command.is_some()
-            || self.shell.is_some()
-            || !self.env.is_empty()
-            || self.workdir.is_some()
-            || self.timeout.is_some()
-            || self.class.is_some()
-            || self.resources.is_some()
-            || self.affinity.is_some()
-            || self.spread_by.is_some()
-            || self.priority.is_some()
-            || self.queue.is_some()
-            || self.kind.is_some()
-            || self.noop_duration.is_some();
-        any.then(|| TaskFile {
+        (self.command.is_some() || self.shell.is_some()).then(|| TaskFile {
             name: Some("main".into()),
+            depends_on: std::mem::take(&mut self.depends_on),
+            retries: self.retries.take(),
             command: self.command.take(),
             shell: self.shell.take(),
             env: std::mem::take(&mut self.env),
@@ -102,11 +111,41 @@ impl RunFile {
             noop_duration: self.noop_duration.take(),
         })
     }
+
+    /// With a list of steps, the top-level step fields are defaults every step may override
+    /// (env is merged, the step's entries winning).
+    fn apply_defaults(&self, t: &mut TaskFile) {
+        for (k, v) in &self.env {
+            t.env.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        macro_rules! default {
+            ($($f:ident),*) => {$(
+                if t.$f.is_none() {
+                    t.$f = self.$f.clone();
+                }
+            )*};
+        }
+        default!(
+            retries,
+            workdir,
+            timeout,
+            class,
+            resources,
+            affinity,
+            spread_by,
+            priority,
+            queue,
+            kind,
+            noop_duration
+        );
+    }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ResourcesFile {
+    /// The resource class (the same as a step's `class`).
+    class: Option<String>,
     cpu: Option<CpuMillis>,
     memory: Option<Bytes>,
     gpus: Option<u64>,
@@ -114,7 +153,7 @@ struct ResourcesFile {
     extended: BTreeMap<String, u64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AffinityFile {
     #[serde(default)]
@@ -123,16 +162,16 @@ struct AffinityFile {
     preferred: Vec<PreferredFile>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PreferredFile {
     weight: i32,
-    #[serde(rename = "match")]
+    #[serde(rename = "match", alias = "expr")]
     expression: Expr,
 }
 
 /// A label expression written as text (`zone = a`, `gpu exists`, ...).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Expr(pb::LabelExpression);
 
 impl<'de> Deserialize<'de> for Expr {
@@ -144,11 +183,11 @@ impl<'de> Deserialize<'de> for Expr {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct DurationMs(u64);
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct CpuMillis(u64);
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Bytes(u64);
 
 /// Accepts a string or a number and parses it with `parse`.
@@ -204,14 +243,25 @@ impl<'de> Deserialize<'de> for Bytes {
 }
 
 fn task_to_proto(name: String, f: TaskFile) -> pb::TaskSpec {
+    let class = f
+        .class
+        .or_else(|| f.resources.as_ref().and_then(|r| r.class.clone()));
     pb::TaskSpec {
+        depends_on: f.depends_on,
+        retry: f.retries.map(|r| pb::RetryPolicy {
+            max: r.max,
+            backoff: r.backoff.unwrap_or_default(),
+            // A retry with no delay given waits a second, then doubles.
+            initial_ms: r.initial.map_or(1000, |d| d.0),
+            max_delay_ms: r.max_delay.map_or(0, |d| d.0),
+        }),
         name,
         argv: f.command.unwrap_or_default(),
         shell: f.shell.unwrap_or_default(),
         env: f.env.into_iter().collect(),
         workdir: f.workdir.unwrap_or_default(),
         timeout_ms: f.timeout.map_or(0, |d| d.0),
-        class: f.class.unwrap_or_default(),
+        class: class.unwrap_or_default(),
         resources: f.resources.map(|r| pb::Resources {
             cpu_millis: r.cpu.map_or(0, |c| c.0),
             memory_bytes: r.memory.map_or(0, |m| m.0),
@@ -259,20 +309,21 @@ pub fn parse(file: &str, text: &str) -> Result<pb::RunSpec, SpecError> {
         (false, None) => std::mem::take(&mut run.tasks)
             .into_iter()
             .enumerate()
-            .map(|(i, t)| {
-                let name = t.name.clone().unwrap_or_else(|| format!("task-{i}"));
+            .map(|(i, mut t)| {
+                run.apply_defaults(&mut t);
+                let name = t.name.clone().unwrap_or_else(|| format!("step-{i}"));
                 task_to_proto(name, t)
             })
             .collect(),
         (true, Some(t)) => vec![task_to_proto("main".into(), t)],
         (true, None) => {
             return Err(invalid(
-                "no task: give `tasks:` (a list) or a top-level `command:` or `shell:`",
+                "no step: give `steps:` (a list) or a top-level `command:` or `shell:`",
             ));
         }
         (false, Some(_)) => {
             return Err(invalid(
-                "both `tasks:` and top-level task fields (command, shell, env, ...) are set; put them inside a task",
+                "both `steps:` and a top-level `command:` or `shell:` are set; put the command inside a step",
             ));
         }
     };
@@ -281,7 +332,115 @@ pub fn parse(file: &str, text: &str) -> Result<pb::RunSpec, SpecError> {
         tasks,
         labels: run.labels.into_iter().collect(),
         strategy: run.strategy.unwrap_or_default(),
+        params: run.params.into_iter().collect(),
+        on_failure: run.on_failure.unwrap_or_default(),
     })
+}
+
+/// Sets `--param K=V` overrides on a parsed spec.
+pub fn override_params(spec: &mut pb::RunSpec, overrides: &[(String, String)]) {
+    for (k, v) in overrides {
+        spec.params.insert(k.clone(), v.clone());
+    }
+}
+
+/// Runs the coordinator's own checks on `spec` (field names, sizes, dependencies and cycles,
+/// parameters), and names the place in `text` an error points at: its line, when the spec came
+/// from YAML. What passes here passes the coordinator, which checks again.
+pub fn check(file: &str, text: Option<&str>, spec: &pb::RunSpec) -> Result<(), SpecError> {
+    match drover_coordinator::convert::run_spec_from_proto(Some(spec)) {
+        Ok(_) => Ok(()),
+        Err(drover_coordinator::error::CoordinatorError::InvalidArgument { field, message }) => {
+            let (path, line) = locate(&field, spec, text);
+            let at = line.map_or(String::new(), |l| format!(" (line {l})"));
+            Err(SpecError::Invalid {
+                file: file.to_owned(),
+                message: format!("{path}{at}: {message}"),
+            })
+        }
+        Err(e) => Err(SpecError::Invalid {
+            file: file.to_owned(),
+            message: e.to_string(),
+        }),
+    }
+}
+
+/// The coordinator's field path (`spec.tasks[2].argv[0]`) as the file writes it
+/// (`steps[2] (extract).command[0]`), and the line of the step (or key) in `text`.
+fn locate(field: &str, spec: &pb::RunSpec, text: Option<&str>) -> (String, Option<usize>) {
+    let rest = field.strip_prefix("spec.").unwrap_or(field);
+    let Some(after) = rest.strip_prefix("tasks[") else {
+        let key = rest.split(['.', '[']).next().unwrap_or(rest);
+        let line = text.and_then(|t| top_level_line(t, key));
+        return (rest.to_owned(), line);
+    };
+    let Some((index, tail)) = after.split_once(']') else {
+        return (rest.to_owned(), None);
+    };
+    let Ok(i) = index.parse::<usize>() else {
+        return (rest.to_owned(), None);
+    };
+    let name = spec.tasks.get(i).map_or("", |t| t.name.as_str());
+    let tail = tail.replacen(".argv", ".command", 1);
+    let key = tail
+        .trim_start_matches('.')
+        .split(['.', '['])
+        .next()
+        .unwrap_or("")
+        .replace("argv", "command");
+    let line = text.and_then(|t| step_line(t, i, &key));
+    (format!("steps[{i}] ({name}){tail}"), line)
+}
+
+/// Line (1-based) of a top-level `key:`.
+fn top_level_line(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| l.starts_with(&format!("{key}:")))
+        .map(|n| n + 1)
+}
+
+/// Line of step `index` of the block list under `steps:` (or `tasks:`), or of its `key:` when
+/// the step has one. Flow-style lists (`[{...}]`) give the list's line.
+fn step_line(text: &str, index: usize, key: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let list = lines
+        .iter()
+        .position(|l| l.starts_with("steps:") || l.starts_with("tasks:"))?;
+    let mut items = Vec::new();
+    let mut indent = None;
+    for (n, l) in lines.iter().enumerate().skip(list + 1) {
+        let trimmed = l.trim_start();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let lead = l.len() - trimmed.len();
+        if lead == 0 && !trimmed.starts_with('-') {
+            break;
+        }
+        if trimmed.starts_with("- ") || trimmed == "-" {
+            match indent {
+                None => {
+                    indent = Some(lead);
+                    items.push(n);
+                }
+                Some(i) if i == lead => items.push(n),
+                _ => {}
+            }
+        }
+    }
+    let Some(&start) = items.get(index) else {
+        return Some(list + 1);
+    };
+    let end = items.get(index + 1).copied().unwrap_or(lines.len());
+    if !key.is_empty() {
+        for (n, l) in lines.iter().enumerate().take(end).skip(start) {
+            let t = l.trim_start().trim_start_matches("- ");
+            if t.starts_with(&format!("{key}:")) {
+                return Some(n + 1);
+            }
+        }
+    }
+    Some(start + 1)
 }
 
 #[cfg(test)]

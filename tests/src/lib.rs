@@ -498,6 +498,7 @@ pub async fn submit_cmd(client: &ClusterClient, argv: &[&str]) -> String {
         }],
         labels: Default::default(),
         strategy: String::new(),
+        ..Default::default()
     };
     droverctl::cli::submit(client, spec)
         .await

@@ -20,6 +20,7 @@ fn one_task(name: &str, argv: &[&str]) -> pb::RunSpec {
         }],
         labels: Default::default(),
         strategy: String::new(),
+        ..Default::default()
     }
 }
 
@@ -657,6 +658,7 @@ async fn tasks_never_placed_expire_with_their_reason_and_lost_agents_are_forgott
                 c.list_runs(pb::ListRunsRequest {
                     limit: 2,
                     before: String::new(),
+                    ..Default::default()
                 })
                 .await
             })

@@ -280,6 +280,7 @@ async fn a_follower_that_missed_500_runs_catches_up_and_serves_them() {
                         c.list_runs(pb::ListRunsRequest {
                             limit: 1000,
                             before: String::new(),
+                            ..Default::default()
                         })
                         .await
                     })

@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 /// The format this build writes (and the only one it reads).
-pub const FORMAT: u8 = 1;
+pub const FORMAT: u8 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
