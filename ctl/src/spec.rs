@@ -544,4 +544,112 @@ mod tests {
             "{err}"
         );
     }
+
+    /// The issue's own example: every field of a DAG spec.
+    const ETL: &str = r#"name: nightly-etl
+queue: etl
+priority: 5
+params: {DATE: "2026-11-01"}
+env: {LOG_LEVEL: info}
+on_failure: fail_fast
+steps:
+  - name: extract
+    command: ["python3", "extract.py", "--date", "${DATE}"]
+    resources: {cpu: 2000m, memory: 4Gi, class: cpu-large}
+    affinity: {required: ["zone in (a,b)"], preferred: [{expr: "ssd=true", weight: 50}]}
+    retries: {max: 3, backoff: exponential, initial: 1s, max_delay: 1m}
+    timeout: 10m
+  - name: transform
+    depends_on: [extract]
+    shell: "./transform.sh"
+  - name: load
+    depends_on: [transform]
+    shell: "./load.sh"
+"#;
+
+    fn checked(text: &str) -> Result<pb::RunSpec, String> {
+        let spec = parse("etl.yaml", text).map_err(|e| e.to_string())?;
+        check("etl.yaml", Some(text), &spec).map_err(|e| e.to_string())?;
+        Ok(spec)
+    }
+
+    #[test]
+    fn a_dag_spec_parses_with_defaults_params_and_retries() {
+        let spec = checked(ETL).unwrap();
+        assert_eq!(spec.on_failure, "fail_fast");
+        assert_eq!(spec.params["DATE"], "2026-11-01");
+        let extract = &spec.tasks[0];
+        assert_eq!(extract.class, "cpu-large");
+        assert_eq!(extract.queue, "etl", "run-level defaults reach every step");
+        assert_eq!(extract.priority, 5);
+        assert_eq!(extract.env["LOG_LEVEL"], "info");
+        let retry = extract.retry.as_ref().unwrap();
+        assert_eq!(
+            (retry.max, retry.initial_ms, retry.max_delay_ms),
+            (3, 1000, 60_000)
+        );
+        assert_eq!(extract.preferred[0].weight, 50);
+        assert_eq!(spec.tasks[2].depends_on, ["transform"]);
+        assert_eq!(spec.tasks[2].queue, "etl");
+    }
+
+    fn error_of(text: &str) -> String {
+        checked(text).unwrap_err()
+    }
+
+    #[test]
+    fn a_cycle_is_named_with_its_line() {
+        let text = ETL
+            .replace(
+                "    shell: \"./transform.sh\"",
+                "    shell: \"./transform.sh\"\n    # loops\n",
+            )
+            .replace(
+                "  - name: extract\n",
+                "  - name: extract\n    depends_on: [load]\n",
+            );
+        let e = error_of(&text);
+        assert!(
+            e.contains("dependency cycle: extract -> transform -> load -> extract"),
+            "{e}"
+        );
+        assert!(e.contains("steps[0] (extract).depends_on (line 9)"), "{e}");
+    }
+
+    #[test]
+    fn unknown_and_duplicate_steps_name_the_field_and_line() {
+        let e = error_of(&ETL.replace("depends_on: [transform]", "depends_on: [transfrom]"));
+        assert!(e.contains("steps[2] (load).depends_on[0] (line 18)"), "{e}");
+        assert!(e.contains("'transfrom', which is not a step"), "{e}");
+        let e = error_of(&ETL.replace("name: load", "name: transform"));
+        assert!(e.contains("steps[2] (transform).name (line 17)"), "{e}");
+        assert!(e.contains("used by two"), "{e}");
+    }
+
+    #[test]
+    fn empty_commands_and_undefined_params_are_refused_with_their_line() {
+        let e = error_of(&ETL.replace("shell: \"./load.sh\"", "command: []"));
+        assert!(e.contains("steps[2] (load).command (line 19)"), "{e}");
+        let e = error_of(&ETL.replace("${DATE}", "${DAY}"));
+        assert!(e.contains("steps[0] (extract).command[3] (line 9)"), "{e}");
+        assert!(e.contains("${DAY} is not defined (params: DATE)"), "{e}");
+        // A --param override defines it.
+        let mut spec = parse("etl.yaml", &ETL.replace("${DATE}", "${DAY}")).unwrap();
+        override_params(&mut spec, &[("DAY".into(), "mon".into())]);
+        check("etl.yaml", None, &spec).unwrap();
+    }
+
+    #[test]
+    fn bad_retry_and_failure_settings_are_refused() {
+        let e = error_of(&ETL.replace("backoff: exponential", "backoff: linear"));
+        assert!(e.contains("retry.backoff") && e.contains("'linear'"), "{e}");
+        let e = error_of(&ETL.replace("max: 3,", "max: 1000,"));
+        assert!(e.contains("retry.max"), "{e}");
+        let e = error_of(&ETL.replace("initial: 1s", "initial: soon"));
+        assert!(e.contains("not a duration") && e.contains("line 12"), "{e}");
+        let e = error_of(&ETL.replace("on_failure: fail_fast", "on_failure: retry"));
+        assert!(e.contains("on_failure (line 6)"), "{e}");
+        let e = error_of(&ETL.replace("depends_on: [extract]", "depends_of: [extract]"));
+        assert!(e.contains("depends_of") && e.contains("line 15"), "{e}");
+    }
 }

@@ -652,3 +652,66 @@ impl RawAgent {
         .await;
     }
 }
+
+/// Runs a prepared command (`Cluster::ctl()` and its arguments) to completion within
+/// `deadline`; a command still running then is killed and the test fails.
+pub async fn ctl_output(cmd: &mut Command, deadline: Duration) -> std::process::Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning droverctl");
+    let mut child = KillOnDrop(Some(child));
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        let c = child.0.as_mut().expect("child");
+        if c.try_wait().expect("waiting for droverctl").is_some() {
+            return child.0.take().unwrap().wait_with_output().unwrap();
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "droverctl {:?} still running after {deadline:?}",
+            cmd.get_args().collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A child process killed (by PID) and reaped when the test lets go of it, passing or failing.
+pub struct KillOnDrop(pub Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Whether a process with this PID exists (and is not a zombie).
+pub fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(") ")
+            .next()
+            .is_some_and(|rest| !rest.starts_with('Z'))
+    })
+}
+
+impl KillOnDrop {
+    /// Waits for the process to exit within `deadline` and returns its output.
+    pub async fn output_within(&mut self, deadline: Duration) -> std::process::Output {
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let c = self.0.as_mut().expect("child");
+            if c.try_wait().expect("try_wait").is_some() {
+                return self.0.take().unwrap().wait_with_output().unwrap();
+            }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "process still running after {deadline:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
