@@ -163,6 +163,91 @@ fn lifecycle(s: &mut State, offset: usize) {
     );
 }
 
+/// Places and finishes `steps` of run `run` on agent a, in one plan and one batch of results.
+fn run_steps(s: &mut State, run: &str, steps: &[String]) {
+    let ids: Vec<String> = steps.iter().map(|n| format!("{run}/{n}")).collect();
+    s.apply(
+        1,
+        &Request {
+            now_us: 2,
+            commands: vec![Command::ApplyPlan {
+                term: 1,
+                assignments: ids
+                    .iter()
+                    .map(|t| drover_coordinator::model::Assignment {
+                        task_id: t.clone(),
+                        attempt: 1,
+                        agent: "a".into(),
+                    })
+                    .collect(),
+                unplaced: vec![],
+            }]
+            .into(),
+        },
+    );
+    s.apply(
+        1,
+        &Request {
+            now_us: 3,
+            commands: ids
+                .iter()
+                .map(|t| Command::TaskFinished {
+                    agent: "a".into(),
+                    task_id: t.clone(),
+                    attempt: 1,
+                    outcome: Outcome {
+                        succeeded: true,
+                        exit_code: Some(0),
+                        ..Default::default()
+                    },
+                    started_at_us: 0,
+                })
+                .collect(),
+        },
+    );
+}
+
+/// One run of 1,000 steps through apply: a fan-out/fan-in DAG (three waves: one step, 998 that
+/// need it, one that needs them all), or (`flat`) the same steps in one wave.
+fn thousand_steps(s: &mut State, run_seq: usize, flat: bool) {
+    let middle: Vec<String> = (0..998).map(|i| format!("m{i}")).collect();
+    let step = |name: &str, deps: &[String]| TaskSpec {
+        depends_on: if flat { vec![] } else { deps.to_vec() },
+        ..TaskSpec::new(name, Program::Argv(vec!["true".into()]))
+    };
+    let mut tasks = vec![step("out", &[])];
+    tasks.extend(middle.iter().map(|m| step(m, &["out".to_owned()])));
+    tasks.push(step("in", &middle));
+    s.apply(
+        1,
+        &Request {
+            now_us: 1,
+            commands: vec![Command::SubmitRun {
+                idempotency_key: String::new(),
+                spec: RunSpec {
+                    name: "dag".into(),
+                    tasks,
+                    ..Default::default()
+                },
+                submitted_by: "bench".into(),
+                placement: None,
+            }]
+            .into(),
+        },
+    );
+    let run = format!("run-{run_seq}");
+    if flat {
+        let mut all = vec!["out".to_owned()];
+        all.extend(middle);
+        all.push("in".into());
+        run_steps(s, &run, &all);
+    } else {
+        run_steps(s, &run, &["out".to_owned()]);
+        run_steps(s, &run, &middle);
+        run_steps(s, &run, &["in".to_owned()]);
+    }
+}
+
 fn benches(c: &mut Criterion) {
     // Issue 3's target: one round placing 10,000 tasks onto 1,000 agents in under 50 ms.
     let v = view(10_000, 1_000);
@@ -198,6 +283,21 @@ fn benches(c: &mut Criterion) {
             criterion::BatchSize::LargeInput,
         )
     });
+
+    // A 1,000-step DAG against the same steps without dependencies (issue 23): what releasing
+    // dependents costs each replica.
+    for (name, flat) in [
+        ("apply_dag_fan_out_fan_in_1000_steps", false),
+        ("apply_flat_run_1000_steps", true),
+    ] {
+        c.bench_function(name, |b| {
+            b.iter_batched(
+                || warm.clone(),
+                |mut s| thousand_steps(&mut s, 20_001, flat),
+                criterion::BatchSize::LargeInput,
+            )
+        });
+    }
 
     let mut big = State::default();
     for k in 0..20 {

@@ -126,6 +126,26 @@ enum Cmd {
         #[command(flatten)]
         files: AgentFiles,
     },
+    /// A fan-out/fan-in DAG (one step, N-2 steps that need it, one step that needs them all)
+    /// through a 3-node cluster the tool starts, submit to completion, beside a run of the same
+    /// steps with no dependencies, alternating.
+    Dag {
+        #[arg(long, default_value_t = 1000)]
+        steps: usize,
+        /// Times each shape is run.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        #[arg(long, default_value_t = 2)]
+        agents: usize,
+        /// noop (completed inside the agent) or process.
+        #[arg(long, default_value = "process")]
+        kind: String,
+        /// Command for process steps.
+        #[arg(long, default_value = "true")]
+        command: String,
+        #[command(flatten)]
+        files: AgentFiles,
+    },
     /// Connect simulated agents; measure leader CPU, loss detection and failover behaviour.
     Fleet {
         #[command(flatten)]
@@ -256,6 +276,14 @@ async fn main() -> anyhow::Result<()> {
             concurrency,
             spawn_cluster,
         } => backlog(tasks, tasks_per_run, concurrency, spawn_cluster).await?,
+        Cmd::Dag {
+            steps,
+            repeat,
+            agents,
+            kind,
+            command,
+            files,
+        } => dag(steps, repeat, agents, kind, command, files).await?,
         Cmd::Fleet {
             target,
             agents,
@@ -625,6 +653,87 @@ async fn backlog(
 }
 
 /// Kills the leader `kills` times while a client submits continuously.
+/// The steps of a fan-out/fan-in DAG of `n` steps, or (`flat`) the same steps without
+/// dependencies.
+fn dag_spec(n: usize, flat: bool, kind: &str, command: &str) -> pb::RunSpec {
+    let step = |name: String, deps: Vec<String>| pb::TaskSpec {
+        name,
+        depends_on: if flat { vec![] } else { deps },
+        argv: if kind == "noop" {
+            vec![]
+        } else {
+            vec![command.to_owned()]
+        },
+        kind: kind.to_owned(),
+        ..Default::default()
+    };
+    let middle: Vec<String> = (0..n.saturating_sub(2)).map(|i| format!("m{i}")).collect();
+    let mut tasks = vec![step("fan-out".into(), vec![])];
+    tasks.extend(
+        middle
+            .iter()
+            .map(|m| step(m.clone(), vec!["fan-out".into()])),
+    );
+    tasks.push(step("fan-in".into(), middle));
+    pb::RunSpec {
+        name: if flat { "flat" } else { "dag" }.into(),
+        tasks,
+        ..Default::default()
+    }
+}
+
+async fn dag(
+    steps: usize,
+    repeat: usize,
+    agents: usize,
+    kind: String,
+    command: String,
+    files: AgentFiles,
+) -> anyhow::Result<()> {
+    let target = Target {
+        spawn_cluster: true,
+        addr: vec![],
+        tls_dir: None,
+        files,
+    };
+    let (_cluster, client, _, _) = connect(&target, agents.max(1)).await?;
+    let mut times: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..repeat {
+        for (i, flat) in [false, true].into_iter().enumerate() {
+            let spec = dag_spec(steps, flat, &kind, &command);
+            let sent = Instant::now();
+            let id = droverctl::cli::submit(&client, spec).await?.run_id;
+            let run = droverctl::cli::wait_run(&client, &id, Duration::from_secs(600)).await?;
+            let wall = sent.elapsed().as_millis() as u64;
+            if droverctl::output::run_state(run.state) != "succeeded" {
+                bail!("{id} ended {}", droverctl::output::run_state(run.state));
+            }
+            // The leader's own clock, submission to the last step's end.
+            let took = run.finished_at_ms.saturating_sub(run.created_at_ms);
+            println!(
+                "round {}: {} of {steps} steps: {took} ms in the cluster ({wall} ms at the client)",
+                round + 1,
+                if flat {
+                    "flat run"
+                } else {
+                    "fan-out/fan-in DAG"
+                },
+            );
+            times[i].push(took);
+        }
+    }
+    let median = |v: &mut Vec<u64>| {
+        v.sort_unstable();
+        drover_benches::percentile(v, 0.5)
+    };
+    let (d, f) = (median(&mut times[0]), median(&mut times[1]));
+    println!(
+        "median over {repeat} rounds, {agents} agents, {kind} steps: DAG {d} ms, flat {f} ms, DAG/flat {:.2}",
+        d as f64 / f.max(1) as f64
+    );
+    Ok(())
+}
+
 async fn failover(kills: usize) -> anyhow::Result<()> {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicBool, Ordering};

@@ -321,6 +321,10 @@ impl State {
             };
         };
         if step.is_empty() {
+            // A repeated cancel (a client retrying across a failover) is answered as done.
+            if !run.cancelled.is_empty() {
+                return CommandResult::Cancelled { tasks: Vec::new() };
+            }
             if run.finished_at_us != 0 {
                 return CommandResult::Rejected {
                     limit: None,
@@ -345,6 +349,9 @@ impl State {
                 message: format!("run {run_id} has no step '{step}'"),
             };
         };
+        if task.state == TaskState::Cancelled {
+            return CommandResult::Cancelled { tasks: Vec::new() };
+        }
         if task.state.is_terminal() {
             return CommandResult::Rejected {
                 limit: None,

@@ -144,7 +144,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<i32> {
     }
     let tls_abs = std::fs::canonicalize(&tls_dir).unwrap_or(tls_dir.clone());
     eprintln!(
-        "\nThe cluster is up. In another terminal:\n\n  export DROVER_ADDR={} DROVER_TLS_DIR={}\n  droverctl cluster status\n  droverctl agent list\n  droverctl run submit --wait -- echo hello\n  droverctl run list\n\nHTTP: http://127.0.0.1:{}/metrics  /healthz  /readyz   Logs: {}\n",
+        "\nThe cluster is up. In another terminal:\n\n  export DROVER_ADDR={} DROVER_TLS_DIR={}\n  droverctl cluster status\n  droverctl agent list\n  droverctl run submit --wait -- echo hello\n  droverctl run watch $(droverctl run submit -f examples/etl.yaml)\n  droverctl run list\n\nHTTP: http://127.0.0.1:{}/metrics  /healthz  /readyz   Logs: {}\n",
         addrs.join(","),
         tls_abs.display(),
         args.base_port + 100,

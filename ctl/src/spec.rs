@@ -457,6 +457,7 @@ mod tests {
             if path.extension().is_some_and(|e| e == "yaml") {
                 let text = std::fs::read_to_string(&path).unwrap();
                 let spec = parse(&path.display().to_string(), &text).unwrap();
+                check(&path.display().to_string(), Some(&text), &spec).unwrap();
                 assert!(!spec.tasks.is_empty());
                 n += 1;
             }

@@ -342,7 +342,7 @@ async fn timeouts_and_cancel_kill_the_process_tree_and_watch_exits_with_the_outc
             "{out:?}"
         );
         let out = ctl_output(
-            cluster.ctl().args(["run", "cancel", &cancelled]),
+            cluster.ctl().args(["run", "cancel", &timed]),
             Duration::from_secs(30),
         )
         .await;
@@ -350,6 +350,69 @@ async fn timeouts_and_cancel_kill_the_process_tree_and_watch_exits_with_the_outc
             String::from_utf8_lossy(&out.stderr).contains("already finished"),
             "{out:?}"
         );
+        // Cancelling again (a retry) is answered as done.
+        let out = ctl_output(
+            cluster.ctl().args(["run", "cancel", &cancelled]),
+            Duration::from_secs(30),
+        )
+        .await;
+        assert!(out.status.success(), "{out:?}");
+        // Bad input through the API: each gets its code and names the problem.
+        let cycle = droverctl::cli::submit(
+            &client,
+            pb::RunSpec {
+                name: "cycle".into(),
+                tasks: vec![step("x", &["y"], "true"), step("y", &["x"], "true")],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(cycle.contains("dependency cycle: x -> y -> x"), "{cycle}");
+        let e = client
+            .call(|mut c| async move {
+                c.watch_run(pb::GetRunRequest {
+                    run_id: "run-999".into(),
+                })
+                .await
+            })
+            .await
+            .expect_err("unknown run");
+        assert!(e.to_string().contains("run-999 not found"), "{e}");
+        let e = client
+            .call(|mut c| async move {
+                c.retry_dead_letter(pb::DeadLetterRequest { id: "seven".into() })
+                    .await
+            })
+            .await
+            .expect_err("bad id");
+        assert!(e.to_string().contains("not a dead letter id"), "{e}");
+        let e = client
+            .call(|mut c| async move {
+                c.list_runs(pb::ListRunsRequest {
+                    state: "done".into(),
+                    ..Default::default()
+                })
+                .await
+            })
+            .await
+            .expect_err("bad state");
+        assert!(e.to_string().contains("'done' is not pending"), "{e}");
+        let e = client
+            .call(|mut c| async move {
+                c.set_queue(pb::SetQueueRequest {
+                    queue: Some(pb::Queue {
+                        name: "q".into(),
+                        rate: -1.0,
+                        ..Default::default()
+                    }),
+                })
+                .await
+            })
+            .await
+            .expect_err("bad rate");
+        assert!(e.to_string().contains("queue.rate"), "{e}");
     })
     .await
     .expect("test deadline");
