@@ -18,6 +18,8 @@ pub struct Held {
     pub finished: Option<pb::TaskFinished>,
     /// Sending on it stops the process group (with the reason).
     pub stop: Option<oneshot::Sender<String>>,
+    /// A stop that came before the process could take one: given to it as it does.
+    stop_early: Option<String>,
     /// Whether `started` / `finished` went out on the current session.
     pub started_sent: bool,
     pub finished_sent: bool,
@@ -83,6 +85,7 @@ impl TaskTable {
                 started: None,
                 finished: None,
                 stop: None,
+                stop_early: None,
                 started_sent: false,
                 finished_sent: false,
                 queued: false,
@@ -101,7 +104,12 @@ impl TaskTable {
             .get_mut(task_id)
             .filter(|h| h.attempt == attempt)
         {
-            h.stop = Some(stop);
+            match h.stop_early.take() {
+                Some(reason) => {
+                    let _ = stop.send(reason);
+                }
+                None => h.stop = Some(stop),
+            }
         }
     }
 
@@ -232,18 +240,50 @@ impl TaskTable {
     }
 
     /// Stops a running attempt, keeping it so its (cancelled) result is reported.
+    /// Stops the attempt. One not started yet never starts; one this agent has never seen is
+    /// reported ended at once (the coordinator keeps asking until it hears so), and a late
+    /// assignment of it is refused as already held.
     pub fn stop(&self, task_id: &str, attempt: u64, reason: &str) {
-        if let Some(h) = self
-            .inner
-            .lock()
-            .unwrap()
-            .held
-            .get_mut(task_id)
-            .filter(|h| h.attempt == attempt)
-            && let Some(stop) = h.stop.take()
-        {
-            let _ = stop.send(reason.to_owned());
+        let mut inner = self.inner.lock().unwrap();
+        let Inner { held, unsent } = &mut *inner;
+        let full = held.len() >= limits::HELD_TASKS_MAX;
+        match held.get_mut(task_id) {
+            Some(h) if h.attempt == attempt => {
+                if let Some(stop) = h.stop.take() {
+                    let _ = stop.send(reason.to_owned());
+                } else if h.finished.is_none() {
+                    h.stop_early = Some(reason.to_owned());
+                }
+                return;
+            }
+            Some(_) => return,
+            None if full => return,
+            None => {}
         }
+        let mut h = Held {
+            attempt,
+            run_id: String::new(),
+            started: None,
+            finished: Some(pb::TaskFinished {
+                task_id: task_id.to_owned(),
+                attempt,
+                outcome: Some(pb::TaskOutcome {
+                    reason: format!("{reason} (before it started here)"),
+                    ..Default::default()
+                }),
+                started_at_us: 0,
+            }),
+            stop: None,
+            stop_early: None,
+            started_sent: false,
+            finished_sent: false,
+            queued: false,
+            started_seen: None,
+        };
+        h.queue(task_id, unsent);
+        held.insert(task_id.to_owned(), h);
+        drop(inner);
+        self.changed.notify_one();
     }
 
     /// When the attempt's process began (agent clock, microseconds); 0 if it never did.
@@ -404,5 +444,20 @@ mod tests {
         sent.sort();
         assert_eq!(sent, ["started r/b", "started r/c"]);
         assert_eq!(due, None);
+    }
+
+    #[test]
+    fn a_stop_before_the_start_keeps_the_attempt_from_running_and_is_reported() {
+        let t = TaskTable::default();
+        // Never seen here: reported ended at once, and a late assignment is refused.
+        t.stop("r/a", 1, "cancelled: by t");
+        assert_eq!(kinds(&now(&t)), ["finished r/a"]);
+        assert!(!t.claim("r/a", 1, "r").unwrap());
+        // Claimed but not started: the process gets the stop as soon as it can take one.
+        assert!(t.claim("r/b", 1, "r").unwrap());
+        t.stop("r/b", 1, "cancelled: by t");
+        let (tx, rx) = oneshot::channel();
+        t.set_stop("r/b", 1, tx);
+        assert_eq!(rx.blocking_recv().unwrap(), "cancelled: by t");
     }
 }

@@ -36,6 +36,22 @@ impl Drop for WatchSlot {
 
 pub type WatchStream = ReceiverStream<Result<pb::Run, Status>>;
 
+/// A submitter acts only on its own runs; operators and admins on any.
+fn check_owner(
+    who: &drover_proto::identity::PeerIdentity,
+    owner: &str,
+    what: &str,
+) -> Result<(), Status> {
+    if who.role == Role::Submitter && who.name != owner {
+        return Err(Status::permission_denied(format!(
+            "{what} was submitted by '{owner}'; certificate '{}' (role submitter) may act only on \
+             its own runs (an operator or admin may act on any)",
+            who.name
+        )));
+    }
+    Ok(())
+}
+
 impl ClientRpc {
     /// The answer a write's result gives the client.
     fn answer(&self, r: CommandResult) -> Result<CommandResult, Status> {
@@ -68,6 +84,13 @@ impl ClientRpc {
             convert::clip_text(format!("{} (by {})", req.reason, who.name), 512)
         };
         self.ctx.require_leader()?;
+        if let Some(owner) = self.ctx.shared.read(|a| {
+            a.state
+                .run_by_id(&req.run_id)
+                .map(|r| r.submitted_by.clone())
+        }) {
+            check_owner(&who, &owner, &format!("run {}", req.run_id))?;
+        }
         let r = self
             .ctx
             .proposer
@@ -202,9 +225,17 @@ impl ClientRpc {
         } else {
             "dropping a dead letter"
         };
-        require_role(&req, what, SUBMITTERS)?;
+        let who = require_role(&req, what, SUBMITTERS)?;
         let id = convert::dead_letter_id(&req.get_ref().id)?;
         self.ctx.require_leader()?;
+        if let Some((run_id, owner)) = self.ctx.shared.read(|a| {
+            let s = &a.state;
+            let d = s.dead_letters.get(&id)?;
+            let run = s.run_by_id(&d.run_id)?;
+            Some((run.id.clone(), run.submitted_by.clone()))
+        }) {
+            check_owner(&who, &owner, &format!("run {run_id}"))?;
+        }
         let cmd = if retry {
             Command::RetryDeadLetter { id }
         } else {

@@ -453,7 +453,6 @@ impl State {
             .collect();
         for (t, waiting) in revive {
             reopened += 1;
-            self.counters.tasks_skipped = self.counters.tasks_skipped.saturating_sub(1);
             let Some(task) = self.tasks.get_mut(&t) else {
                 continue;
             };

@@ -444,3 +444,58 @@ fn queue_limits_hold_at_apply_and_survive_a_snapshot() {
     restored.rebuild_derived();
     assert_eq!(restored, s);
 }
+
+#[test]
+fn a_late_report_of_an_attempt_the_leader_failed_changes_nothing() {
+    let mut retried = step("a", &[]);
+    retried.retry = RetryPolicy {
+        max: 1,
+        backoff: Backoff::Fixed,
+        initial_ms: 1000,
+        max_delay_ms: 0,
+    };
+    let mut s = setup(vec![retried], OnFailure::FailFast);
+    apply(
+        &mut s,
+        2 * S,
+        Command::ApplyPlan {
+            term: 1,
+            assignments: vec![Assignment {
+                task_id: "run-1/a".into(),
+                attempt: 1,
+                agent: "a".into(),
+            }],
+            unplaced: vec![],
+        },
+    );
+    let held = HeldTask {
+        task_id: "run-1/a".into(),
+        attempt: 1,
+    };
+    apply(
+        &mut s,
+        3 * S,
+        Command::FailTasks {
+            tasks: vec![(held.clone(), "timeout".into())],
+        },
+    );
+    assert_eq!(state(&s, "a"), TaskState::Waiting);
+    assert_eq!(s.stopping.len(), 1);
+    let before = s.clone();
+    // The agent's own report of that attempt arrives after all.
+    let mut late = s.clone();
+    apply(
+        &mut late,
+        4 * S,
+        Command::TaskFinished {
+            agent: "a".into(),
+            task_id: "run-1/a".into(),
+            attempt: 1,
+            outcome: Outcome::default(),
+            started_at_us: 0,
+        },
+    );
+    assert!(late.stopping.is_empty(), "the stop is confirmed");
+    assert_eq!(late.tasks, before.tasks);
+    assert_eq!(late.retry_due, before.retry_due);
+}

@@ -893,9 +893,10 @@ impl State {
             return stale;
         }
         let task = self.tasks.get_mut(tid).expect("checked above");
-        if task.state.is_terminal() {
+        if !matches!(task.state, TaskState::Assigned | TaskState::Running) {
             // A duplicate delivery of a result already recorded, or the end of an attempt the
-            // coordinator had already ended (cancelled, skipped): it is stopped now.
+            // coordinator had already ended (cancelled, skipped, failed by its timeout and
+            // waiting to be retried): it is stopped now.
             self.stopping.remove(tid);
             return CommandResult::Reported;
         }

@@ -357,6 +357,32 @@ async fn timeouts_and_cancel_kill_the_process_tree_and_watch_exits_with_the_outc
         )
         .await;
         assert!(out.status.success(), "{out:?}");
+        // A submitter cancels only its own runs; a viewer none.
+        let held = submit(&client, "admins", vec![step("wait", &[], "sleep 30")]).await;
+        for (cert, expect) in [
+            ("submitter", "may act only on its own runs"),
+            ("viewer", "needs role"),
+        ] {
+            let other = cluster.client_as(cert, cluster.addrs());
+            let req = pb::CancelRunRequest {
+                run_id: held.clone(),
+                ..Default::default()
+            };
+            let e = other
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.cancel_run(req).await }
+                })
+                .await
+                .expect_err("refused");
+            assert!(e.to_string().contains(expect), "{cert}: {e}");
+        }
+        let out = ctl_output(
+            cluster.ctl().args(["run", "cancel", &held]),
+            Duration::from_secs(30),
+        )
+        .await;
+        assert!(out.status.success(), "an admin may: {out:?}");
         // Bad input through the API: each gets its code and names the problem.
         let cycle = droverctl::cli::submit(
             &client,
