@@ -122,50 +122,17 @@ fn lifecycle(s: &mut State, offset: usize) {
     let ids: Vec<String> = (0..1_000)
         .map(|i| format!("run-{}/main", offset + i + 1))
         .collect();
-    s.apply(
-        1,
-        &Request {
-            now_us: 2,
-            commands: vec![Command::ApplyPlan {
-                term: 1,
-                assignments: ids
-                    .iter()
-                    .map(|t| drover_coordinator::model::Assignment {
-                        task_id: t.clone(),
-                        attempt: 1,
-                        agent: "a".into(),
-                    })
-                    .collect(),
-                unplaced: vec![],
-            }]
-            .into(),
-        },
-    );
-    s.apply(
-        1,
-        &Request {
-            now_us: 3,
-            commands: ids
-                .iter()
-                .map(|t| Command::TaskFinished {
-                    agent: "a".into(),
-                    task_id: t.clone(),
-                    attempt: 1,
-                    outcome: Outcome {
-                        succeeded: true,
-                        exit_code: Some(0),
-                        ..Default::default()
-                    },
-                    started_at_us: 0,
-                })
-                .collect(),
-        },
-    );
+    place_and_finish(s, &ids);
 }
 
-/// Places and finishes `steps` of run `run` on agent a, in one plan and one batch of results.
+/// Places and finishes `steps` of run `run` on agent a.
 fn run_steps(s: &mut State, run: &str, steps: &[String]) {
     let ids: Vec<String> = steps.iter().map(|n| format!("{run}/{n}")).collect();
+    place_and_finish(s, &ids);
+}
+
+/// Assigns the tasks `ids` to agent a in one plan, then finishes them in one batch of results.
+fn place_and_finish(s: &mut State, ids: &[String]) {
     s.apply(
         1,
         &Request {

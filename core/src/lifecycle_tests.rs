@@ -78,23 +78,30 @@ fn pending(s: &State) -> Vec<String> {
         .collect()
 }
 
-/// Places and runs `step` on agent a, ending with `ok`.
-fn run_step(s: &mut State, now: u64, step: &str, ok: bool) -> CommandResult {
+/// Places `step` (its current attempt) on agent a.
+fn assign(s: &mut State, now: u64, step: &str) -> CommandResult {
     let tid = format!("run-1/{step}");
     let attempt = s.tasks[&tid].attempt;
-    let r = apply(
+    apply(
         s,
         now,
         Command::ApplyPlan {
             term: 1,
             assignments: vec![Assignment {
-                task_id: tid.clone(),
+                task_id: tid,
                 attempt,
                 agent: "a".into(),
             }],
             unplaced: vec![],
         },
-    );
+    )
+}
+
+/// Places and runs `step` on agent a, ending with `ok`.
+fn run_step(s: &mut State, now: u64, step: &str, ok: bool) -> CommandResult {
+    let tid = format!("run-1/{step}");
+    let attempt = s.tasks[&tid].attempt;
+    let r = assign(s, now, step);
     assert!(
         matches!(&r, CommandResult::PlanApplied { accepted, .. } if accepted.len() == 1),
         "{step}: {r:?}"
@@ -235,19 +242,7 @@ fn fail_fast_skips_the_rest_and_stops_what_runs() {
     let mut s = setup(diamond(), OnFailure::FailFast);
     run_step(&mut s, 2 * S, "a", true);
     // c is running on the agent when b fails.
-    apply(
-        &mut s,
-        3 * S,
-        Command::ApplyPlan {
-            term: 1,
-            assignments: vec![Assignment {
-                task_id: "run-1/c".into(),
-                attempt: 1,
-                agent: "a".into(),
-            }],
-            unplaced: vec![],
-        },
-    );
+    assign(&mut s, 3 * S, "c");
     run_step(&mut s, 3 * S, "b", false);
     assert_eq!(state(&s, "c"), TaskState::Skipped);
     assert_eq!(state(&s, "d"), TaskState::Skipped);
@@ -277,19 +272,7 @@ fn fail_fast_skips_the_rest_and_stops_what_runs() {
 #[test]
 fn cancelling_a_run_ends_every_step_and_stops_running_ones() {
     let mut s = setup(diamond(), OnFailure::FailFast);
-    apply(
-        &mut s,
-        2 * S,
-        Command::ApplyPlan {
-            term: 1,
-            assignments: vec![Assignment {
-                task_id: "run-1/a".into(),
-                attempt: 1,
-                agent: "a".into(),
-            }],
-            unplaced: vec![],
-        },
-    );
+    assign(&mut s, 2 * S, "a");
     let r = apply(
         &mut s,
         3 * S,
@@ -455,19 +438,7 @@ fn a_late_report_of_an_attempt_the_leader_failed_changes_nothing() {
         max_delay_ms: 0,
     };
     let mut s = setup(vec![retried], OnFailure::FailFast);
-    apply(
-        &mut s,
-        2 * S,
-        Command::ApplyPlan {
-            term: 1,
-            assignments: vec![Assignment {
-                task_id: "run-1/a".into(),
-                attempt: 1,
-                agent: "a".into(),
-            }],
-            unplaced: vec![],
-        },
-    );
+    assign(&mut s, 2 * S, "a");
     let held = HeldTask {
         task_id: "run-1/a".into(),
         attempt: 1,

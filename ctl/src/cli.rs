@@ -60,6 +60,20 @@ pub struct Conn {
     pub timeout: Duration,
 }
 
+/// One call through the leader-following client; a retry sends the same request again.
+macro_rules! rpc {
+    ($client:expr, $method:ident, $req:expr) => {{
+        let req = $req;
+        $client
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.$method(req).await }
+            })
+            .await
+            .map_err(call_err)
+    }};
+}
+
 fn parse_expr(s: &str) -> Result<pb::LabelExpression, String> {
     drover_proto::selector::parse(s)
 }
@@ -739,13 +753,7 @@ async fn run_cmd(conn: &Conn, cmd: RunCmd) -> anyhow::Result<i32> {
                 name: name.clone().unwrap_or_default(),
                 since_ms,
             };
-            let resp = client
-                .call(|mut c| {
-                    let req = req.clone();
-                    async move { c.list_runs(req).await }
-                })
-                .await
-                .map_err(call_err)?;
+            let resp = rpc!(client, list_runs, req)?;
             match output {
                 Format::Table => print!("{}", output::runs_table(&resp.runs)),
                 Format::Json => output::print_json(&serde_json::Value::Array(
@@ -795,13 +803,7 @@ async fn run_cmd(conn: &Conn, cmd: RunCmd) -> anyhow::Result<i32> {
                 step: step.clone().unwrap_or_default(),
                 reason,
             };
-            let resp = client
-                .call(|mut c| {
-                    let req = req.clone();
-                    async move { c.cancel_run(req).await }
-                })
-                .await
-                .map_err(call_err)?;
+            let resp = rpc!(client, cancel_run, req.clone())?;
             let what = step.map_or(id, |s| format!("step {s} of {}", req.run_id));
             eprintln!(
                 "cancelled {what}: {} steps ended; running ones are being stopped on their agents",
@@ -838,13 +840,7 @@ async fn run_cmd(conn: &Conn, cmd: RunCmd) -> anyhow::Result<i32> {
                     offset,
                     max_bytes: 0,
                 };
-                let resp = client
-                    .call(|mut c| {
-                        let req = req.clone();
-                        async move { c.get_task_logs(req).await }
-                    })
-                    .await
-                    .map_err(call_err)?;
+                let resp = rpc!(client, get_task_logs, req)?;
                 stdout.write_all(&resp.data)?;
                 if !resp.note.is_empty() {
                     eprintln!("note: {}", resp.note);
@@ -876,13 +872,7 @@ async fn dlq_cmd(conn: &Conn, cmd: DlqCmd) -> anyhow::Result<i32> {
                 queue: queue.unwrap_or_default(),
                 run_id: run.unwrap_or_default(),
             };
-            let resp = client
-                .call(|mut c| {
-                    let req = req.clone();
-                    async move { c.list_dead_letters(req).await }
-                })
-                .await
-                .map_err(call_err)?;
+            let resp = rpc!(client, list_dead_letters, req)?;
             match output {
                 Format::Table => print!("{}", output::dead_letters_table(&resp.letters)),
                 Format::Json => output::print_json(&serde_json::Value::Array(
@@ -899,25 +889,13 @@ async fn dlq_cmd(conn: &Conn, cmd: DlqCmd) -> anyhow::Result<i32> {
         }
         DlqCmd::Retry { id } => {
             let req = pb::DeadLetterRequest { id: id.clone() };
-            let resp = client
-                .call(|mut c| {
-                    let req = req.clone();
-                    async move { c.retry_dead_letter(req).await }
-                })
-                .await
-                .map_err(call_err)?;
+            let resp = rpc!(client, retry_dead_letter, req)?;
             eprintln!("{id}: {} queued again; its run resumes", resp.task_id);
             Ok(0)
         }
         DlqCmd::Drop { id } => {
             let req = pb::DeadLetterRequest { id: id.clone() };
-            client
-                .call(|mut c| {
-                    let req = req.clone();
-                    async move { c.drop_dead_letter(req).await }
-                })
-                .await
-                .map_err(call_err)?;
+            rpc!(client, drop_dead_letter, req)?;
             eprintln!("{id} dropped");
             Ok(0)
         }
@@ -928,13 +906,7 @@ async fn get_queue(client: &ClusterClient, name: &str) -> anyhow::Result<pb::Que
     let req = pb::GetQueueRequest {
         name: name.to_owned(),
     };
-    client
-        .call(|mut c| {
-            let req = req.clone();
-            async move { c.get_queue(req).await }
-        })
-        .await
-        .map_err(call_err)
+    rpc!(client, get_queue, req)
 }
 
 async fn queue_cmd(conn: &Conn, cmd: QueueCmd) -> anyhow::Result<i32> {
@@ -983,13 +955,7 @@ async fn queue_cmd(conn: &Conn, cmd: QueueCmd) -> anyhow::Result<i32> {
                 q.max_pending = v;
             }
             let req = pb::SetQueueRequest { queue: Some(q) };
-            let q = client
-                .call(|mut c| {
-                    let req = req.clone();
-                    async move { c.set_queue(req).await }
-                })
-                .await
-                .map_err(call_err)?;
+            let q = rpc!(client, set_queue, req)?;
             print!("{}", output::queues_table(std::slice::from_ref(&q)));
             Ok(0)
         }
@@ -1016,13 +982,7 @@ async fn watch(client: &ClusterClient, id: &str, format: Format) -> anyhow::Resu
         let req = pb::GetRunRequest {
             run_id: id.to_owned(),
         };
-        let mut stream = client
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.watch_run(req).await }
-            })
-            .await
-            .map_err(call_err)?;
+        let mut stream = rpc!(client, watch_run, req)?;
         loop {
             match stream.message().await {
                 Ok(Some(run)) => {
@@ -1121,13 +1081,7 @@ async fn follow_logs(
             offset,
             max_bytes: 0,
         };
-        let resp = client
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.get_task_logs(req).await }
-            })
-            .await
-            .map_err(call_err)?;
+        let resp = rpc!(client, get_task_logs, req)?;
         stdout.write_all(&resp.data)?;
         stdout.flush()?;
         if resp.source != "agent" {
