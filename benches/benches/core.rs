@@ -111,6 +111,7 @@ fn register(name: &str) -> Request {
             held: vec![],
             pool: String::new(),
             isolation: String::new(),
+            instance_id: String::new(),
         }]
         .into(),
     }

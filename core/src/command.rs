@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    AgentName, Assignment, HeldTask, Outcome, QueueConfig, Resources, RunSpec, TaskId,
+    AgentName, Assignment, HeldTask, Outcome, PoolSpec, QueueConfig, Resources, RunSpec, TaskId,
 };
 
 /// One Raft entry: a batch of commands stamped with the leader's clock.
@@ -55,6 +55,8 @@ pub enum Command {
         pool: String,
         #[serde(default)]
         isolation: String,
+        #[serde(default)]
+        instance_id: String,
     },
     ApplyPlan {
         /// Term of the leader that planned; apply refuses a plan from another term.
@@ -131,6 +133,25 @@ pub enum Command {
         name: String,
         config: QueueConfig,
     },
+    /// Replace the pools: those not listed are removed (their agents stay).
+    ApplyPools {
+        pools: Vec<PoolSpec>,
+    },
+    /// The leader's scaling decision for `pool`: from `from` agents (registered and launching)
+    /// to `to`, removing `remove` (idle agents, drained by this very command).
+    Scale {
+        pool: String,
+        from: u32,
+        to: u32,
+        reason: String,
+        remove: Vec<AgentName>,
+    },
+    /// How a decision's hook call went.
+    HookOutcome {
+        decision: u64,
+        ok: bool,
+        error: String,
+    },
 }
 
 impl Command {
@@ -192,6 +213,11 @@ impl Command {
                     .sum::<usize>()
             }
             Command::SetQueue { name, .. } => 128 + name.len(),
+            Command::ApplyPools { pools } => 128 + pools.len() * 1024,
+            Command::Scale { reason, remove, .. } => {
+                256 + reason.len() + remove.iter().map(|r| 16 + r.len()).sum::<usize>()
+            }
+            Command::HookOutcome { error, .. } => 128 + error.len(),
             Command::TaskStarted { .. }
             | Command::SetDrain { .. }
             | Command::RetryDeadLetter { .. }
@@ -217,6 +243,9 @@ impl Command {
             Command::RetryDeadLetter { .. } => "retry_dead_letter",
             Command::DropDeadLetter { .. } => "drop_dead_letter",
             Command::SetQueue { .. } => "set_queue",
+            Command::ApplyPools { .. } => "apply_pools",
+            Command::Scale { .. } => "scale",
+            Command::HookOutcome { .. } => "hook_outcome",
         }
     }
 }
@@ -279,6 +308,10 @@ pub enum CommandResult {
         tasks: Vec<TaskId>,
     },
     Done,
+    /// A scaling decision committed under this id (with the agents it removes).
+    Scaled {
+        decision: u64,
+    },
     /// The thing named does not exist.
     NotFound {
         message: String,

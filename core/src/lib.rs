@@ -5,6 +5,7 @@
 //! No I/O, no clock, no randomness, no wire types: this crate depends on serde alone, so the
 //! compiler keeps it that way. The coordinator (`drover-coordinator`) is the shell around it.
 
+pub mod autoscale;
 pub mod command;
 pub mod dag;
 pub mod lifecycle;

@@ -37,7 +37,7 @@ pub fn record_attempt(task: &mut Task, now_us: u64, outcome: &Outcome) {
 impl State {
     /// Takes an assigned or running task off its agent (its capacity, the assigned index, its
     /// queue's active count). Returns the agent, which the task still names.
-    pub(crate) fn leave_active(&mut self, tid: &str) -> Option<String> {
+    pub(crate) fn leave_active(&mut self, now_us: u64, tid: &str) -> Option<String> {
         let task = self.tasks.get(tid)?;
         if !matches!(task.state, TaskState::Assigned | TaskState::Running) {
             return None;
@@ -47,6 +47,9 @@ impl State {
             && agent.tasks.remove(tid)
         {
             agent.used = agent.used.minus(&task.spec.resources);
+            if agent.tasks.is_empty() {
+                agent.idle_since_us = now_us;
+            }
         }
         self.assigned.remove(&(task.assigned_at_us, task.seq));
         if let Some(n) = self.active_by_queue.get_mut(&task.spec.queue) {
@@ -109,7 +112,7 @@ impl State {
         }
         let attempt = task.attempt;
         self.leave_queue(tid);
-        if let Some(agent) = self.leave_active(tid)
+        if let Some(agent) = self.leave_active(now_us, tid)
             && stop
         {
             if let Some(task) = self.tasks.get_mut(tid) {
@@ -162,7 +165,7 @@ impl State {
         if task.failures > retry.max {
             // The attempt is in the history already; `settle` need not record the stop again.
             let attempt = task.attempt;
-            let agent = self.leave_active(tid);
+            let agent = self.leave_active(now_us, tid);
             self.settle(now_us, tid, TaskState::Failed, None, false);
             if stop && let Some(agent) = agent {
                 self.stopping.insert(tid.to_owned(), (agent, attempt));
@@ -176,7 +179,7 @@ impl State {
             * 1000;
         let (failures, max) = (task.failures, retry.max);
         let attempt = task.attempt;
-        let agent = self.leave_active(tid);
+        let agent = self.leave_active(now_us, tid);
         if stop && let Some(agent) = agent {
             self.stopping.insert(tid.to_owned(), (agent, attempt));
         }

@@ -46,6 +46,7 @@ fn setup(steps: Vec<TaskSpec>, on_failure: OnFailure) -> State {
             held: vec![],
             pool: String::new(),
             isolation: String::new(),
+            instance_id: String::new(),
         },
     );
     let r = apply(
@@ -305,6 +306,7 @@ fn cancelling_a_run_ends_every_step_and_stops_running_ones() {
             }],
             pool: String::new(),
             isolation: String::new(),
+            instance_id: String::new(),
         },
     );
     assert!(

@@ -55,3 +55,15 @@ pub const QUEUES_MAX: usize = 1_024;
 
 /// Retries queued by one `RetryDue` entry; more wait for the next tick.
 pub const RETRY_DUE_BATCH_MAX: usize = 1_024;
+
+/// Pools configured at once.
+pub const POOLS_MAX: usize = 256;
+
+/// Decisions kept per pool (the newest).
+pub const POOL_DECISIONS_KEPT: usize = 20;
+
+/// Attempts at a decision's hook before it is marked failed.
+pub const HOOK_ATTEMPTS_MAX: u32 = 10;
+
+/// Pending tasks the autoscaler looks at per evaluation to measure demand.
+pub const DEMAND_SCAN_MAX: usize = 20_000;

@@ -469,6 +469,12 @@ pub struct Agent {
     pub used: Resources,
     /// Tasks placed on this agent and not yet terminal.
     pub tasks: BTreeSet<TaskId>,
+    /// The machine behind it (cloud instance id), for the autoscaler's hook.
+    #[serde(default)]
+    pub instance_id: String,
+    /// Since when it holds no task (leader clock, us); 0 while it holds some.
+    #[serde(default)]
+    pub idle_since_us: u64,
 }
 
 impl Agent {
@@ -538,4 +544,112 @@ pub struct DeadLetter {
     pub stdout_tail: Vec<u8>,
     #[serde(with = "crate::serde_bytes")]
     pub stderr_tail: Vec<u8>,
+}
+
+/// An agent pool (a cloud instance group) and how it is scaled.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolSpec {
+    pub name: String,
+    pub min: u32,
+    pub max: u32,
+    /// The class and labels of the pool's agents (its launch template): pending tasks that ask
+    /// for this class and whose required expressions these labels satisfy are its demand.
+    pub class: String,
+    pub labels: BTreeMap<String, String>,
+    pub scale_up: ScaleUp,
+    pub scale_down: ScaleDown,
+    /// Launched but not registered by then: counted as failed, no longer as capacity.
+    pub boot_timeout_ms: u64,
+    pub hook: Hook,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScaleUp {
+    /// Grow while pending tasks per agent (counting launching ones) exceed this (0 = not used).
+    pub pending_per_agent: u32,
+    /// Grow while the 90th percentile of pending tasks' waits exceeds this (0 = not used).
+    pub wait_p90_over_ms: u64,
+    /// Agents added per decision (at least 1).
+    pub step: u32,
+    pub cooldown_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScaleDown {
+    /// An agent with no task for this long may be removed (when nothing waits for the pool).
+    pub idle_for_ms: u64,
+    /// Agents removed per decision (at least 1).
+    pub step: u32,
+    pub cooldown_ms: u64,
+}
+
+/// How the pool's instance group is driven.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Hook {
+    /// A program given the decision as JSON on stdin.
+    Exec {
+        command: Vec<String>,
+        timeout_ms: u64,
+    },
+    /// The decision POSTed as JSON, signed with HMAC-SHA256 under the secret in the leader's
+    /// environment variable `secret_env`.
+    Webhook {
+        url: String,
+        secret_env: String,
+        timeout_ms: u64,
+    },
+    /// Agents started as processes on the leader's host (development and tests).
+    Local { agent_args: Vec<String> },
+}
+
+impl Default for Hook {
+    fn default() -> Self {
+        Hook::Local { agent_args: vec![] }
+    }
+}
+
+/// A committed scaling decision. Its id makes the hook's work idempotent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    pub id: u64,
+    pub pool: String,
+    pub from: u32,
+    pub to: u32,
+    pub reason: String,
+    pub at_us: u64,
+    /// Agents (with their instance ids) to remove, drained when the decision committed.
+    pub remove: Vec<(AgentName, String)>,
+    pub hook: HookState,
+    pub attempts: u32,
+    pub last_error: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HookState {
+    #[default]
+    Pending,
+    Done,
+    /// Given up after `limits::HOOK_ATTEMPTS_MAX` attempts.
+    Failed,
+}
+
+/// Instances a scale-up asked for and not yet registered.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Launch {
+    pub decision: u64,
+    pub remaining: u32,
+    /// Leader clock (us): past it the rest count as failed launches.
+    pub deadline_us: u64,
+}
+
+/// A pool in the replicated state: its spec and what scaling did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pool {
+    pub spec: PoolSpec,
+    pub launching: Vec<Launch>,
+    /// The newest decisions, oldest first (`limits::POOL_DECISIONS_KEPT`).
+    pub decisions: Vec<Decision>,
+    pub last_up_us: u64,
+    pub last_down_us: u64,
+    pub launches_failed: u64,
 }

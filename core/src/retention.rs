@@ -182,6 +182,7 @@ mod tests {
                     held: vec![],
                     pool: String::new(),
                     isolation: String::new(),
+                    instance_id: String::new(),
                 },
             );
             apply(

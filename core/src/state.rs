@@ -76,6 +76,9 @@ pub struct State {
     /// Tasks assigned or running per queue, for `max_concurrency`. Derived.
     #[serde(skip)]
     pub active_by_queue: BTreeMap<String, u64>,
+    /// Agent pools and their scaling history, by name.
+    pub pools: BTreeMap<String, crate::model::Pool>,
+    pub last_decision: u64,
     /// Tasks assigned and not yet reported started, oldest assignment first, keyed by (when
     /// assigned, task seq): what the leader re-sends, or re-queues once they have waited too long
     /// (`stranded`), looking only at the old end. Derived, so not stored; `rebuild_derived`.
@@ -382,6 +385,19 @@ impl State {
                 }
                 CommandResult::Done
             }
+            Command::ApplyPools { pools } => self.apply_pools(pools),
+            Command::Scale {
+                pool,
+                from,
+                to,
+                reason,
+                remove,
+            } => self.scale(now_us, pool, *from, *to, reason, remove),
+            Command::HookOutcome {
+                decision,
+                ok,
+                error,
+            } => self.hook_outcome(*decision, *ok, error),
             Command::ForgetAgents { names } => {
                 let forgotten: Vec<AgentName> = names
                     .iter()
@@ -649,6 +665,7 @@ impl State {
             held,
             pool,
             isolation,
+            instance_id,
         } = cmd
         else {
             return None;
@@ -660,7 +677,8 @@ impl State {
             && &a.class == class
             && &a.version == version
             && &a.pool == pool
-            && &a.isolation == isolation;
+            && &a.isolation == isolation
+            && &a.instance_id == instance_id;
         if !same || self.stopping.values().any(|(a, _)| a == name) {
             return None;
         }
@@ -682,11 +700,16 @@ impl State {
             held,
             pool,
             isolation,
+            instance_id,
         } = cmd
         else {
             unreachable!("apply_one routes only RegisterAgent here");
         };
         let (name, held) = (name.as_str(), held.as_slice());
+        let first_time = !self.agents.contains_key(name);
+        if first_time && !pool.is_empty() {
+            self.pool_member_arrived(now_us, pool);
+        }
         let agent = self.agents.entry(name.to_owned()).or_insert_with(|| Agent {
             name: name.to_owned(),
             labels: BTreeMap::new(),
@@ -700,7 +723,10 @@ impl State {
             registered_at_ms: now_us / 1000,
             used: Resources::default(),
             tasks: BTreeSet::new(),
+            instance_id: String::new(),
+            idle_since_us: now_us,
         });
+        agent.instance_id.clone_from(instance_id);
         agent.labels = labels.clone();
         agent.total = total.clone();
         agent.class = class.to_owned();
@@ -740,7 +766,7 @@ impl State {
             ..Default::default()
         };
         crate::lifecycle::record_attempt(task, now_us, &note);
-        self.leave_active(tid);
+        self.leave_active(now_us, tid);
         let Some(task) = self.tasks.get_mut(tid) else {
             return;
         };
@@ -795,6 +821,7 @@ impl State {
             }
             agent.used = agent.used.plus(&task.spec.resources);
             agent.tasks.insert(task.id.clone());
+            agent.idle_since_us = 0;
             self.assigned.insert((now_us, task.seq), task.id.clone());
             match self.active_by_queue.get_mut(&task.spec.queue) {
                 Some(n) => *n += 1,

@@ -51,6 +51,7 @@ fn register(state: &mut State, name: &str, cpu: u64, held: Vec<HeldTask>) -> Com
             held,
             pool: String::new(),
             isolation: String::new(),
+            instance_id: String::new(),
         },
     )
 }
@@ -429,6 +430,7 @@ fn an_unchanged_reregistration_needs_no_write_but_any_change_does() {
         held,
         pool: String::new(),
         isolation: String::new(),
+        instance_id: String::new(),
     };
     let holds_running = vec![
         HeldTask {

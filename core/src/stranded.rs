@@ -130,6 +130,7 @@ mod tests {
                     held: vec![],
                     pool: String::new(),
                     isolation: String::new(),
+                    instance_id: String::new(),
                 },
             ),
         );
