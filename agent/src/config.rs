@@ -57,6 +57,12 @@ pub struct Config {
     #[arg(long, env = "DROVER_POOL", default_value = "default")]
     pub pool: String,
 
+    /// The machine behind this agent, for autoscaler hooks to remove the right one. Default:
+    /// read from the cloud's metadata where present (cloud-init's instance-id file), else the
+    /// host name (a pod's name under Kubernetes).
+    #[arg(long, env = "DROVER_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+
     /// Resource class this agent serves.
     #[arg(long, env = "DROVER_CLASS", default_value = "default")]
     pub class: String,
@@ -219,6 +225,22 @@ fn host_memory_bytes() -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map(|kb| kb * 1024)
         .unwrap_or(1 << 30)
+}
+
+/// The instance id: the flag, else cloud-init's record of it, else the host name.
+pub fn instance_id(flag: Option<&str>) -> String {
+    if let Some(id) = flag.filter(|s| !s.is_empty()) {
+        return id.to_owned();
+    }
+    for path in ["/var/lib/cloud/data/instance-id", "/etc/hostname"] {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            let id = text.trim();
+            if !id.is_empty() && id != "iid-datasource-none" {
+                return id.to_owned();
+            }
+        }
+    }
+    std::env::var("HOSTNAME").unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -104,6 +104,7 @@ pub async fn start(config: Config) -> Result<AgentHandle, StartError> {
         resources: config.parsed_resources()?,
         class: config.class.clone(),
         pool: config.pool.clone(),
+        instance_id: config::instance_id(config.instance_id.as_deref()),
         isolation: if cgroups.is_some() {
             "cgroup-v2".into()
         } else {

@@ -25,6 +25,7 @@ pub struct Identity {
     pub resources: pb::Resources,
     pub class: String,
     pub pool: String,
+    pub instance_id: String,
     /// "cgroup-v2" when tasks get their own cgroup with limits.
     pub isolation: String,
 }
@@ -119,6 +120,7 @@ async fn session(
         running: table.held(),
         pool: cfg.identity.pool.clone(),
         isolation: cfg.identity.isolation.clone(),
+        instance_id: cfg.identity.instance_id.clone(),
     };
     let _ = tx
         .send(AgentMessage {

@@ -192,7 +192,7 @@ impl AgentRpc {
                 reg.pool
             },
             isolation: reg.isolation,
-            instance_id: String::new(),
+            instance_id: convert::clip_text(reg.instance_id, limits::NAME_BYTES_MAX * 4),
         };
         // A reconnect that changes nothing (the common case after a leader failover) is answered
         // from applied state, so a fleet reconnecting at once does not become a storm of writes.

@@ -565,6 +565,33 @@ impl ClientService for ClientRpc {
         let r = ClientRpc::list_queues(self, req);
         self.observe("ClientService/ListQueues", r)
     }
+
+    #[tracing::instrument(skip_all)]
+    async fn apply_pools(
+        &self,
+        req: Request<pb::ApplyPoolsRequest>,
+    ) -> Result<Response<pb::ListPoolsResponse>, Status> {
+        let r = self.apply_pools_rpc(req).await;
+        self.observe("ClientService/ApplyPools", r)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_pools(
+        &self,
+        req: Request<pb::ListPoolsRequest>,
+    ) -> Result<Response<pb::ListPoolsResponse>, Status> {
+        let r = self.list_pools_rpc(req);
+        self.observe("ClientService/ListPools", r)
+    }
+
+    #[tracing::instrument(skip_all, fields(pool = %req.get_ref().name))]
+    async fn get_pool(
+        &self,
+        req: Request<pb::GetPoolRequest>,
+    ) -> Result<Response<pb::PoolStatus>, Status> {
+        let r = self.get_pool_rpc(req);
+        self.observe("ClientService/GetPool", r)
+    }
 }
 
 /// What `ListRuns` keeps, from the request's filters.

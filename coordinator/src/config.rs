@@ -97,6 +97,10 @@ pub struct Config {
     #[arg(long, env = "DROVER_UNPLACED_TIMEOUT", default_value = "24h", value_parser = drover_proto::quantity::parse_duration)]
     pub unplaced_timeout: Duration,
 
+    /// How often the leader evaluates the agent pools' scaling policies (e.g. 10s, 500ms).
+    #[arg(long, env = "DROVER_AUTOSCALE_INTERVAL", default_value = "10s", value_parser = drover_proto::quantity::parse_duration)]
+    pub autoscale_interval: Duration,
+
     /// An agent lost this long (and holding no tasks) is forgotten: it leaves `agent list`.
     #[arg(long, env = "DROVER_LOST_AGENT_RETENTION", default_value = "24h", value_parser = drover_proto::quantity::parse_duration)]
     pub lost_agent_retention: Duration,

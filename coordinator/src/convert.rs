@@ -774,6 +774,8 @@ pub fn agent_to_proto(a: &Agent, heartbeat_age_ms: Option<u64>, connected: bool)
         connected,
         pool: a.pool.clone(),
         drain_deadline_ms: a.drain_deadline_ms,
+        instance_id: a.instance_id.clone(),
+        idle_since_ms: a.idle_since_us / 1000,
     }
 }
 

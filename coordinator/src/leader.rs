@@ -30,6 +30,7 @@ pub async fn run(ctx: Arc<Ctx>, mut shutdown: tokio::sync::watch::Receiver<bool>
     let mut took_office = tokio::time::Instant::now();
     let mut retention = Retention::default();
     let mut stops = Stops::default();
+    let mut autoscaler = crate::autoscaler::Autoscaler::default();
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
@@ -61,6 +62,7 @@ pub async fn run(ctx: Arc<Ctx>, mut shutdown: tokio::sync::watch::Receiver<bool>
         }
         if led_term != Some(m.current_term) {
             retention = Retention::default();
+            autoscaler = crate::autoscaler::Autoscaler::default();
             if led_term.is_some() {
                 // Deposed and elected again between two looks at the metrics, so the step-down
                 // above never ran. Assignments committed around the flap may never have reached
@@ -94,6 +96,7 @@ pub async fn run(ctx: Arc<Ctx>, mut shutdown: tokio::sync::watch::Receiver<bool>
             fire_retries(&ctx).await;
             stops.send(&ctx);
             stops.overdue(&ctx).await;
+            autoscaler.tick(&ctx).await;
         }
         schedule_round(&ctx, m.current_term).await;
     }

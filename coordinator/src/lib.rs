@@ -3,6 +3,7 @@
 pub mod accept;
 pub mod admission;
 pub mod agent_service;
+pub mod autoscaler;
 pub mod client_service;
 pub mod config;
 pub mod convert;
@@ -11,18 +12,21 @@ pub mod error;
 pub mod http;
 pub mod leader;
 pub mod limits;
+pub mod local_agents;
 pub mod memory;
 pub mod metrics;
 pub mod node;
 pub mod placer;
+pub mod pools;
 pub mod proposer;
 pub mod raft;
 pub mod run_control;
 pub mod sessions;
+pub mod webhook;
 
 // The functional core, under the names the shell has always used for it.
 pub use drover_core::{
-    command, dag, model, params, placement, retention, scheduler, state, stranded, view,
+    autoscale, command, dag, model, params, placement, retention, scheduler, state, stranded, view,
 };
 
 pub use config::Config;

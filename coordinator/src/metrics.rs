@@ -32,6 +32,12 @@ pub struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct PoolLabels {
+    pub pool: String,
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 pub struct QueueLabels {
     pub queue: String,
     pub state: String,
@@ -66,6 +72,9 @@ pub struct Metrics {
     pub assignments_expired: Counter,
     pub tasks_expired: Counter,
     pub tasks_retried: Counter,
+    pub scale_decisions: Counter,
+    pub hook_calls: Family<ResultLabels, Counter>,
+    pub pool_agents: Family<PoolLabels, Gauge>,
     pub tasks_stopped: Counter,
     pub dead_letters: Gauge,
     pub step_outcomes: Family<StateLabels, Gauge<u64, AtomicU64>>,
@@ -241,6 +250,24 @@ impl Metrics {
             "Failed attempts this leader queued again once their retry backoff passed",
             tasks_retried.clone(),
         );
+        let scale_decisions = Counter::default();
+        registry.register(
+            "scale_decisions",
+            "Scaling decisions this leader committed",
+            scale_decisions.clone(),
+        );
+        let hook_calls = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "autoscaler_hook_calls",
+            "Autoscaler hook calls made by this leader, by result",
+            hook_calls.clone(),
+        );
+        let pool_agents = Family::<PoolLabels, Gauge>::default();
+        registry.register(
+            "pool_agents",
+            "Per pool: agents current, launching and desired, tasks pending for it, decisions whose hook has not succeeded",
+            pool_agents.clone(),
+        );
         let tasks_stopped = Counter::default();
         registry.register(
             "tasks_stopped",
@@ -343,6 +370,9 @@ impl Metrics {
             assignments_expired,
             tasks_expired,
             tasks_retried,
+            scale_decisions,
+            hook_calls,
+            pool_agents,
             tasks_stopped,
             dead_letters,
             step_outcomes,

@@ -60,6 +60,8 @@ pub struct Timing {
     /// Never-placed tasks fail after this long in the queue; None = never.
     pub unplaced_timeout: Option<Duration>,
     pub lost_agent_retention: Duration,
+    /// How often the leader evaluates the pools' scaling policies.
+    pub autoscale_interval: Duration,
 }
 
 /// Everything the services and loops of one node share.
@@ -78,6 +80,8 @@ pub struct Ctx {
     pub committed_index: Arc<AtomicU64>,
     /// Bytes this node has appended to its Raft log since it started.
     pub log_appended_bytes: Arc<AtomicU64>,
+    /// Where the `local` autoscaler hook finds certificates and puts its agents' files.
+    pub local: crate::autoscaler::LocalEnv,
 }
 
 impl Ctx {
@@ -217,6 +221,31 @@ impl Ctx {
                         state: label.into(),
                     })
                     .set(n);
+            }
+            mt.pool_agents.clear();
+            let now_us = crate::proposer::now_ms() * 1000;
+            for name in s.pools.keys() {
+                if let Some(p) = crate::pools::status(s, name, now_us) {
+                    let unhooked = s.pools[name]
+                        .decisions
+                        .iter()
+                        .filter(|d| d.hook != crate::model::HookState::Done)
+                        .count() as u64;
+                    for (label, n) in [
+                        ("current", u64::from(p.current)),
+                        ("launching", u64::from(p.launching)),
+                        ("desired", u64::from(p.desired)),
+                        ("demand_pending", p.demand_pending),
+                        ("hook_not_done", unhooked),
+                    ] {
+                        mt.pool_agents
+                            .get_or_create(&crate::metrics::PoolLabels {
+                                pool: name.clone(),
+                                state: label.into(),
+                            })
+                            .set(n as i64);
+                    }
+                }
             }
             // Rebuilt each scrape, so the series of a queue no longer known goes away.
             mt.queue_tasks.clear();
@@ -438,10 +467,15 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
             stranded: crate::stranded::Policy::new(config.start_timeout()),
             unplaced_timeout: Some(config.unplaced_timeout).filter(|t| !t.is_zero()),
             lost_agent_retention: config.lost_agent_retention,
+            autoscale_interval: config.autoscale_interval,
         },
         admission: crate::admission::Admission::new(config.budgets()),
         committed_index,
         log_appended_bytes: log_appended_bytes.clone(),
+        local: crate::autoscaler::LocalEnv {
+            tls_dir: config.tls_dir.clone(),
+            data_dir: config.data_dir.clone(),
+        },
     });
 
     let max = drover_proto::GRPC_MESSAGE_BYTES_MAX;

@@ -124,6 +124,9 @@ pub enum Command {
     /// Queue limits: concurrency, start rate, pending tasks.
     #[command(subcommand)]
     Queue(QueueCmd),
+    /// Agent pools and their autoscaling: apply, list, get.
+    #[command(subcommand)]
+    Pool(PoolCmd),
     /// Start a local 3-node coordinator cluster and 2 agents with mTLS, submit a demo run, and
     /// keep running until Ctrl-C.
     Dev(crate::dev::DevArgs),
@@ -326,6 +329,25 @@ pub enum DlqCmd {
     Retry { id: String },
     /// Forget a dead letter (its run stays failed).
     Drop { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PoolCmd {
+    /// Replace the pools with those in a file (see docs/autoscaling.md).
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    List {
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// A pool's size, demand, recent decisions with their reasons, and hook health.
+    Get {
+        name: String,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -557,6 +579,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Run(cmd) => run_cmd(&cli.conn, cmd).await,
         Command::Dlq(cmd) => dlq_cmd(&cli.conn, cmd).await,
         Command::Queue(cmd) => queue_cmd(&cli.conn, cmd).await,
+        Command::Pool(cmd) => pool_cmd(&cli.conn, cmd).await,
         Command::Agent(AgentCmd::List { output }) => {
             let client = cli.conn.client()?;
             let resp = client
@@ -897,6 +920,44 @@ async fn dlq_cmd(conn: &Conn, cmd: DlqCmd) -> anyhow::Result<i32> {
             let req = pb::DeadLetterRequest { id: id.clone() };
             rpc!(client, drop_dead_letter, req)?;
             eprintln!("{id} dropped");
+            Ok(0)
+        }
+    }
+}
+
+async fn pool_cmd(conn: &Conn, cmd: PoolCmd) -> anyhow::Result<i32> {
+    let client = conn.client()?;
+    match cmd {
+        PoolCmd::Apply { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let pools = crate::pools::parse(&file.display().to_string(), &text)?;
+            let req = pb::ApplyPoolsRequest {
+                pools_json: pools
+                    .iter()
+                    .map(serde_json::to_string)
+                    .collect::<Result<_, _>>()?,
+            };
+            let resp = rpc!(client, apply_pools, req)?;
+            print!("{}", output::pools_table(&resp.pools));
+            Ok(0)
+        }
+        PoolCmd::List { output } => {
+            let resp = rpc!(client, list_pools, pb::ListPoolsRequest {})?;
+            match output {
+                Format::Table => print!("{}", output::pools_table(&resp.pools)),
+                Format::Json => output::print_json(&serde_json::Value::Array(
+                    resp.pools.iter().map(output::pool_json).collect(),
+                )),
+            }
+            Ok(0)
+        }
+        PoolCmd::Get { name, output } => {
+            let p = rpc!(client, get_pool, pb::GetPoolRequest { name })?;
+            match output {
+                Format::Table => print!("{}", output::pool_detail(&p)),
+                Format::Json => output::print_json(&output::pool_json(&p)),
+            }
             Ok(0)
         }
     }

@@ -95,6 +95,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<i32> {
             queue_pending_bytes_max: 256 << 20,
             unplaced_timeout: std::time::Duration::from_secs(24 * 3600),
             lost_agent_retention: std::time::Duration::from_secs(24 * 3600),
+            autoscale_interval: Duration::from_secs(2),
         };
         nodes.push(
             drover_coordinator::start(config)
@@ -129,6 +130,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<i32> {
             work_dir: dir.join(format!("agent-{n}")),
             log_retention_hours: 72,
             task_user: None,
+            instance_id: None,
         };
         agents.push(
             drover_agent::start(config)

@@ -6,4 +6,5 @@ pub mod cli;
 pub mod dev;
 pub mod entry;
 pub mod output;
+pub mod pools;
 pub mod spec;

@@ -710,3 +710,100 @@ pub fn queue_json(q: &pb::Queue) -> Value {
         "max_pending": q.max_pending,
     })
 }
+
+pub fn pools_table(pools: &[pb::PoolStatus]) -> String {
+    let rows: Vec<Vec<String>> = pools
+        .iter()
+        .map(|p| {
+            vec![
+                p.name.clone(),
+                format!("{}..{}", p.min, p.max),
+                p.current.to_string(),
+                p.launching.to_string(),
+                p.desired.to_string(),
+                p.demand_pending.to_string(),
+                p.hook.clone(),
+                p.hook_health.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "POOL",
+            "MIN..MAX",
+            "CURRENT",
+            "LAUNCHING",
+            "DESIRED",
+            "PENDING",
+            "HOOK",
+            "HOOK HEALTH",
+        ],
+        &rows,
+    )
+}
+
+pub fn pool_detail(p: &pb::PoolStatus) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "Pool:       {} (min {}, max {})", p.name, p.min, p.max);
+    let _ = writeln!(
+        out,
+        "Agents:     {} current, {} launching, {} desired",
+        p.current, p.launching, p.desired
+    );
+    let _ = writeln!(
+        out,
+        "Demand:     {} tasks pending, p90 wait {}",
+        p.demand_pending,
+        duration(p.demand_wait_p90_ms)
+    );
+    let _ = writeln!(out, "Hook:       {} ({})", p.hook, p.hook_health);
+    if p.launches_failed > 0 {
+        let _ = writeln!(
+            out,
+            "Failed:     {} launches never registered",
+            p.launches_failed
+        );
+    }
+    out.push_str("\nDecisions (newest last):\n");
+    let rows: Vec<Vec<String>> = p
+        .decisions
+        .iter()
+        .map(|d| {
+            vec![
+                d.id.to_string(),
+                ago(d.at_ms),
+                format!("{} -> {}", d.from, d.to),
+                d.reason.clone(),
+                if d.remove.is_empty() {
+                    "-".into()
+                } else {
+                    d.remove.join(", ")
+                },
+                if d.last_error.is_empty() {
+                    format!("{} ({} calls)", d.hook, d.attempts)
+                } else {
+                    format!("{} ({} calls; {})", d.hook, d.attempts, d.last_error)
+                },
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &["ID", "WHEN", "SIZE", "REASON", "REMOVE", "HOOK"],
+        &rows,
+    ));
+    out
+}
+
+pub fn pool_json(p: &pb::PoolStatus) -> Value {
+    json!({
+        "name": p.name, "min": p.min, "max": p.max, "current": p.current,
+        "launching": p.launching, "desired": p.desired,
+        "demand": {"pending": p.demand_pending, "wait_p90_ms": p.demand_wait_p90_ms},
+        "hook": p.hook, "hook_health": p.hook_health, "launches_failed": p.launches_failed,
+        "spec": serde_json::from_str::<Value>(&p.spec_json).unwrap_or(Value::Null),
+        "decisions": p.decisions.iter().map(|d| json!({
+            "id": d.id, "at_ms": d.at_ms, "from": d.from, "to": d.to, "reason": d.reason,
+            "remove": d.remove, "hook": d.hook, "attempts": d.attempts, "last_error": d.last_error,
+        })).collect::<Vec<_>>(),
+    })
+}

@@ -184,7 +184,7 @@ impl<'de> Deserialize<'de> for Expr {
 }
 
 #[derive(Debug, Clone)]
-struct DurationMs(u64);
+pub(crate) struct DurationMs(pub(crate) u64);
 #[derive(Debug, Clone)]
 struct CpuMillis(u64);
 #[derive(Debug, Clone)]
