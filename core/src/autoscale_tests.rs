@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
-use crate::command::{Command, Request};
+use crate::command::Command;
 use crate::model::{Agent, AgentState, Hook, Resources, ScaleDown, ScaleUp};
 
 const S: u64 = 1_000_000;
@@ -140,16 +140,7 @@ fn below_min_it_grows_to_min() {
 }
 
 fn apply(s: &mut State, now_us: u64, cmd: Command) -> CommandResult {
-    s.apply(
-        1,
-        &Request {
-            now_us,
-            commands: vec![cmd].into(),
-        },
-    )
-    .results
-    .pop()
-    .unwrap()
+    s.apply_at(now_us, cmd)
 }
 
 fn register(s: &mut State, now_us: u64, name: &str) {

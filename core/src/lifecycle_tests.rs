@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::command::{Command, CommandResult, Request};
+use crate::command::{Command, CommandResult};
 use crate::model::{
     Assignment, Backoff, HeldTask, OnFailure, Outcome, Program, QueueConfig, Resources,
     RetryPolicy, RunSpec, TaskSpec, TaskState,
@@ -13,16 +13,7 @@ use crate::state::State;
 const S: u64 = 1_000_000;
 
 fn apply(s: &mut State, now_us: u64, cmd: Command) -> CommandResult {
-    s.apply(
-        1,
-        &Request {
-            now_us,
-            commands: vec![cmd].into(),
-        },
-    )
-    .results
-    .pop()
-    .unwrap()
+    s.apply_at(now_us, cmd)
 }
 
 fn step(name: &str, deps: &[&str]) -> TaskSpec {

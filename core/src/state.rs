@@ -1075,5 +1075,20 @@ impl State {
 }
 
 #[cfg(test)]
+impl State {
+    /// Applies one command at `now_us`, in term 1.
+    pub(crate) fn apply_at(&mut self, now_us: u64, cmd: Command) -> CommandResult {
+        let req = Request {
+            now_us,
+            commands: vec![cmd].into(),
+        };
+        self.apply(1, &req)
+            .results
+            .pop()
+            .expect("one result per command")
+    }
+}
+
+#[cfg(test)]
 #[path = "state_tests.rs"]
 mod tests;
