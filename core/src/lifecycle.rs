@@ -36,20 +36,22 @@ pub fn record_attempt(task: &mut Task, now_us: u64, outcome: &Outcome) {
 
 impl State {
     /// Takes an assigned or running task off its agent (its capacity, the assigned index, its
-    /// queue's active count). Returns the agent, which the task still names.
+    /// queue's active count). Returns the agent, which the task still names; None if no agent
+    /// holds it (any more): a second call changes nothing.
     pub(crate) fn leave_active(&mut self, now_us: u64, tid: &str) -> Option<String> {
         let task = self.tasks.get(tid)?;
         if !matches!(task.state, TaskState::Assigned | TaskState::Running) {
             return None;
         }
         let name = task.agent.clone()?;
-        if let Some(agent) = self.agents.get_mut(&name)
-            && agent.tasks.remove(tid)
-        {
-            agent.used = agent.used.minus(&task.spec.resources);
-            if agent.tasks.is_empty() {
-                agent.idle_since_us = now_us;
-            }
+        // An agent is forgotten only once it holds nothing, so a held task's agent is here.
+        let agent = self.agents.get_mut(&name)?;
+        if !agent.tasks.remove(tid) {
+            return None;
+        }
+        agent.used = agent.used.minus(&task.spec.resources);
+        if agent.tasks.is_empty() {
+            agent.idle_since_us = now_us;
         }
         self.assigned.remove(&(task.assigned_at_us, task.seq));
         if let Some(n) = self.active_by_queue.get_mut(&task.spec.queue) {
@@ -161,27 +163,23 @@ impl State {
         record_attempt(task, now_us, &outcome);
         task.failures = task.failures.saturating_add(1);
         task.outcome = Some(Box::new(outcome));
-        let retry = &task.spec.retry;
-        if task.failures > retry.max {
-            // The attempt is in the history already; `settle` need not record the stop again.
-            let attempt = task.attempt;
-            let agent = self.leave_active(now_us, tid);
-            self.settle(now_us, tid, TaskState::Failed, None, false);
-            if stop && let Some(agent) = agent {
-                self.stopping.insert(tid.to_owned(), (agent, attempt));
-            }
-            self.after_final_failure(now_us, tid);
-            return;
-        }
-        let delay_us = retry
-            .delay_ms(task.failures, task.seq)
+        let (attempt, failures, max) = (task.attempt, task.failures, task.spec.retry.max);
+        let delay_us = task
+            .spec
+            .retry
+            .delay_ms(failures, task.seq)
             .min(limits::RETRY_DELAY_MAX_MS)
             * 1000;
-        let (failures, max) = (task.failures, retry.max);
-        let attempt = task.attempt;
-        let agent = self.leave_active(now_us, tid);
-        if stop && let Some(agent) = agent {
+        // Off its agent either way; `settle` then finds it inactive and records no second stop.
+        if let Some(agent) = self.leave_active(now_us, tid)
+            && stop
+        {
             self.stopping.insert(tid.to_owned(), (agent, attempt));
+        }
+        if failures > max {
+            self.settle(now_us, tid, TaskState::Failed, None, false);
+            self.after_final_failure(now_us, tid);
+            return;
         }
         let Some(task) = self.tasks.get_mut(tid) else {
             return;

@@ -463,3 +463,16 @@ fn a_late_report_of_an_attempt_the_leader_failed_changes_nothing() {
     assert_eq!(late.tasks, before.tasks);
     assert_eq!(late.retry_due, before.retry_due);
 }
+
+#[test]
+fn a_step_failing_for_good_leaves_its_queue_once() {
+    // Guards: the queue's active count (what max_concurrency is held to) drops by one per
+    // finished attempt, however many steps of ending it take it off its agent.
+    let mut s = setup(vec![step("x", &[]), step("y", &[])], OnFailure::Continue);
+    assign(&mut s, 2 * S, "y");
+    run_step(&mut s, 2 * S, "x", false);
+    assert_eq!(s.active_by_queue.get("default"), Some(&1), "y still runs");
+    let mut restored = s.clone();
+    restored.rebuild_derived();
+    assert_eq!(restored.active_by_queue, s.active_by_queue);
+}
