@@ -18,9 +18,9 @@ use crate::model::{AgentState, Task};
 use crate::node::Ctx;
 use crate::state::run_seq;
 
-const READERS: &[Role] = &[Role::Admin, Role::Operator, Role::Submitter, Role::Viewer];
-const SUBMITTERS: &[Role] = &[Role::Admin, Role::Operator, Role::Submitter];
-const OPERATORS: &[Role] = &[Role::Admin, Role::Operator];
+pub(crate) const READERS: &[Role] = &[Role::Admin, Role::Operator, Role::Submitter, Role::Viewer];
+pub(crate) const SUBMITTERS: &[Role] = &[Role::Admin, Role::Operator, Role::Submitter];
+pub(crate) const OPERATORS: &[Role] = &[Role::Admin, Role::Operator];
 
 pub struct ClientRpc {
     pub ctx: Arc<Ctx>,
@@ -31,11 +31,7 @@ impl ClientRpc {
     /// or a leader just elected, may not have applied an acknowledged write yet; saying "not found"
     /// there would break read-your-writes after a failover. Followers redirect to the leader, and
     /// without one the answer is UNAVAILABLE; clients retry both.
-    pub(crate) fn not_found_pub(&self, what: String) -> Status {
-        self.not_found(what)
-    }
-
-    fn not_found(&self, what: String) -> Status {
+    pub(crate) fn not_found(&self, what: String) -> Status {
         match self.ctx.require_leader() {
             Err(e) => e.into(),
             Ok(()) if !self.ctx.readiness().0 => {

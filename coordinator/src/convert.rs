@@ -34,7 +34,7 @@ pub fn resources_to_proto(r: &Resources) -> pb::Resources {
     }
 }
 
-fn valid_name(s: &str) -> bool {
+pub(crate) fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= limits::NAME_BYTES_MAX
         && s.bytes()

@@ -1,31 +1,21 @@
 //! The pools API: apply, list, get. Specs are checked here (and by `droverctl pool apply`
 //! before sending); decisions and demand are read from this node's applied state.
 
-use drover_proto::identity::{Role, require_role};
+use drover_proto::identity::require_role;
 use drover_proto::pb;
 use tonic::{Request, Status};
 
 use crate::autoscale;
-use crate::client_service::ClientRpc;
+use crate::client_service::{ClientRpc, OPERATORS, READERS};
 use crate::command::{Command, CommandResult};
 use crate::error::CoordinatorError;
 use crate::model::{Hook, HookState, PoolSpec};
 use crate::state::State;
 
-const READERS: &[Role] = &[Role::Admin, Role::Operator, Role::Submitter, Role::Viewer];
-const OPERATORS: &[Role] = &[Role::Admin, Role::Operator];
-
-fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= crate::limits::NAME_BYTES_MAX
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-}
-
 /// Checks a pool spec; the error names the pool and field.
 pub fn check(spec: &PoolSpec) -> Result<(), CoordinatorError> {
     let at = |f: &str| format!("pools.{}.{f}", spec.name);
-    if !valid_name(&spec.name) {
+    if !crate::convert::valid_name(&spec.name) {
         return Err(CoordinatorError::invalid(
             "pools.name",
             format!(
@@ -242,6 +232,6 @@ impl ClientRpc {
         self.ctx
             .shared
             .read(|a| status(&a.state, name, now_us))
-            .ok_or_else(|| self.not_found_pub(format!("pool {name} not found")))
+            .ok_or_else(|| self.not_found(format!("pool {name} not found")))
     }
 }

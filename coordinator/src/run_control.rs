@@ -9,15 +9,11 @@ use drover_proto::pb;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Status};
 
-use crate::client_service::ClientRpc;
+use crate::client_service::{ClientRpc, OPERATORS, READERS, SUBMITTERS};
 use crate::command::{Command, CommandResult};
 use crate::convert;
 use crate::error::CoordinatorError;
 use crate::limits;
-
-const READERS: &[Role] = &[Role::Admin, Role::Operator, Role::Submitter, Role::Viewer];
-const SUBMITTERS: &[Role] = &[Role::Admin, Role::Operator, Role::Submitter];
-const OPERATORS: &[Role] = &[Role::Admin, Role::Operator];
 
 /// How often a watch looks at its run. Applies are batched every few milliseconds; a person
 /// watching, or a script waiting, needs no finer grain.
@@ -56,7 +52,7 @@ impl ClientRpc {
     /// The answer a write's result gives the client.
     fn answer(&self, r: CommandResult) -> Result<CommandResult, Status> {
         match r {
-            CommandResult::NotFound { message } => Err(self.not_found_pub(message)),
+            CommandResult::NotFound { message } => Err(self.not_found(message)),
             CommandResult::Rejected {
                 limit: Some(limit),
                 message,
@@ -117,7 +113,7 @@ impl ClientRpc {
             a.state
                 .run_by_id(&id)
                 .map(|_| ())
-                .ok_or_else(|| self.not_found_pub(format!("run {id} not found")))
+                .ok_or_else(|| self.not_found(format!("run {id} not found")))
         })?;
         if WATCHES.fetch_add(1, Ordering::Relaxed) >= limits::WATCHES_MAX {
             WATCHES.fetch_sub(1, Ordering::Relaxed);
