@@ -1,25 +1,22 @@
 //! The `local` hook: agents started as processes on the leader's own host, for development and
-//! tests. It makes the pool have `desired` agents, counting the ones registered and the ones it
-//! started that have not registered yet, so calling it again for a decision launches nothing
-//! twice. Each agent gets a certificate of its own, issued with `droverctl certs issue` from
-//! the CA in the coordinator's `--tls-dir` (which a production cluster does not hold: use the
-//! `exec` or `webhook` hooks there). The agents die with the coordinator that started them.
+//! tests. A scale-up decision from `from` to `to` launches `to - from` agents, each named for
+//! the decision, so calling it again for a decision launches nothing twice. Each agent gets a
+//! certificate of its own, issued with `droverctl certs issue` from the CA in the coordinator's
+//! `--tls-dir` (which a production cluster does not hold: use the `exec` or `webhook` hooks
+//! there). The agents die with the coordinator that started them.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::autoscale;
-use crate::model::{AgentState, Decision, PoolSpec};
+use crate::model::{Decision, PoolSpec};
 use crate::node::Ctx;
 
 struct Started {
-    node: u64,
-    pool: String,
     name: String,
     child: tokio::process::Child,
 }
 
-/// Agents this process started, for every node it hosts.
+/// Agents this process started (for every node it hosts), so a scale-in can stop them.
 static STARTED: Mutex<Vec<Started>> = Mutex::new(Vec::new());
 
 /// A program beside this executable (the coordinator's, or droverctl's in `droverctl dev`).
@@ -62,22 +59,13 @@ pub async fn apply(
         // Forget the ones that exited.
         started.retain_mut(|s| s.child.try_wait().ok().flatten().is_none());
     }
-    let (known, registered): (Vec<String>, u32) = ctx.shared.read(|a| {
-        let names = a.state.agents.keys().cloned().collect();
-        let live = autoscale::members(&a.state, &spec.name)
-            .iter()
-            .filter(|m| m.state == AgentState::Active)
-            .count() as u32;
-        (names, live)
-    });
-    let booting = STARTED
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|s| s.node == ctx.node_id && s.pool == spec.name && !known.contains(&s.name))
-        .count() as u32;
-    let need = d.to.saturating_sub(registered + booting);
-    if need == 0 {
+    // Launch k of decision d is the agent `{pool}-{d}-{k}`, and issuing its certificate in the
+    // shared --tls-dir is the record that it was launched: a repeated call for the decision (a
+    // retry, or a new leader after the one that launched died before reporting) starts only the
+    // launches no node has started. One that started and then died is not started again; the
+    // policy sees it missing after its boot timeout and decides anew.
+    let launches = d.to.saturating_sub(d.from);
+    if launches == 0 {
         return Ok(());
     }
     let env = &ctx.local;
@@ -94,29 +82,24 @@ pub async fn apply(
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
-    let mut k = 0;
-    let mut launched = 0;
-    while launched < need {
-        k += 1;
+    for k in 1..=launches {
         let name = format!("{}-{}-{k}", spec.name, d.id);
-        if known.contains(&name) || STARTED.lock().unwrap().iter().any(|s| s.name == name) {
+        if env.tls_dir.join(format!("{name}.pem")).exists() {
             continue;
         }
-        if !env.tls_dir.join(format!("{name}.pem")).exists() {
-            let out = tokio::process::Command::new(&ctl_bin)
-                .args([
-                    "certs", "issue", "--role", "agent", "--name", &name, "--dir",
-                ])
-                .arg(&env.tls_dir)
-                .output()
-                .await
-                .map_err(|e| format!("issuing a certificate for {name}: {e}"))?;
-            if !out.status.success() {
-                return Err(format!(
-                    "issuing a certificate for {name}: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
-            }
+        let out = tokio::process::Command::new(&ctl_bin)
+            .args([
+                "certs", "issue", "--role", "agent", "--name", &name, "--dir",
+            ])
+            .arg(&env.tls_dir)
+            .output()
+            .await
+            .map_err(|e| format!("issuing a certificate for {name}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "issuing a certificate for {name}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
         }
         let dir = env.data_dir.join("local-agents");
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -153,13 +136,7 @@ pub async fn apply(
             .spawn()
             .map_err(|e| format!("starting {}: {e}", agent_bin.display()))?;
         tracing::info!(agent = %name, pool = %spec.name, decision = d.id, pid = child.id(), "local agent started");
-        STARTED.lock().unwrap().push(Started {
-            node: ctx.node_id,
-            pool: spec.name.clone(),
-            name,
-            child,
-        });
-        launched += 1;
+        STARTED.lock().unwrap().push(Started { name, child });
     }
     Ok(())
 }
