@@ -366,37 +366,31 @@ impl Stops {
     /// Tells each agent to stop what it should no longer run, again every `STOP_EVERY` until
     /// it reports the attempt ended (or registers again without it).
     fn send(&mut self, ctx: &Ctx) {
-        let wanted: Vec<(String, String, u64)> = ctx.shared.read(|a| {
-            a.state
-                .stopping
+        let sent = &mut self.sent;
+        // One read: the attempts to stop, with the reason each ended for, skipping those told
+        // within STOP_EVERY; and what was sent for attempts no longer stopping is forgotten.
+        let due: Vec<(String, String, u64, String)> = ctx.shared.read(|a| {
+            let s = &a.state;
+            sent.retain(|(t, n), _| s.stopping.get(t).is_some_and(|(_, m)| m == n));
+            s.stopping
                 .iter()
-                .map(|(t, (agent, attempt))| (t.clone(), agent.clone(), *attempt))
+                .filter(|(t, (_, n))| {
+                    sent.get(&((*t).clone(), *n))
+                        .is_none_or(|at| at.elapsed() >= STOP_EVERY)
+                })
+                .map(|(t, (agent, n))| {
+                    let reason = s
+                        .tasks
+                        .get(t)
+                        .and_then(|t| t.outcome.as_ref())
+                        .map(|o| o.reason.clone())
+                        .unwrap_or_default();
+                    (t.clone(), agent.clone(), *n, reason)
+                })
                 .collect()
         });
-        if wanted.is_empty() {
-            self.sent.clear();
-            return;
-        }
-        let keep: std::collections::HashSet<(String, u64)> =
-            wanted.iter().map(|(t, _, n)| (t.clone(), *n)).collect();
-        self.sent.retain(|k, _| keep.contains(k));
-        for (task_id, agent, attempt) in wanted {
+        for (task_id, agent, attempt, reason) in due {
             let key = (task_id.clone(), attempt);
-            if self
-                .sent
-                .get(&key)
-                .is_some_and(|t| t.elapsed() < STOP_EVERY)
-            {
-                continue;
-            }
-            let reason = ctx.shared.read(|a| {
-                a.state
-                    .tasks
-                    .get(&task_id)
-                    .and_then(|t| t.outcome.as_ref())
-                    .map(|o| o.reason.clone())
-                    .unwrap_or_default()
-            });
             let msg = pb::CoordinatorMessage {
                 msg: Some(Msg::Cancel(pb::Cancel {
                     task_id,
@@ -406,7 +400,7 @@ impl Stops {
             };
             if ctx.sessions.send(&agent, msg).is_ok() {
                 ctx.metrics.tasks_stopped.inc();
-                self.sent.insert(key, tokio::time::Instant::now());
+                sent.insert(key, tokio::time::Instant::now());
             }
         }
     }

@@ -586,12 +586,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .call(|mut c| async move { c.list_agents(pb::ListAgentsRequest {}).await })
                 .await
                 .map_err(call_err)?;
-            match output {
-                Format::Table => print!("{}", output::agents_table(&resp.agents)),
-                Format::Json => output::print_json(&serde_json::Value::Array(
-                    resp.agents.iter().map(output::agent_json).collect(),
-                )),
-            }
+            output::print_list(
+                output,
+                &resp.agents,
+                output::agents_table,
+                output::agent_json,
+            );
             Ok(0)
         }
         Command::Agent(AgentCmd::Get { name, output }) => {
@@ -777,12 +777,7 @@ async fn run_cmd(conn: &Conn, cmd: RunCmd) -> anyhow::Result<i32> {
                 since_ms,
             };
             let resp = rpc!(client, list_runs, req)?;
-            match output {
-                Format::Table => print!("{}", output::runs_table(&resp.runs)),
-                Format::Json => output::print_json(&serde_json::Value::Array(
-                    resp.runs.iter().map(output::run_json).collect(),
-                )),
-            }
+            output::print_list(output, &resp.runs, output::runs_table, output::run_json);
             if !resp.next_before.is_empty() {
                 let mut more = format!(
                     "more: droverctl run list --before {} --limit {limit}",
@@ -896,12 +891,12 @@ async fn dlq_cmd(conn: &Conn, cmd: DlqCmd) -> anyhow::Result<i32> {
                 run_id: run.unwrap_or_default(),
             };
             let resp = rpc!(client, list_dead_letters, req)?;
-            match output {
-                Format::Table => print!("{}", output::dead_letters_table(&resp.letters)),
-                Format::Json => output::print_json(&serde_json::Value::Array(
-                    resp.letters.iter().map(output::dead_letter_json).collect(),
-                )),
-            }
+            output::print_list(
+                output,
+                &resp.letters,
+                output::dead_letters_table,
+                output::dead_letter_json,
+            );
             if !resp.next_before.is_empty() {
                 eprintln!(
                     "more: droverctl dlq list --before {} --limit {limit}",
@@ -944,12 +939,7 @@ async fn pool_cmd(conn: &Conn, cmd: PoolCmd) -> anyhow::Result<i32> {
         }
         PoolCmd::List { output } => {
             let resp = rpc!(client, list_pools, pb::ListPoolsRequest {})?;
-            match output {
-                Format::Table => print!("{}", output::pools_table(&resp.pools)),
-                Format::Json => output::print_json(&serde_json::Value::Array(
-                    resp.pools.iter().map(output::pool_json).collect(),
-                )),
-            }
+            output::print_list(output, &resp.pools, output::pools_table, output::pool_json);
             Ok(0)
         }
         PoolCmd::Get { name, output } => {
@@ -978,12 +968,12 @@ async fn queue_cmd(conn: &Conn, cmd: QueueCmd) -> anyhow::Result<i32> {
                 .call(|mut c| async move { c.list_queues(pb::ListQueuesRequest {}).await })
                 .await
                 .map_err(call_err)?;
-            match output {
-                Format::Table => print!("{}", output::queues_table(&resp.queues)),
-                Format::Json => output::print_json(&serde_json::Value::Array(
-                    resp.queues.iter().map(output::queue_json).collect(),
-                )),
-            }
+            output::print_list(
+                output,
+                &resp.queues,
+                output::queues_table,
+                output::queue_json,
+            );
             Ok(0)
         }
         QueueCmd::Get { name, output } => {

@@ -541,6 +541,19 @@ pub fn cluster_json(s: &pb::ClusterStatusResponse) -> Value {
     })
 }
 
+/// A list as a table, or as a JSON array of its items.
+pub fn print_list<T>(
+    format: Format,
+    items: &[T],
+    table: fn(&[T]) -> String,
+    item: fn(&T) -> Value,
+) {
+    match format {
+        Format::Table => print!("{}", table(items)),
+        Format::Json => print_json(&Value::Array(items.iter().map(item).collect())),
+    }
+}
+
 pub fn print_json(v: &Value) {
     println!(
         "{}",

@@ -661,20 +661,8 @@ pub async fn ctl_output(cmd: &mut Command, deadline: Duration) -> std::process::
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawning droverctl");
-    let mut child = KillOnDrop(Some(child));
-    let until = tokio::time::Instant::now() + deadline;
-    loop {
-        let c = child.0.as_mut().expect("child");
-        if c.try_wait().expect("waiting for droverctl").is_some() {
-            return child.0.take().unwrap().wait_with_output().unwrap();
-        }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "droverctl {:?} still running after {deadline:?}",
-            cmd.get_args().collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = format!("droverctl {:?}", cmd.get_args().collect::<Vec<_>>());
+    KillOnDrop(Some(child)).output_within(&what, deadline).await
 }
 
 /// A child process killed (by PID) and reaped when the test lets go of it, passing or failing.
@@ -699,8 +687,9 @@ pub fn pid_alive(pid: u32) -> bool {
 }
 
 impl KillOnDrop {
-    /// Waits for the process to exit within `deadline` and returns its output.
-    pub async fn output_within(&mut self, deadline: Duration) -> std::process::Output {
+    /// Waits for the process (`what`) to exit within `deadline` and returns its output; still
+    /// running then, it is killed and the test fails.
+    pub async fn output_within(&mut self, what: &str, deadline: Duration) -> std::process::Output {
         let until = tokio::time::Instant::now() + deadline;
         loop {
             let c = self.0.as_mut().expect("child");
@@ -709,7 +698,7 @@ impl KillOnDrop {
             }
             assert!(
                 tokio::time::Instant::now() < until,
-                "process still running after {deadline:?}"
+                "{what} still running after {deadline:?}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -316,7 +316,9 @@ async fn timeouts_and_cancel_kill_the_process_tree_and_watch_exits_with_the_outc
         assert_eq!(droverctl::output::run_state(run.state), "cancelled");
         assert_eq!(state(task(&run, "later")), "cancelled");
         assert!(run.cancelled.contains("test"), "{}", run.cancelled);
-        let out = watch.output_within(Duration::from_secs(20)).await;
+        let out = watch
+            .output_within("run watch", Duration::from_secs(20))
+            .await;
         let text = String::from_utf8_lossy(&out.stdout);
         assert_eq!(out.status.code(), Some(3), "{text}");
         assert!(text.contains("tree") && text.contains("running"), "{text}");
@@ -324,7 +326,9 @@ async fn timeouts_and_cancel_kill_the_process_tree_and_watch_exits_with_the_outc
             text.contains(&format!("run {cancelled} is cancelled")),
             "{text}"
         );
-        let out = follow.output_within(Duration::from_secs(20)).await;
+        let out = follow
+            .output_within("run logs -f", Duration::from_secs(20))
+            .await;
         assert!(
             String::from_utf8_lossy(&out.stdout).contains("started"),
             "{out:?}"
